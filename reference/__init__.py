@@ -1,0 +1,75 @@
+"""The float64 NumPy reference: what the right numbers are.
+
+Every engine and miner in twotower is checked against this package; it never
+imports twotower (only numpy), so it cannot inherit an engine's bug.
+
+    q = reference.encode("gru", params, contexts, lengths)            # (B, D)
+    loss, grads = reference.loss_and_grads("gru", params, batch, 0.05)
+    params, opt = reference.train_step("gru", params, opt, batch, settings)
+
+`batch` is any object with the attributes of `twotower.Batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from reference.loss import infonce
+from reference.optim import adamw, clip_grad_norm
+from reference.towers import TOWERS
+
+__all__ = ["encode", "loss_and_grads", "train_step", "infonce", "adamw", "clip_grad_norm"]
+
+
+def encode(
+    tower: str, params: Mapping[str, np.ndarray], contexts: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    """Unit query vectors (B, D) float64 for contexts (B, T, D) and lengths (B,)."""
+    forward, _ = TOWERS[tower]
+    q, _ = forward(params, contexts, np.asarray(lengths, dtype=np.int64))
+    return q
+
+
+def loss_and_grads(
+    tower: str, params: Mapping[str, np.ndarray], batch: Any, temperature: float = 0.05
+) -> tuple[float, dict[str, np.ndarray]]:
+    """InfoNCE loss of `batch` and its gradient for every parameter (float64, by torch name)."""
+    forward, backward = TOWERS[tower]
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
+    q, cache = forward(params, batch.contexts, lengths)
+    loss, dq = infonce(q, batch, temperature)
+    return loss, backward(params, lengths, cache, dq)
+
+
+def train_step(
+    tower: str,
+    params: Mapping[str, np.ndarray],
+    opt: Mapping[str, Any],
+    batch: Any,
+    temperature: float = 0.05,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+) -> tuple[dict[str, np.ndarray], dict[str, Any], float, float]:
+    """Loss, gradients, global-norm clipping, AdamW: one training step.
+
+    `opt` holds "step" (steps taken) and per-parameter "exp_avg" and
+    "exp_avg_sq" dicts; an empty mapping means a fresh optimizer.
+    Returns (new params, new opt, loss, gradient norm before clipping).
+    """
+    loss, grads = loss_and_grads(tower, params, batch, temperature)
+    clipped, norm = clip_grad_norm(grads, max_grad_norm)
+    zeros = {name: np.zeros(np.shape(p)) for name, p in params.items()}
+    new_params, exp_avg, exp_avg_sq, step = adamw(
+        params,
+        clipped,
+        opt.get("exp_avg", zeros),
+        opt.get("exp_avg_sq", zeros),
+        int(opt.get("step", 0)),
+        lr=lr,
+        weight_decay=weight_decay,
+    )
+    return new_params, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, loss, norm

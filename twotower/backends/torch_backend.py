@@ -1,0 +1,186 @@
+"""The torch engines (`torch-cpu`, `torch-mps`, `torch-cuda`): one class, parameterised by device.
+
+The tower is `nn.GRU` + `nn.Linear` (so a user's state dict loads as is),
+gradients come from autograd, the update from `clip_grad_norm_` and
+`torch.optim.AdamW`. Two GRU paths compute the same numbers:
+
+- "packed": `pack_padded_sequence` + cuDNN/oneDNN `nn.GRU` (the default on CPU and CUDA);
+- "masked": an explicit time loop whose update is skipped past each length
+  (the default on MPS, where packed sequences have known bugs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from twotower.backends.base import StepSettings, join_state, split_state
+from twotower.batch import Batch, StepStats
+from twotower.towers import TowerSpec
+
+GRU_PATHS = ("packed", "masked")
+
+
+class QueryTower(nn.Module):
+    """The tower as torch modules, named so its state_dict keys are twotower's."""
+
+    def __init__(self, spec: TowerSpec):
+        super().__init__()
+        self.spec = spec
+        if spec.kind == "gru":
+            self.gru = nn.GRU(spec.dim, spec.hidden, spec.layers, batch_first=True)
+            self.proj = nn.Linear(spec.hidden, spec.dim)
+        elif spec.proj:
+            self.proj = nn.Linear(spec.dim, spec.dim)
+
+    def features(self, x: torch.Tensor, lengths: torch.Tensor, gru_path: str) -> torch.Tensor:
+        """x (B, T, D), lengths (B,) on the CPU -> pooled features (B, H or D)."""
+        active = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        if self.spec.kind == "meanpool":
+            summed = torch.where(active[:, :, None], x, 0.0).sum(dim=1)
+            return summed / lengths.to(x.device, x.dtype)[:, None]
+        if gru_path == "packed":
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            _, h_n = self.gru(packed)  # (L, B, H), back in the batch's order
+            return h_n[-1]
+        return self._masked_gru(torch.where(active[:, :, None], x, 0.0), active)
+
+    def _masked_gru(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        hidden = self.spec.hidden
+        for layer in range(self.spec.layers):
+            w_ih = getattr(self.gru, f"weight_ih_l{layer}")
+            w_hh = getattr(self.gru, f"weight_hh_l{layer}")
+            b_hh = getattr(self.gru, f"bias_hh_l{layer}")
+            gi = x @ w_ih.T + getattr(self.gru, f"bias_ih_l{layer}")  # (B, T, 3H)
+            h = x.new_zeros(x.shape[0], hidden)
+            outputs = []
+            for t in range(x.shape[1]):
+                gh = h @ w_hh.T + b_hh
+                r, z = torch.sigmoid(gi[:, t, : 2 * hidden] + gh[:, : 2 * hidden]).chunk(2, dim=1)
+                n = torch.tanh(gi[:, t, 2 * hidden :] + r * gh[:, 2 * hidden :])
+                h = torch.where(active[:, t, None], n + z * (h - n), h)
+                outputs.append(h)
+            x = torch.stack(outputs, dim=1)
+        return h
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, gru_path: str) -> torch.Tensor:
+        """-> unit query vectors (B, D)."""
+        y = self.features(x, lengths, gru_path)
+        if hasattr(self, "proj"):
+            y = self.proj(y)
+        return F.normalize(y, dim=1, eps=1e-12)
+
+
+def infonce(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
+    """Masked InfoNCE of DESIGN.md; the positive of row i is in-batch column i."""
+    device = q.device
+    positives = torch.as_tensor(batch.positive_vecs, device=device)
+    hard = torch.as_tensor(batch.hard_vecs, device=device)
+    queue = torch.as_tensor(batch.queue_vecs, device=device)
+    logits = torch.cat(
+        [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue.T], dim=1
+    ) / temperature
+    masked = torch.as_tensor(np.concatenate(batch.candidate_masks(), axis=1), device=device)
+    logits = logits.masked_fill(masked, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=device))
+
+
+class TorchBackend:
+    """A torch engine on one device. See `twotower.backends.base.Backend` for the protocol."""
+
+    def __init__(
+        self,
+        spec: TowerSpec,
+        settings: StepSettings,
+        params: Mapping[str, np.ndarray],
+        device: str = "cpu",
+        gru_path: str | None = None,
+    ):
+        if gru_path is None:
+            gru_path = "masked" if device == "mps" else "packed"
+        if gru_path not in GRU_PATHS:
+            raise ValueError(f"gru_path must be one of {GRU_PATHS}, got {gru_path!r}")
+        self.name = f"torch-{device}"
+        self.spec = spec
+        self.settings = settings
+        self.device = torch.device(device)
+        self.gru_path = gru_path
+        self.model = QueryTower(spec).to(self.device)
+        self._named = dict(self.model.named_parameters())
+        self.optimizer: torch.optim.AdamW
+        self.load_state(params)
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        s = self.settings
+        return torch.optim.AdamW(
+            self.model.parameters(),
+            lr=s.lr,
+            betas=(s.beta1, s.beta2),
+            eps=s.eps,
+            weight_decay=s.weight_decay,
+        )
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        params, moments, step = split_state(self.spec, state)
+        with torch.no_grad():
+            for name, value in params.items():
+                self._named[name].copy_(torch.from_numpy(value))
+        self.optimizer = self._new_optimizer()
+        if moments is None or step == 0:
+            return
+        for name, (exp_avg, exp_avg_sq) in moments.items():
+            self.optimizer.state[self._named[name]] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.from_numpy(exp_avg).to(self.device),
+                "exp_avg_sq": torch.from_numpy(exp_avg_sq).to(self.device),
+            }
+
+    def state(self) -> dict[str, np.ndarray]:
+        params = {name: p.detach().cpu().numpy() for name, p in self._named.items()}
+        moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        step = 0
+        for name, p in self._named.items():
+            slot = self.optimizer.state.get(p)
+            if slot:
+                moments[name] = (slot["exp_avg"].cpu().numpy(), slot["exp_avg_sq"].cpu().numpy())
+                step = int(slot["step"])
+            else:
+                moments[name] = (np.zeros(p.shape, np.float32), np.zeros(p.shape, np.float32))
+        return join_state(params, moments, step)
+
+    def _queries(self, contexts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(contexts, dtype=np.float32), device=self.device)
+        return self.model(x, torch.as_tensor(np.asarray(lengths, dtype=np.int64)), self.gru_path)
+
+    def encode(self, contexts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self._queries(contexts, lengths).cpu().numpy()
+
+    def _backward(self, batch: Batch) -> float:
+        self.model.zero_grad(set_to_none=True)
+        loss = infonce(self._queries(batch.contexts, batch.lengths), batch, self.settings.temperature)
+        loss.backward()
+        return float(loss)
+
+    def loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
+        loss = self._backward(batch)
+        grads = {}
+        for name, p in self._named.items():
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads[name] = grad.cpu().numpy().copy()
+        return loss, grads
+
+    def step(self, batch: Batch) -> StepStats:
+        loss = self._backward(batch)
+        norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
+        if not (np.isfinite(loss) and np.isfinite(norm)):
+            self.model.zero_grad(set_to_none=True)
+            return StepStats(loss=loss, grad_norm=norm, applied=False)
+        self.optimizer.step()
+        return StepStats(loss=loss, grad_norm=norm, applied=True)
