@@ -24,3 +24,7 @@ class UsageError(TwotowerError):
 
 class EngineUnavailable(UsageError):
     """A backend or miner this machine cannot run (MPS on Linux, faiss not installed)."""
+
+
+class DataError(UsageError):
+    """A dataset that cannot be used as it is; the message names the file, the key and the fix."""

@@ -12,34 +12,20 @@ list of engines that are available.
 
 from __future__ import annotations
 
-import importlib.util
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twotower.backends.base import Backend, StepSettings
-from twotower.errors import EngineUnavailable
+from twotower.registry import EngineInfo, EngineRegistry, missing_module_reason
 from twotower.towers import TowerSpec, init_params
 
 __all__ = ["Backend", "StepSettings", "EngineInfo", "available", "describe", "get", "NAMES"]
 
-NAMES = ("numpy", "torch-cpu", "torch-mps", "torch-cuda")
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """One known engine: its name, whether this machine can run it, and why (not)."""
-
-    name: str
-    available: bool
-    reason: str
-
-
 def _torch_reason(device: str) -> str | None:
     """None if torch can run on `device` here, else why not."""
-    if importlib.util.find_spec("torch") is None:
-        return "torch is not installed (pip install torch)"
+    missing = missing_module_reason("torch", "torch")()
+    if missing is not None:
+        return missing
     import torch
 
     if device == "mps" and not torch.backends.mps.is_available():
@@ -51,26 +37,18 @@ def _torch_reason(device: str) -> str | None:
     return None
 
 
-_REASONS: dict[str, Callable[[], str | None]] = {
-    "numpy": lambda: None,
-    "torch-cpu": lambda: _torch_reason("cpu"),
-    "torch-mps": lambda: _torch_reason("mps"),
-    "torch-cuda": lambda: _torch_reason("cuda"),
-}
-
-
-def describe() -> list[EngineInfo]:
-    """Every known backend, available or not, with the reason."""
-    infos = []
-    for name in NAMES:
-        reason = _REASONS[name]()
-        infos.append(EngineInfo(name, reason is None, reason or "ok"))
-    return infos
-
-
-def available() -> list[str]:
-    """Names of the backends this machine can run, in fallback order of preference."""
-    return [info.name for info in describe() if info.available]
+REGISTRY = EngineRegistry(
+    "backend",
+    {
+        "numpy": lambda: None,
+        "torch-cpu": lambda: _torch_reason("cpu"),
+        "torch-mps": lambda: _torch_reason("mps"),
+        "torch-cuda": lambda: _torch_reason("cuda"),
+    },
+)
+NAMES = REGISTRY.names
+describe = REGISTRY.describe
+available = REGISTRY.available
 
 
 def get(
@@ -91,15 +69,9 @@ def get(
     """A ready backend with the tower's seeded initial parameters (`towers.init_params`).
 
     engine_opts go to the engine: `gru_path="packed"|"masked"` for torch.
-    Raises EngineUnavailable (a UsageError) for an unknown or unavailable name.
+    Raises twotower.errors.EngineUnavailable (a UsageError) for an unknown or unavailable name.
     """
-    if name not in _REASONS:
-        raise EngineUnavailable(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
-    reason = _REASONS[name]()
-    if reason is not None:
-        raise EngineUnavailable(
-            f"{name} is not available here ({reason}); available: {', '.join(available())}"
-        )
+    REGISTRY.require(name)
     spec = TowerSpec(kind=tower, dim=dim, hidden=hidden, layers=layers, proj=proj)
     settings = StepSettings(
         temperature=temperature, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm

@@ -1,0 +1,41 @@
+"""The Miner protocol: nearest bank rows by inner product.
+
+Every miner returns scores as dot products (q . bank[id]), best first, and
+pads with id -1 (score -inf) when fewer than k rows exist. Conventions of
+the libraries underneath (hnswlib's 'ip' space returns 1 - dot) are
+converted inside each miner, never by its callers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from twotower.errors import TwotowerError
+
+
+@runtime_checkable
+class Miner(Protocol):
+    """A nearest-neighbour search over a frozen bank."""
+
+    name: str
+
+    def build(self, bank: np.ndarray, fingerprint: str | None = None) -> None:
+        """Index bank (M, D) float32, usually a read-only memory map that must not be copied.
+
+        `fingerprint` identifies the bank's content; miners that cache their
+        index on disk key the cache by it (and by their own parameters).
+        """
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (N, D) float32 -> (scores (N, k) float32 dot products, ids (N, k) int64), best first."""
+
+
+class MinerCrashed(TwotowerError):
+    """A miner's worker process died (a signal or an exit) or stopped answering."""
+
+    def __init__(self, miner: str, how: str):
+        super().__init__(f"miner {miner} crashed: {how}")
+        self.miner = miner
+        self.how = how
