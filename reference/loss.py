@@ -18,8 +18,12 @@ def candidates_for(batch: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     vecs = np.concatenate(
         [
             np.asarray(batch.positive_vecs, dtype=np.float64)[[i] + others],
-            np.asarray(batch.hard_vecs, dtype=np.float64)[i].reshape(-1, batch.positive_vecs.shape[1]),
-            np.asarray(batch.queue_vecs, dtype=np.float64).reshape(-1, batch.positive_vecs.shape[1]),
+            np.asarray(batch.hard_vecs, dtype=np.float64)[i].reshape(
+                -1, batch.positive_vecs.shape[1]
+            ),
+            np.asarray(batch.queue_vecs, dtype=np.float64).reshape(
+                -1, batch.positive_vecs.shape[1]
+            ),
         ]
     )
     ids = np.concatenate(

@@ -21,6 +21,7 @@ from twotower.towers import TowerSpec, init_params
 
 __all__ = ["Backend", "StepSettings", "EngineInfo", "available", "describe", "get", "NAMES"]
 
+
 def _torch_reason(device: str) -> str | None:
     """None if torch can run on `device` here, else why not."""
     missing = missing_module_reason("torch", "torch")()

@@ -70,7 +70,9 @@ def split_state(
     Returns (params float32, {name: (exp_avg, exp_avg_sq)} or None when the
     state holds parameters alone, steps taken).
     """
-    params = {name: np.asarray(state[name], dtype=np.float32) for name in spec.shapes() if name in state}
+    params = {
+        name: np.asarray(state[name], dtype=np.float32) for name in spec.shapes() if name in state
+    }
     spec.check_state(params)
     if OPT_STEP not in state:
         return params, None, 0

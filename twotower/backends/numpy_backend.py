@@ -55,7 +55,9 @@ class NumpyBackend:
         params, moments, step = split_state(self.spec, state)
         self.params = {name: np.array(p, dtype=np.float32) for name, p in params.items()}
         if moments is None:
-            moments = {name: (np.zeros_like(p), np.zeros_like(p)) for name, p in self.params.items()}
+            moments = {
+                name: (np.zeros_like(p), np.zeros_like(p)) for name, p in self.params.items()
+            }
         self.exp_avg = {name: np.array(m[0]) for name, m in moments.items()}
         self.exp_avg_sq = {name: np.array(m[1]) for name, m in moments.items()}
         self.steps_taken = step

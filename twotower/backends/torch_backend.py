@@ -83,9 +83,10 @@ def infonce(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
     positives = torch.as_tensor(batch.positive_vecs, device=device)
     hard = torch.as_tensor(batch.hard_vecs, device=device)
     queue = torch.as_tensor(batch.queue_vecs, device=device)
-    logits = torch.cat(
-        [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue.T], dim=1
-    ) / temperature
+    logits = (
+        torch.cat([q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue.T], dim=1)
+        / temperature
+    )
     masked = torch.as_tensor(np.concatenate(batch.candidate_masks(), axis=1), device=device)
     logits = logits.masked_fill(masked, float("-inf"))
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=device))
@@ -164,7 +165,9 @@ class TorchBackend:
 
     def _backward(self, batch: Batch) -> float:
         self.model.zero_grad(set_to_none=True)
-        loss = infonce(self._queries(batch.contexts, batch.lengths), batch, self.settings.temperature)
+        loss = infonce(
+            self._queries(batch.contexts, batch.lengths), batch, self.settings.temperature
+        )
         loss.backward()
         return float(loss)
 

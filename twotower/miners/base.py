@@ -29,7 +29,10 @@ class Miner(Protocol):
         """
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries (N, D) float32 -> (scores (N, k) float32 dot products, ids (N, k) int64), best first."""
+        """queries (N, D) float32 -> (scores (N, k) float32, ids (N, k) int64), best first.
+
+        Scores are dot products; rows with fewer than k neighbours pad with id -1.
+        """
 
 
 class MinerCrashed(TwotowerError):
