@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from twotower.errors import UsageError
+from twotower.seeds import init_rng
 
 TOWER_KINDS = ("gru", "meanpool")
-INIT_PURPOSE = 0x1A17  # SeedSequence key that separates init draws from per-step draws
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def init_params(spec: TowerSpec, seed: int) -> dict[str, np.ndarray]:
     a default nn.Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the meanpool
     proj starts as the identity with zero bias.
     """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, INIT_PURPOSE]))
+    rng = init_rng(seed)
     params: dict[str, np.ndarray] = {}
     for name, shape in spec.shapes().items():
         if spec.kind == "meanpool":

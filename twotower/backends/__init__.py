@@ -85,3 +85,32 @@ def get(
     from twotower.backends.torch_backend import TorchBackend
 
     return TorchBackend(spec, settings, params, device=name.removeprefix("torch-"), **engine_opts)
+
+
+def resolve(name: str) -> str:
+    """'auto' -> torch-cpu where torch is installed, else numpy; other names unchanged."""
+    if name != "auto":
+        return name
+    return "torch-cpu" if "torch-cpu" in available() else "numpy"
+
+
+def make_backend(config: Any, dim: int, name: str | None = None) -> Backend:
+    """The backend a TrainConfig asks for (or `name`, e.g. a fallback), for vectors of size dim."""
+    name = resolve(name or config.backend)
+    opts: dict[str, Any] = {}
+    if name.startswith("torch-"):
+        opts = {"gru_path": config.gru_path, "deterministic": config.deterministic}
+    return get(
+        name,
+        tower=config.tower,
+        dim=dim,
+        hidden=config.hidden if config.tower == "gru" else dim,
+        layers=config.layers,
+        proj=config.proj,
+        temperature=config.temperature,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        **opts,
+    )

@@ -102,11 +102,14 @@ class TorchBackend:
         params: Mapping[str, np.ndarray],
         device: str = "cpu",
         gru_path: str | None = None,
+        deterministic: bool = False,
     ):
         if gru_path is None:
             gru_path = "masked" if device == "mps" else "packed"
         if gru_path not in GRU_PATHS:
             raise ValueError(f"gru_path must be one of {GRU_PATHS}, got {gru_path!r}")
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
         self.name = f"torch-{device}"
         self.spec = spec
         self.settings = settings
@@ -169,7 +172,7 @@ class TorchBackend:
             self._queries(batch.contexts, batch.lengths), batch, self.settings.temperature
         )
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         loss = self._backward(batch)

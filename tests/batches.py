@@ -1,0 +1,68 @@
+"""Small random batches for the numerical tests, with the awkward cases DESIGN.md names."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twotower import Batch
+
+
+def make_batch(
+    rng: np.random.Generator,
+    batch: int = 6,
+    steps: int = 5,
+    dim: int = 12,
+    hard: int = 3,
+    queue: int = 7,
+    bank: int = 40,
+    garbage_padding: bool = True,
+    awkward_ids: bool = True,
+) -> Batch:
+    """A float32 Batch over a random bank of unit vectors.
+
+    garbage_padding: large values and NaN past each sequence's length (they must
+    never matter). awkward_ids: a duplicate positive in the batch, a hard
+    negative equal to its positive, and -1 ids in hard and queue slots.
+    """
+    bank_vecs = rng.standard_normal((bank, dim))
+    bank_vecs /= np.linalg.norm(bank_vecs, axis=1, keepdims=True)
+    lengths = rng.integers(1, steps + 1, size=batch)
+    lengths[0] = steps
+    lengths[-1] = 1
+    contexts = rng.standard_normal((batch, steps, dim))
+    if garbage_padding:
+        for i, length in enumerate(lengths):
+            contexts[i, length:] = 1e4
+            if length < steps:
+                contexts[i, -1, 0] = np.nan
+    positive_ids = rng.choice(bank, size=batch, replace=False)
+    hard_ids = rng.integers(0, bank, size=(batch, hard))
+    queue_ids = rng.integers(0, bank, size=queue)
+    if awkward_ids:
+        if batch > 2:
+            positive_ids[2] = positive_ids[1]
+        if hard:
+            hard_ids[0, 0] = positive_ids[0]
+            hard_ids[-1, -1] = -1
+        if queue:
+            queue_ids[0] = -1
+            queue_ids[-1] = positive_ids[0]
+    hard_vecs = np.where((hard_ids >= 0)[..., None], bank_vecs[hard_ids], 0.0)
+    queue_vecs = np.where((queue_ids >= 0)[:, None], bank_vecs[queue_ids], 0.0)
+    return Batch(
+        contexts=contexts.astype(np.float32),
+        lengths=lengths.astype(np.int64),
+        positive_ids=positive_ids.astype(np.int64),
+        positive_vecs=bank_vecs[positive_ids].astype(np.float32),
+        hard_ids=hard_ids.astype(np.int64),
+        hard_vecs=hard_vecs.reshape(batch, hard, dim).astype(np.float32),
+        queue_ids=queue_ids.astype(np.int64),
+        queue_vecs=queue_vecs.reshape(queue, dim).astype(np.float32),
+    )
+
+
+def perturbed(batch: Batch) -> Batch:
+    """The same batch with the first sequence moved: results must change."""
+    contexts = batch.contexts.copy()
+    contexts[0, :, :] += 2.0
+    return Batch(**{**batch.__dict__, "contexts": contexts})

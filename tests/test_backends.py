@@ -1,0 +1,209 @@
+"""Every available engine computes the reference's numbers: loss, gradients, encode, five steps."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from tests.agreement import assert_agrees, assert_differs
+from tests.batches import make_batch, perturbed
+from twotower import backends
+from twotower.backends.base import OPT_EXP_AVG, OPT_EXP_AVG_SQ, OPT_STEP
+from twotower.errors import EngineUnavailable
+
+DIM, HIDDEN = 32, 24
+TOWERS = {
+    "gru-1": dict(tower="gru", dim=DIM, hidden=HIDDEN, layers=1),
+    "gru-2": dict(tower="gru", dim=DIM, hidden=HIDDEN, layers=2),
+    "meanpool": dict(tower="meanpool", dim=DIM, hidden=DIM),
+}
+# every available engine, and the torch engine's second GRU path (the one MPS uses)
+ENGINES = [(name, {}) for name in backends.available()]
+if "torch-cpu" in backends.available():
+    ENGINES.append(("torch-cpu", {"gru_path": "masked"}))
+ENGINE_IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in ENGINES]
+
+
+def engine(name: str, opts: dict, tower: str, **settings) -> backends.Backend:
+    return backends.get(name, **TOWERS[tower], seed=3, **settings, **opts)
+
+
+def params_of(backend: backends.Backend) -> dict[str, np.ndarray]:
+    return {k: v for k, v in backend.state().items() if not k.startswith("opt.")}
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+@pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
+def test_loss_gradients_and_encode_match_reference(name: str, opts: dict, tower: str) -> None:
+    backend = engine(name, opts, tower)
+    kind = TOWERS[tower]["tower"]
+    batch = make_batch(np.random.default_rng(5), batch=8, steps=6, dim=DIM, hard=3, queue=16)
+    params = params_of(backend)
+
+    loss, grads = backend.loss_and_grads(batch)
+    expected_loss, expected_grads = reference.loss_and_grads(kind, params, batch, 0.05)
+    assert_agrees(np.float32(loss), np.array(expected_loss), np.float32, "loss")
+    assert set(grads) == set(expected_grads)
+    for param_name, grad in grads.items():
+        assert_agrees(grad, expected_grads[param_name], np.float32, param_name)
+
+    q = backend.encode(batch.contexts, batch.lengths)
+    assert_agrees(
+        q, reference.encode(kind, params, batch.contexts, batch.lengths), np.float32, "encode"
+    )
+    assert_agrees(np.linalg.norm(q, axis=1), np.ones(len(q)), np.float32, "unit norm")
+
+    # negative control: one context value moved, the reference of the old batch must not match
+    moved_loss, moved_grads = backend.loss_and_grads(perturbed(batch))
+    assert_differs(np.float32(moved_loss), np.array(expected_loss), np.float32, "perturbed loss")
+    first = next(iter(expected_grads))
+    assert_differs(moved_grads[first], expected_grads[first], np.float32, f"perturbed {first}")
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+@pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
+def test_five_steps_match_reference(name: str, opts: dict, tower: str) -> None:
+    """Five clip + AdamW steps on different batches; the norm limit makes clipping bite."""
+    settings = dict(lr=1e-2, weight_decay=0.05, max_grad_norm=0.5)
+    backend = engine(name, opts, tower, **settings)
+    kind = TOWERS[tower]["tower"]
+    params = {k: v.astype(np.float64) for k, v in params_of(backend).items()}
+    opt: dict = {}
+    rng = np.random.default_rng(9)
+    norms = []
+    for _ in range(5):
+        batch = make_batch(rng, batch=8, steps=6, dim=DIM, hard=2, queue=8)
+        stats = backend.step(batch)
+        params, opt, loss, norm = reference.train_step(kind, params, opt, batch, 0.05, **settings)
+        assert stats.applied
+        assert_agrees(np.float32(stats.loss), np.array(loss), np.float32, "loss")
+        assert_agrees(np.float32(stats.grad_norm), np.array(norm), np.float32, "grad norm")
+        norms.append(norm)
+    assert max(norms) > 0.5, "clipping never engaged; the test would not cover it"
+
+    state = backend.state()
+    assert int(state[OPT_STEP]) == 5
+    # AdamW divides by sqrt(v): where a gradient is nearly zero, float32 rounding can move its
+    # normalised update by a fraction of lr; seen up to 1e-4 * lr per step
+    adam_atol = 5 * 1e-3 * settings["lr"]
+    for param_name, value in params.items():
+        assert_agrees(state[param_name], value, np.float32, param_name, extra_atol=adam_atol)
+        assert_agrees(state[OPT_EXP_AVG + param_name], opt["exp_avg"][param_name], np.float32, "m")
+        assert_agrees(
+            state[OPT_EXP_AVG_SQ + param_name], opt["exp_avg_sq"][param_name], np.float32, "v"
+        )
+
+    # negative control: the state of a run that skipped the last update must differ
+    unfinished = {k: v for k, v in params_of(engine(name, opts, tower, **settings)).items()}
+    assert_differs(unfinished[next(iter(params))], params[next(iter(params))], np.float32, "fresh")
+
+
+@pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
+def test_non_finite_loss_leaves_state_untouched(name: str, opts: dict) -> None:
+    backend = engine(name, opts, "gru-1")
+    batch = make_batch(np.random.default_rng(2), dim=DIM, garbage_padding=False)
+    batch.contexts[0, 0, 0] = np.nan
+    before = backend.state()
+    stats = backend.step(batch)
+    assert not stats.applied
+    assert not np.isfinite(stats.loss)
+    after = backend.state()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_state_moves_between_engines() -> None:
+    """numpy trains three steps; torch-cpu picks up its full state and continues identically."""
+    if "torch-cpu" not in backends.available():
+        pytest.skip("torch is not installed")
+    rng = np.random.default_rng(12)
+    batches = [make_batch(rng, batch=8, steps=6, dim=DIM) for _ in range(4)]
+    source = engine("numpy", {}, "gru-2")
+    for batch in batches[:3]:
+        source.step(batch)
+    state = source.state()
+
+    target = engine("torch-cpu", {}, "gru-2")
+    target.load_state(state)
+    moved = target.state()
+    for key, value in state.items():
+        np.testing.assert_array_equal(moved[key], value, err_msg=key)
+    loss, grads = target.loss_and_grads(batches[3])
+    expected_loss, expected_grads = source.loss_and_grads(batches[3])
+    assert_agrees(np.float32(loss), np.array(expected_loss), np.float32, "loss")
+    for param_name, grad in grads.items():
+        assert_agrees(grad, expected_grads[param_name], np.float32, param_name)
+    target.step(batches[3])
+    source.step(batches[3])
+    for param_name, value in params_of(source).items():
+        assert_agrees(params_of(target)[param_name], value, np.float32, param_name)
+
+
+@pytest.mark.parametrize("name", backends.available())
+def test_state_round_trip_is_exact(name: str) -> None:
+    backend = engine(name, {}, "gru-1")
+    batch = make_batch(np.random.default_rng(8), dim=DIM)
+    backend.step(batch)
+    state = backend.state()
+    twin = engine(name, {}, "gru-1")
+    twin.load_state(state)
+    assert backend.loss_and_grads(batch)[0] == twin.loss_and_grads(batch)[0]
+    backend.step(batch)
+    twin.step(batch)
+    for key, value in backend.state().items():
+        np.testing.assert_array_equal(twin.state()[key], value, err_msg=key)
+
+
+class UserTower(torch.nn.Module):
+    """What a user wrote by hand: nn.GRU + nn.Linear, L2-normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(DIM, HIDDEN, 2, batch_first=True)
+        self.proj = torch.nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, h_n = self.gru(packed)
+        return torch.nn.functional.normalize(self.proj(h_n[-1]), dim=1)
+
+
+@pytest.mark.parametrize("name", backends.available())
+def test_a_users_torch_state_dict_loads_as_is(name: str) -> None:
+    torch.manual_seed(0)
+    user = UserTower()
+    backend = engine(name, {}, "gru-2")
+    backend.load_state(user.state_dict())
+    batch = make_batch(np.random.default_rng(1), dim=DIM, garbage_padding=False)
+    with torch.no_grad():
+        expected = user(torch.from_numpy(batch.contexts), torch.from_numpy(batch.lengths)).numpy()
+    assert_agrees(backend.encode(batch.contexts, batch.lengths), expected, np.float32, "encode")
+    assert int(backend.state()[OPT_STEP]) == 0
+
+
+def test_meanpool_without_projection_is_the_normalised_mean() -> None:
+    backend = backends.get("numpy", tower="meanpool", dim=DIM, hidden=DIM, proj=False)
+    batch = make_batch(np.random.default_rng(3), dim=DIM)
+    expected = np.stack(
+        [row[:n].astype(np.float64).mean(0) for row, n in zip(batch.contexts, batch.lengths)]
+    )
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert_agrees(backend.encode(batch.contexts, batch.lengths), expected, np.float32, "encode")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MPS may exist off Linux")
+def test_unavailable_backend_is_refused_with_the_reason() -> None:
+    available = ", ".join(backends.available())
+    with pytest.raises(EngineUnavailable) as caught:
+        backends.get("torch-mps")
+    assert str(caught.value) == (
+        f"torch-mps is not available here (MPS needs macOS on Apple silicon); available: {available}"
+    )
+    with pytest.raises(EngineUnavailable, match="unknown backend 'tpu'; known: numpy, torch-cpu"):
+        backends.get("tpu")
