@@ -1,20 +1,40 @@
-"""Nearest-neighbour miners by name: `available()`, `describe()`, `get(name, **opts)`.
+"""Nearest-neighbour miners by name: `available()`, `describe()`, `get(name, **opts)`, `chain()`.
 
     exact     blocked GEMM over the memory-mapped bank; the oracle for the others
     faiss     any faiss index factory string (Flat, HNSW32, IVF4096,Flat, ...)
     hnswlib   HNSW graph in hnswlib's 'ip' space
 
 Every miner returns (scores, ids) with scores as dot products, best first.
+faiss and hnswlib run in a worker process by default (`isolation`), so their
+native libraries never load beside torch; `chain("faiss,hnswlib,exact")`
+restarts a crashed miner once and then moves down the list (`fallback`).
+This module imports no engine library: `engine()` does, where it runs.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twotower.miners.base import Miner, MinerCrashed
+from twotower.errors import UsageError
+from twotower.miners.base import InProcessMiner, Miner, MinerCrashed
 from twotower.registry import EngineInfo, EngineRegistry, missing_module_reason
 
-__all__ = ["Miner", "MinerCrashed", "EngineInfo", "available", "describe", "get", "NAMES"]
+__all__ = [
+    "Miner",
+    "MinerCrashed",
+    "EngineInfo",
+    "available",
+    "describe",
+    "get",
+    "chain",
+    "engine",
+    "NAMES",
+]
+
+DEFAULT_TIMEOUT = 600.0  # seconds a search may take in a worker before it is presumed hung
 
 REGISTRY = EngineRegistry(
     "miner",
@@ -29,9 +49,102 @@ describe = REGISTRY.describe
 available = REGISTRY.available
 
 
-def get(name: str, **opts: Any) -> Miner:
-    """A miner ready for `build(bank)`. Raises EngineUnavailable for an unknown or missing one."""
-    REGISTRY.require(name)
+ISOLATION_MODES = ("process", "none")
+DEFAULT_ISOLATION = {"exact": "none", "faiss": "process", "hnswlib": "process"}
+COMMON_OPTIONS = ("threads", "cache_dir")  # passed to each engine that takes them
+
+
+def engine_class(name: str) -> type:
+    """The in-process engine class for a known miner name (imports its module, not its library)."""
+    if name == "faiss":
+        from twotower.miners.faiss_miner import FaissMiner
+
+        return FaissMiner
+    if name == "hnswlib":
+        from twotower.miners.hnswlib_miner import HnswlibMiner
+
+        return HnswlibMiner
     from twotower.miners.exact import ExactMiner
 
-    return ExactMiner(**opts)
+    return ExactMiner
+
+
+def engine_options(name: str) -> tuple[str, ...]:
+    """The keyword options engine `name` takes (its class's constructor parameters)."""
+    return tuple(inspect.signature(engine_class(name)).parameters)
+
+
+def engine(name: str, **opts: Any) -> Miner:
+    """The engine itself, in this process (no isolation): what a worker runs. Loads its library."""
+    return engine_class(name)(**opts)  # type: ignore[no-any-return]
+
+
+def get(
+    name: str,
+    isolation: str | None = None,
+    threads: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **engine_opts: Any,
+) -> Miner:
+    """A miner ready for `build(bank)`: in a worker process or in this one.
+
+    isolation: "process" (default for faiss and hnswlib: the engine runs in a
+    worker that never imports torch; crashes raise MinerCrashed) or "none"
+    (default for exact). threads: the engine's threads, set in the worker
+    only when isolated. timeout: seconds a search may take in a worker before
+    it is killed. cache_dir: where built indexes are kept. engine_opts: the
+    engine's own options (faiss: index, nprobe, ef_search, train_rows, seed;
+    hnswlib: M, ef_construction, ef, seed; exact: memory_budget_bytes, progress).
+    Raises EngineUnavailable for an unknown or missing miner, UsageError for a bad option.
+    """
+    REGISTRY.require(name)
+    mode = isolation or DEFAULT_ISOLATION[name]
+    if mode not in ISOLATION_MODES:
+        raise UsageError(f"miner isolation {mode!r} is not one of {', '.join(ISOLATION_MODES)}")
+    takes = engine_options(name)
+    unknown = sorted(set(engine_opts) - set(takes))
+    if unknown:
+        raise UsageError(
+            f"miner {name} has no option {', '.join(unknown)}; it takes {', '.join(takes)}"
+        )
+    common = {"threads": threads, "cache_dir": cache_dir}
+    opts = {key: value for key, value in common.items() if key in takes and value is not None}
+    opts.update(engine_opts)
+    if mode == "none":
+        return InProcessMiner(engine(name, **opts))
+    from twotower.miners.isolation import IsolatedMiner
+
+    return IsolatedMiner(name, opts, threads=threads, timeout=timeout)
+
+
+def chain(
+    names: str | Sequence[str],
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    **opts: Any,
+) -> Miner:
+    """A miner that falls back along `names` ("faiss,hnswlib,exact" or a sequence) on crashes.
+
+    opts are `get`'s: isolation, threads, timeout and cache_dir go to every
+    miner, each engine option to the engines that take it (index to faiss, ef
+    to hnswlib, ...). on_event(dict) receives each crash, restart and switch
+    (see `fallback.FallbackMiner`). Raises EngineUnavailable up front for an
+    unknown or missing name, UsageError for an option no engine of the chain takes.
+    """
+    from twotower.miners.fallback import FallbackMiner
+
+    order = [part.strip() for part in names.split(",")] if isinstance(names, str) else list(names)
+    for name in order:
+        REGISTRY.require(name)
+    everyone = ("isolation", "timeout", *COMMON_OPTIONS)
+    shared = {key: opts.pop(key) for key in everyone if key in opts}
+    taken = {name: engine_options(name) for name in order}
+    unused = sorted(key for key in opts if not any(key in takes for takes in taken.values()))
+    if unused:
+        raise UsageError(f"no miner of {', '.join(order)} has option {', '.join(unused)}")
+
+    def make(name: str) -> Miner:
+        own = {key: value for key, value in opts.items() if key in taken[name]}
+        return get(name, **shared, **own)
+
+    return FallbackMiner(order, make, on_event)

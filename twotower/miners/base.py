@@ -8,10 +8,11 @@ converted inside each miner, never by its callers.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from twotower import faults
 from twotower.errors import TwotowerError
 
 
@@ -42,3 +43,26 @@ class MinerCrashed(TwotowerError):
         super().__init__(f"miner {miner} crashed: {how}")
         self.miner = miner
         self.how = how
+
+
+class InProcessMiner:
+    """An engine searched in this process; each search first reaches the `mine` fault point.
+
+    Isolated miners reach that point in their worker instead; the bare engine
+    (`miners.engine`, used for evaluation) never does.
+    """
+
+    def __init__(self, engine: Miner):
+        self.engine = engine
+        self.name = engine.name
+
+    @property
+    def build_info(self) -> dict[str, Any]:
+        return dict(getattr(self.engine, "build_info", {}))
+
+    def build(self, bank: np.ndarray, fingerprint: str | None = None) -> None:
+        self.engine.build(bank, fingerprint)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faults.point("mine", [self.name])
+        return self.engine.search(queries, k)

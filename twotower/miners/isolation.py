@@ -1,0 +1,336 @@
+"""A miner in its own process, and how that process's end is reported.
+
+Why: faiss and torch each bring their own OpenMP runtime, and in one process
+they can die together with no traceback ("Segmentation fault: 11"; faiss
+issue 4273, pytorch issue 149201). So `IsolatedMiner` runs the engine in a
+worker started as `python -m twotower.miners.worker` through subprocess: a
+fresh interpreter, neither a fork of the trainer nor multiprocessing's spawn
+(which re-imports the parent's __main__, and with it torch). The worker
+imports numpy, its library and twotower's light modules, never torch.
+
+The exchange: small pickled dicts over two pipes; queries and results through
+one shared-memory buffer that grows to the largest request; the bank through
+its memory map (file and offset), or, when it is in memory, through a
+shared-memory copy made once per IsolatedMiner (a switch to another isolated
+miner makes its own copy).
+
+A worker that dies raises `MinerCrashed` naming the signal (SIGSEGV, SIGKILL,
+SIGABRT, ...) or the exit code; one that does not answer a search within
+`timeout` seconds is killed with SIGKILL and raises MinerCrashed("... no answer
+for N s ..."). POSIX only (the pipes are passed by file descriptor).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import weakref
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twotower import faults
+from twotower.errors import UsageError
+from twotower.miners import DEFAULT_TIMEOUT
+from twotower.miners.base import MinerCrashed
+
+EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+MIN_BUFFER_BYTES = 1 << 20
+
+
+def signal_name(number: int) -> str:
+    """11 -> 'SIGSEGV'; an unknown number -> 'signal N'."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def describe_exit(returncode: int, pid: int) -> str:
+    """A Popen return code as words: 'worker pid 12 killed by SIGSEGV', '... exited with code 1'."""
+    if returncode < 0:
+        return f"worker pid {pid} killed by {signal_name(-returncode)}"
+    return f"worker pid {pid} exited with code {returncode}"
+
+
+def result_views(
+    segment: SharedMemory, n: int, dim: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The request buffer's layout.
+
+    Returns (ids (n, k) int64, scores (n, k) float32, queries (n, dim) float32) views of it.
+    """
+    buffer = segment.buf
+    assert buffer is not None
+    ids = np.ndarray((n, k), np.int64, buffer, 0)
+    scores = np.ndarray((n, k), np.float32, buffer, ids.nbytes)
+    queries = np.ndarray((n, dim), np.float32, buffer, ids.nbytes + scores.nbytes)
+    return ids, scores, queries
+
+
+def buffer_bytes(n: int, dim: int, k: int) -> int:
+    """Bytes `result_views` needs for n queries of dim floats and k neighbours each."""
+    return n * k * (8 + 4) + n * dim * 4
+
+
+def process_memory() -> dict[str, int]:
+    """This process's memory in bytes: pid, peak_rss and, on Linux, rss_anon, rss_file, rss_shmem.
+
+    On Linux the peak is VmHWM, this program's own; getrusage's maxrss would
+    include the parent's size at fork, which survives exec there.
+    """
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = {"pid": os.getpid(), "peak_rss": peak if sys.platform == "darwin" else peak * 1024}
+    status = Path("/proc/self/status")
+    if status.exists():
+        names = {"VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+        names["RssShmem"] = "rss_shmem"
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in names:
+                memory[names[key]] = int(value.split()[0]) * 1024
+    return memory
+
+
+def file_location(bank: np.ndarray) -> dict[str, Any] | None:
+    """Where a C-contiguous float32 view of a memory-mapped file lies in that file.
+
+    Returns {"kind": "file", "file", "offset", "shape", "dtype"}, or None when
+    the bank is not such a view (an in-memory array, a copy-on-write map).
+    A slice of an np.memmap keeps its parent's `offset`, so the offset is
+    worked out from addresses instead.
+    """
+    owner: Any = bank
+    while owner is not None and getattr(owner, "_mmap", None) is None:
+        owner = owner.base if isinstance(owner, np.ndarray) else None
+    if owner is None or getattr(owner, "mode", "c") == "c" or not bank.flags.c_contiguous:
+        return None
+    if bank.dtype != np.float32:
+        return None
+    mapping = owner._mmap  # np.memmap's own mmap: the file from offset - offset % granularity
+    map_start = np.frombuffer(mapping, np.uint8).ctypes.data
+    map_file_offset = owner.offset - owner.offset % mmap.ALLOCATIONGRANULARITY
+    return {
+        "kind": "file",
+        "file": str(owner.filename),
+        "offset": map_file_offset + bank.ctypes.data - map_start,
+        "shape": bank.shape,
+        "dtype": bank.dtype.str,
+    }
+
+
+class _Worker:
+    """One worker process and its two pipes."""
+
+    def __init__(self, miner: str, threads: int | None):
+        self.miner = miner
+        request_read, request_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        if threads is not None:
+            env.update({var: str(threads) for var in THREAD_ENV_VARS})
+        command = [sys.executable, "-m", "twotower.miners.worker"]
+        try:
+            self.process = subprocess.Popen(
+                [*command, str(request_read), str(reply_write)],
+                pass_fds=(request_read, reply_write),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError:
+            for fd in (request_read, request_write, reply_read, reply_write):
+                os.close(fd)
+            raise
+        os.close(request_read)  # the worker's ends: with them closed here, its death reads as EOF
+        os.close(reply_write)
+        self.requests = Connection(request_write, readable=False)
+        self.replies = Connection(reply_read, writable=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def ask(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send one request, return its reply; MinerCrashed if the worker dies or stays silent."""
+        try:
+            self.requests.send(message)
+            if not self.replies.poll(timeout):
+                self.kill()
+                raise MinerCrashed(
+                    self.miner, f"no answer for {timeout:g} s; worker pid {self.pid} killed"
+                )
+            reply: dict[str, Any] = self.replies.recv()
+        except (EOFError, OSError):
+            raise MinerCrashed(self.miner, self._how_it_ended()) from None
+        except BaseException:  # interrupted mid-request: a late reply would answer the next one
+            self.kill()
+            raise
+        if "error" in reply:
+            if reply["usage"]:
+                raise UsageError(reply["message"])
+            raise MinerCrashed(self.miner, f"raised {reply['error']}: {reply['message']}")
+        return reply
+
+    def _how_it_ended(self) -> str:
+        try:
+            returncode = self.process.wait(EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return f"worker pid {self.pid} closed its pipe and was killed"
+        return describe_exit(returncode, self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the worker (if it still runs) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        """Ask the worker to exit, kill it if it does not within EXIT_WAIT s, close the pipes."""
+        if self.process.poll() is None:
+            try:
+                self.requests.send({"op": "close"})
+                self.process.wait(EXIT_WAIT)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        self.requests.close()
+        self.replies.close()
+
+
+class _Resources:
+    """What an IsolatedMiner must give back: its worker and its shared-memory segments."""
+
+    def __init__(self) -> None:
+        self.worker: _Worker | None = None
+        self.segments: dict[str, SharedMemory] = {}  # "bank", "buffer"
+
+    def replace(self, role: str, segment: SharedMemory) -> None:
+        """Hold `segment` as the "bank" or "buffer", unlinking the one it replaces.
+
+        The worker keeps its mapping of the old one until a request names the new one.
+        """
+        old = self.segments.pop(role, None)
+        if old is not None:
+            old.close()
+            old.unlink()
+        self.segments[role] = segment
+
+    def release(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        for segment in self.segments.values():
+            segment.close()
+            segment.unlink()
+        self.segments.clear()
+
+
+class IsolatedMiner:
+    """A miner engine ("faiss", "hnswlib", "exact") running in a worker process.
+
+    engine_opts: keyword options for the engine, made in the worker.
+    threads: sets OMP/BLAS thread counts in the worker's environment (engines
+    that take `threads` get it in engine_opts too).
+    timeout: seconds a search (and the worker's start) may take before the
+    worker is killed; build_timeout: the same for build (None: no limit).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        engine_opts: dict[str, Any] | None = None,
+        threads: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        build_timeout: float | None = None,
+    ):
+        self.name = name
+        self.engine_opts = dict(engine_opts or {})
+        self.threads = threads
+        self.timeout = timeout
+        self.build_timeout = build_timeout
+        self.build_info: dict[str, Any] = {}
+        self.worker_seconds = 0.0  # the engine's own time in the last search (without the exchange)
+        self._resources = _Resources()
+        self._finalizer = weakref.finalize(self, self._resources.release)
+        self._start()
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return self._worker.pid
+
+    @property
+    def _worker(self) -> _Worker:
+        if self._resources.worker is None:
+            raise RuntimeError(f"isolated miner {self.name} is closed")
+        return self._resources.worker
+
+    def build(self, bank: np.ndarray, fingerprint: str | None = None) -> None:
+        """Index bank (M, D) float32 in the worker, which reads it through its memory map.
+
+        An in-memory bank is copied into shared memory once. `fingerprint` keys the index cache.
+        """
+        location = file_location(bank)
+        if location is None:
+            location = self._share(np.ascontiguousarray(bank, dtype=np.float32))
+        request = {"op": "build", "bank": location, "fingerprint": fingerprint}
+        self.build_info = self._worker.ask(request, self.build_timeout)["build_info"]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (N, D) -> (scores (N, k) float32 dot products, ids (N, k) int64), best first.
+
+        Raises MinerCrashed if the worker dies or gives no answer within `timeout` seconds.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n, dim = queries.shape
+        segment = self._buffer(buffer_bytes(n, dim, k))
+        ids, scores, query_view = result_views(segment, n, dim, k)
+        query_view[...] = queries
+        marker_dir = faults.marker_dir()
+        request = {"op": "search", "buffer": segment.name, "n": n, "dim": dim, "k": k}
+        request.update(step=faults.current_step(), marker_dir=marker_dir and str(marker_dir))
+        self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
+        return scores.copy(), ids.copy()
+
+    def stats(self) -> dict[str, int]:
+        """The worker's memory (see `process_memory`): pid, peak_rss, rss_anon, rss_file bytes."""
+        memory: dict[str, int] = self._worker.ask({"op": "stats"}, self.timeout)["memory"]
+        return memory
+
+    def close(self) -> None:
+        """Stop the worker and free the shared memory (also done when the miner is collected)."""
+        self._finalizer()
+
+    def _start(self) -> None:
+        self._resources.worker = _Worker(self.name, self.threads)
+        start = {"op": "start", "name": self.name, "opts": self.engine_opts}
+        self._worker.ask(start, self.timeout)
+
+    def _share(self, bank: np.ndarray) -> dict[str, Any]:
+        """Copy an in-memory bank into a new shared-memory segment (once per miner)."""
+        segment = SharedMemory(create=True, size=max(bank.nbytes, 1))
+        self._resources.replace("bank", segment)
+        np.ndarray(bank.shape, bank.dtype, segment.buf)[...] = bank
+        return {"kind": "shm", "name": segment.name, "shape": bank.shape, "dtype": bank.dtype.str}
+
+    def _buffer(self, nbytes: int) -> SharedMemory:
+        """The request buffer, replaced by one twice as large when a request outgrows it."""
+        current = self._resources.segments.get("buffer")
+        if current is not None and current.size >= nbytes:
+            return current
+        size = max(nbytes, MIN_BUFFER_BYTES, 2 * (current.size if current else 0))
+        segment = SharedMemory(create=True, size=size)
+        self._resources.replace("buffer", segment)
+        return segment

@@ -1,0 +1,161 @@
+"""The miner worker process: `python -m twotower.miners.worker REQUEST_FD REPLY_FD`.
+
+Started by `isolation.IsolatedMiner`, never by hand. It imports numpy, the
+engine's library and twotower's light modules, never torch; it reads the bank
+through its memory map (or the parent's shared-memory copy) and answers one
+request at a time:
+
+    {"op": "start", "name", "opts"}            make the engine
+    {"op": "build", "bank", "fingerprint"}     -> {"build_info"}
+    {"op": "search", "buffer", "n", "dim", "k", "step", "marker_dir"}
+                                               -> {"seconds"}, results in the buffer
+    {"op": "stats"}                            -> {"memory"}
+    {"op": "close"}                            exit 0 (so does the parent closing its pipe)
+
+A thread watches the parent: if it dies while a long build runs, the worker exits too.
+
+A Python exception becomes an {"error", "message", "usage"} reply; a native
+crash ends the process, which the parent reports by its signal. Each search
+reaches the fault point "mine" here, with the parent's step and marker directory.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+import time
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twotower import faults, miners
+from twotower.errors import UsageError
+from twotower.miners.base import Miner
+from twotower.miners.isolation import process_memory, result_views
+
+ORPHAN_CHECK_SECONDS = 1.0
+
+
+def attach(name: str) -> SharedMemory:
+    """Open the parent's segment `name` without this process's resource tracker claiming it.
+
+    Python < 3.13 registers attached segments too (bpo-39959) and would unlink
+    the parent's segment when this worker exits.
+    """
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    segment = SharedMemory(name=name)
+    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    return segment
+
+
+class Server:
+    """The worker's state: its engine, its view of the bank, the request buffer it has open."""
+
+    def __init__(self) -> None:
+        self.engine: Miner | None = None
+        self.segments: dict[str, SharedMemory] = {}  # "bank", "buffer"
+        self.marker_dir: str | None = None
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One request -> its reply; an exception becomes an error reply."""
+        try:
+            return getattr(self, "op_" + message["op"])(message)
+        except Exception as error:  # the parent decides what a failure means
+            return {
+                "error": type(error).__name__,
+                "message": str(error),
+                "usage": isinstance(error, UsageError),
+            }
+
+    def op_start(self, message: dict[str, Any]) -> dict[str, Any]:
+        faults.arm(None)
+        self.engine = miners.engine(message["name"], **message["opts"])
+        return {"pid": os.getpid()}
+
+    def op_build(self, message: dict[str, Any]) -> dict[str, Any]:
+        bank = message["bank"]
+        shape, dtype = tuple(bank["shape"]), np.dtype(bank["dtype"])
+        segment = None
+        if bank["kind"] == "file":
+            array = np.memmap(bank["file"], dtype, "r", bank["offset"], shape)
+        else:
+            segment = self._attached("bank", bank["name"])
+            array = np.ndarray(shape, dtype, segment.buf)
+        assert self.engine is not None
+        self.engine.build(array, message["fingerprint"])
+        self._hold("bank", segment)  # only now has the engine let go of the old bank
+        return {"build_info": getattr(self.engine, "build_info", {})}
+
+    def op_search(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message["marker_dir"] != self.marker_dir:
+            self.marker_dir = message["marker_dir"]
+            faults.arm(None if self.marker_dir is None else Path(self.marker_dir))
+        faults.set_step(message["step"])
+        n, dim, k = message["n"], message["dim"], message["k"]
+        buffer = self._attached("buffer", message["buffer"])
+        self._hold("buffer", buffer)
+        ids, scores, queries = result_views(buffer, n, dim, k)
+        assert self.engine is not None
+        faults.point("mine", [self.engine.name])
+        start = time.perf_counter()
+        scores[...], ids[...] = self.engine.search(queries, k)
+        return {"seconds": time.perf_counter() - start}
+
+    def op_stats(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"memory": process_memory()}
+
+    def _attached(self, role: str, name: str) -> SharedMemory:
+        """Segment `name`: the one held for `role` if it is that, else newly attached."""
+        current = self.segments.get(role)
+        return current if current is not None and current.name == name else attach(name)
+
+    def _hold(self, role: str, segment: SharedMemory | None) -> None:
+        """Keep `segment` for `role` (None: nothing) and unmap the one it replaces.
+
+        numpy views do not pin a segment, so one is unmapped only when nothing reads it.
+        """
+        old = self.segments.pop(role, None)
+        if old is not None and old is not segment:
+            old.close()
+        if segment is not None:
+            self.segments[role] = segment
+
+
+def exit_when_orphaned(parent: int, every: float = ORPHAN_CHECK_SECONDS) -> None:
+    """Exit this process once `parent` is gone (killed mid-build, say): run it in a thread.
+
+    The request pipe's EOF tells the same, but only between requests.
+    """
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve requests from fd argv[0], replying on fd argv[1], until told to close. Returns 0."""
+    request_fd, reply_fd = (int(arg) for arg in (argv or sys.argv[1:]))
+    os.dup2(2, 1)  # library chatter goes to stderr, never into the trainer's stdout
+    faulthandler.enable()  # a native crash prints the Python stack before the signal ends us
+    threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    requests = Connection(request_fd, writable=False)
+    replies = Connection(reply_fd, readable=False)
+    server = Server()
+    while True:
+        try:
+            message = requests.recv()
+        except EOFError:
+            return 0
+        if message["op"] == "close":
+            return 0
+        replies.send(server.handle(message))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
