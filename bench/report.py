@@ -53,10 +53,12 @@ class RatioReport:
         benchmark: Any,
         baseline: str | None = None,
         flops: float | None = None,
+        median_s: float | None = None,
         **extra: Any,
     ) -> None:
-        """Record a finished pytest-benchmark fixture's median under `case`."""
-        median = benchmark.stats.stats.median
+        """Record a finished pytest-benchmark fixture under `case`: its median, or
+        `median_s` where the case measures its own per-step time (e.g. from a log)."""
+        median = benchmark.stats.stats.median if median_s is None else median_s
         self.rows[case] = Row(case, median, baseline, flops, extra)
         benchmark.extra_info.update({"median_s": median, "baseline": baseline, **extra})
 
@@ -76,21 +78,21 @@ class RatioReport:
                 if self.peak_gflops:
                     peak = f"{100 * gflops / self.peak_gflops:.0f}%"
             extra = " ".join(f"{k}={v}" for k, v in row.extra.items())
-            lines.append(
-                f"{row.case:34s} {row.median_s * 1e3:8.1f}ms {ratio:>22s} {rate:>9s} {peak:>7s} {extra}"
-            )
+            timing = f"{row.median_s * 1e3:8.1f}ms"
+            lines.append(f"{row.case:34s} {timing} {ratio:>22s} {rate:>9s} {peak:>7s} {extra}")
         return lines
 
-    def publish(self, terminal: Any, out_dir: Path = Path(".benchmarks")) -> None:
-        """Print the table through pytest's terminal reporter and save it as JSON."""
-        terminal.write_line("")
-        for line in self.table():
-            terminal.write_line(line)
+    def publish(self, config: Any, out_dir: Path = Path(".benchmarks")) -> None:
+        """Print the table through pytest's terminal (`config` is request.config) and save it
+        as JSON. Called from a module fixture's teardown, where output is otherwise captured."""
+        plugins = config.pluginmanager
+        with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+            terminal = plugins.get_plugin("terminalreporter")
+            terminal.write_line("")
+            for line in self.table():
+                terminal.write_line(line)
         out_dir.mkdir(exist_ok=True)
         slug = self.title.split(":")[0].replace(" ", "_").lower()
-        payload = {
-            "title": self.title,
-            "peak_gflops": self.peak_gflops,
-            "rows": [row.__dict__ for row in self.rows.values()],
-        }
+        rows = [row.__dict__ for row in self.rows.values()]
+        payload = {"title": self.title, "peak_gflops": self.peak_gflops, "rows": rows}
         (out_dir / f"{slug}.json").write_text(json.dumps(payload, indent=2))

@@ -112,9 +112,7 @@ def report(request: pytest.FixtureRequest) -> Iterator[RatioReport]:
     """The module's table: time per 1024 queries against exact, recall, build, memory."""
     table = RatioReport(f"miners: {ROWS} x {DIM} clustered bank, {QUERIES} queries, k={K}")
     yield table
-    plugins = request.config.pluginmanager
-    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():  # else swallowed
-        table.publish(plugins.get_plugin("terminalreporter"))
+    table.publish(request.config)
 
 
 def test_gemm_peak(benchmark: Any, report: RatioReport) -> None:

@@ -10,6 +10,7 @@ state dict from `nn.GRU` + `nn.Linear` can be used as is.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def gru_layer_forward(
     w_hh: np.ndarray,
     b_ih: np.ndarray,
     b_hh: np.ndarray,
-) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
+) -> tuple[np.ndarray, list[tuple[Any, ...]]]:
     """Run one layer over x (B, T, In); sequence i stops at lengths[i].
 
     Returns the outputs (B, T, H) -- after its length a sequence's state is
@@ -77,7 +78,7 @@ def gru_layer_forward(
 
 def gru_layer_backward(
     d_outputs: np.ndarray,
-    cache: list[tuple[np.ndarray, ...]],
+    cache: list[tuple[Any, ...]],
     w_ih: np.ndarray,
     w_hh: np.ndarray,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:

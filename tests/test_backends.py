@@ -191,7 +191,10 @@ def test_meanpool_without_projection_is_the_normalised_mean() -> None:
     backend = backends.get("numpy", tower="meanpool", dim=DIM, hidden=DIM, proj=False)
     batch = make_batch(np.random.default_rng(3), dim=DIM)
     expected = np.stack(
-        [row[:n].astype(np.float64).mean(0) for row, n in zip(batch.contexts, batch.lengths)]
+        [
+            row[:n].astype(np.float64).mean(0)
+            for row, n in zip(batch.contexts, batch.lengths, strict=True)
+        ]
     )
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     assert_agrees(backend.encode(batch.contexts, batch.lengths), expected, np.float32, "encode")
@@ -202,8 +205,9 @@ def test_unavailable_backend_is_refused_with_the_reason() -> None:
     available = ", ".join(backends.available())
     with pytest.raises(EngineUnavailable) as caught:
         backends.get("torch-mps")
-    assert str(caught.value) == (
-        f"torch-mps is not available here (MPS needs macOS on Apple silicon); available: {available}"
+    reason = "MPS needs macOS on Apple silicon"
+    assert (
+        str(caught.value) == f"torch-mps is not available here ({reason}); available: {available}"
     )
     with pytest.raises(EngineUnavailable, match="unknown backend 'tpu'; known: numpy, torch-cpu"):
         backends.get("tpu")

@@ -1,4 +1,4 @@
-"""The float64 reference is right: finite differences, and torch autograd written independently here."""
+"""The float64 reference is right: finite differences, and torch autograd written here."""
 
 from __future__ import annotations
 
@@ -91,8 +91,12 @@ def torch_loss(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tenso
             for j in range(size)
             if j != i
         ]
-        entries += [(v, int(c), False) for v, c in zip(batch.hard_vecs[i], batch.hard_ids[i])]
-        entries += [(v, int(c), False) for v, c in zip(batch.queue_vecs, batch.queue_ids)]
+        entries += [
+            (v, int(c), False) for v, c in zip(batch.hard_vecs[i], batch.hard_ids[i], strict=True)
+        ]
+        entries += [
+            (v, int(c), False) for v, c in zip(batch.queue_vecs, batch.queue_ids, strict=True)
+        ]
         scores = [
             q[i] @ torch.tensor(vec, dtype=torch.float64) / temperature
             for vec, cid, first in entries

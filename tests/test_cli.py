@@ -1,0 +1,157 @@
+"""The command line: bad input is one line and exit code 2, and never touches an earlier run."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tests.datasets import BROKEN_DATASETS, small_arrays, write_dir
+from tests.processes import run_twotower
+from twotower import backends, miners
+from twotower.cli import main
+from twotower.config import TrainConfig
+
+FAST = (
+    "--no-supervise",
+    "--backend",
+    "numpy",
+    "--hidden",
+    "8",
+    "--batch-size",
+    "8",
+    "--max-eval",
+    "10",
+)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run with checkpoints that later bad invocations must leave alone."""
+    root = tmp_path_factory.mktemp("earlier")
+    data = write_dir(root / "data", small_arrays())
+    out = root / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "3", *FAST]) == 0
+    assert (out / "checkpoints" / "LATEST").exists()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "expected"), BROKEN_DATASETS, ids=[c[0] for c in BROKEN_DATASETS]
+)
+def test_bad_dataset_is_one_line_exit_2_and_touches_no_checkpoint(
+    earlier_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    make,
+    expected: str,
+) -> None:
+    before = tree_digest(earlier_run)
+    data = make(tmp_path)
+    code = main(["train", "--data", str(data), "--out", str(earlier_run), "--resume", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("twotower: error: ") and expected in lines[0]
+    assert tree_digest(earlier_run) == before
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(earlier_run: Path, tmp_path: Path) -> None:
+    _, make, expected = BROKEN_DATASETS[0]
+    before = tree_digest(earlier_run)
+    result = run_twotower(
+        "train", "--data", str(make(tmp_path)), "--out", str(earlier_run), "--resume", *FAST
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("twotower: error: ") and expected in lines[0]
+    assert tree_digest(earlier_run) == before
+
+
+def test_a_fresh_run_will_not_overwrite_an_earlier_one(earlier_run: Path, capsys) -> None:
+    data = earlier_run.parent / "data"
+    before = tree_digest(earlier_run)
+    assert main(["train", "--data", str(data), "--out", str(earlier_run), *FAST]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert tree_digest(earlier_run) == before
+
+
+def test_resume_with_settings_that_change_the_numbers_is_refused(earlier_run: Path, capsys) -> None:
+    data = earlier_run.parent / "data"
+    before = tree_digest(earlier_run)
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(earlier_run),
+                "--resume",
+                *FAST,
+                "--lr",
+                "0.5",
+            ]
+        )
+        == 2
+    )
+    assert "lr: 0.001 -> 0.5" in capsys.readouterr().err
+    assert tree_digest(earlier_run) == before
+
+
+def test_unavailable_backend_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    data = write_dir(tmp_path / "data", small_arrays())
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), *FAST, "--backend", "torch-mps"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert (
+        err.startswith("twotower: error: torch-mps is not available here")
+        and "available: numpy" in err
+    )
+    assert not out.exists()
+
+
+def test_config_file_is_read_and_flags_override_it(tmp_path: Path) -> None:
+    from twotower.cli import build_parser, config_from_args
+
+    settings = tmp_path / "run.toml"
+    settings.write_text('data = "d"\nbatch-size = 64\nlr = 0.01\nfallback = ["numpy"]\n')
+    args = build_parser().parse_args(
+        ["train", "--config", str(settings), "--lr", "0.02", "--no-supervise"]
+    )
+    config = config_from_args(args)
+    assert (config.data, config.batch_size, config.lr, config.supervise) == ("d", 64, 0.02, False)
+    assert TrainConfig.from_dict(__import__("json").loads(config.to_json())) == config
+
+
+def test_config_file_with_an_unknown_key_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    settings = tmp_path / "run.toml"
+    settings.write_text('data = "d"\nlearning_rate = 0.01\n')
+    assert main(["train", "--config", str(settings)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"twotower: error: {settings}: unknown setting(s) learning_rate"
+    )
+
+
+def test_backends_lists_every_engine_with_its_reason(capsys) -> None:
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    for registry in (backends, miners):
+        for info in registry.describe():
+            line = next(line for line in out.splitlines() if line.startswith(info.name + " "))
+            assert ("yes" if info.available else "no") in line.split() and info.reason in line

@@ -1,0 +1,92 @@
+"""Which rows step s trains on, and their data gathered one step ahead in a thread.
+
+Step s belongs to epoch s // batches_per_epoch and takes the next slice of that
+epoch's order, permutation(SeedSequence([seed, epoch])) of the training rows,
+so the batch of any step follows from the step number alone. The trailing
+partial batch of an epoch is dropped: every batch has exactly B rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from twotower.data import Dataset
+from twotower.errors import UsageError
+from twotower.seeds import epoch_order
+
+
+@dataclass
+class StepData:
+    """The data part of step s's batch (negatives are added at step time)."""
+
+    step: int
+    rows: np.ndarray  # (B,) int64 dataset rows
+    contexts: np.ndarray  # (B, T, D) float32
+    lengths: np.ndarray  # (B,) int64
+    positive_ids: np.ndarray  # (B,) int64
+    positive_vecs: np.ndarray  # (B, D) float32
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the rows, logged per step so runs can be compared batch by batch."""
+        return hashlib.blake2b(self.rows.tobytes(), digest_size=8).hexdigest()
+
+
+class StepPlan:
+    """Rows of every step for a fixed set of training rows, batch size and seed."""
+
+    def __init__(self, train_rows: np.ndarray, batch_size: int, seed: int):
+        self.train_rows = np.asarray(train_rows, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches_per_epoch = len(self.train_rows) // batch_size
+        if self.batches_per_epoch == 0:
+            raise UsageError(
+                f"{len(self.train_rows)} training samples are fewer than one batch of "
+                f"--batch-size {batch_size}; lower it or add data"
+            )
+        self._epoch = -1
+        self._order = self.train_rows
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+    def rows_for(self, step: int) -> np.ndarray:
+        """(B,) dataset rows of step `step` (steps count from 0)."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._order = epoch_order(self.seed, epoch, self.train_rows)
+            self._epoch = epoch
+        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+
+
+class Prefetcher:
+    """Gathers step s + 1's data in a background thread while step s computes."""
+
+    def __init__(self, dataset: Dataset, plan: StepPlan):
+        self.dataset = dataset
+        self.plan = plan
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-prefetch")
+        self._pending: tuple[int, Future[StepData]] | None = None
+
+    def _gather(self, step: int, rows: np.ndarray) -> StepData:
+        contexts, lengths, positive_ids = self.dataset.gather(rows)
+        positive_vecs = np.asarray(self.dataset.bank[positive_ids], dtype=np.float32)
+        return StepData(step, rows, contexts, lengths, positive_ids, positive_vecs)
+
+    def get(self, step: int) -> StepData:
+        """Step `step`'s data (gathered now if it was not prefetched), and start on the next."""
+        if self._pending is not None and self._pending[0] == step:
+            data = self._pending[1].result()
+        else:
+            data = self._gather(step, self.plan.rows_for(step))
+        nxt = step + 1
+        self._pending = (nxt, self._pool.submit(self._gather, nxt, self.plan.rows_for(nxt)))
+        return data
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

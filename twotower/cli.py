@@ -1,0 +1,202 @@
+"""`twotower ...` sub-commands: argument parsing only; the work lives in the modules.
+
+Bad input is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+from twotower.config import TrainConfig
+from twotower.errors import EXIT_OK, UsageError
+
+LIST_FIELDS = {"fallback", "miner_fallback"}
+
+
+def _parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _field_type(annotation: str) -> Callable[[str], Any]:
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (dashes for underscores); only given flags are set."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            if f.default is True:
+                parser.add_argument(
+                    "--no-" + f.name.replace("_", "-"),
+                    dest=f.name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help=f"do not: {help_text}",
+                )
+            else:
+                parser.add_argument(
+                    flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+                )
+        elif f.name in LIST_FIELDS:
+            parser.add_argument(
+                flag, type=_parse_list, default=argparse.SUPPRESS, metavar="A,B", help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, type=_field_type(str(f.type)), default=argparse.SUPPRESS, help=help_text
+            )
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="settings file; flags given here override it"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --demo defaults < --config file < flags on the command line."""
+    from twotower.demo import DEMO_SETTINGS
+
+    given = {name: value for name, value in vars(args).items() if name in TrainConfig.field_names()}
+    from_file = TrainConfig.read_file(args.config) if args.config else {}
+    demo = given.get("demo", from_file.get("demo", False))
+    values = {**(DEMO_SETTINGS if demo else {}), **from_file, **given}
+    return TrainConfig.from_dict(values, source=args.config or "command line")
+
+
+# --- sub-commands -------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if config.supervise:
+        from twotower.supervisor import supervise
+
+        return supervise(config).exit_code
+    from twotower.trainer import train
+
+    return train(config).exit_code
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from twotower.data import synthesize
+
+    sizes = {
+        k: getattr(args, k)
+        for k in ("samples", "bank", "dim", "seq_len", "seed")
+        if getattr(args, k) is not None
+    }
+    dataset = synthesize(args.out, layout=args.layout, overwrite=args.overwrite, **sizes)
+    print(f"{dataset.path}: {dataset!r}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from twotower.data import convert, parse_key_map
+
+    dataset = convert(args.npz, args.out, parse_key_map(args.key) if args.key else None)
+    print(f"{dataset.path}: {dataset!r}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from twotower.evaluation import evaluate_run
+
+    metrics = evaluate_run(
+        run=args.run,
+        data=args.data,
+        tower=args.tower,
+        proj=not args.no_proj,
+        backend=args.backend,
+        miner=args.miner,
+        seed=args.seed,
+        max_eval=args.max_eval,
+    )
+    for name, value in metrics.items():
+        print(f"{name:12s} {value:.4f}")
+    return EXIT_OK
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from twotower import backends, miners
+
+    print(f"{'engine':12s} {'role':8s} {'available':10s} note")
+    for role, registry in (("backend", backends), ("miner", miners)):
+        for info in registry.describe():
+            print(
+                f"{info.name:12s} {role:8s} {'yes' if info.available else 'no':10s} {info.reason}"
+            )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twotower", description="Train two-tower retrieval models that survive native crashes."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a query tower (supervised by default)")
+    add_config_flags(train)
+    train.set_defaults(run=cmd_train)
+
+    synth = sub.add_parser("synth", help="write a synthetic dataset")
+    synth.add_argument("--out", required=True, help="dataset directory to write")
+    synth.add_argument("--samples", type=int, help="training samples N")
+    synth.add_argument("--bank", type=int, help="bank rows M")
+    synth.add_argument("--dim", type=int, help="vector size D")
+    synth.add_argument("--seq-len", type=int, help="max sequence length T")
+    synth.add_argument("--seed", type=int, help="seed")
+    synth.add_argument(
+        "--layout", choices=("ids", "contexts"), default="ids", help="context_ids or vectors"
+    )
+    synth.add_argument(
+        "--overwrite", action="store_true", help="replace a different dataset at --out"
+    )
+    synth.set_defaults(run=cmd_synth)
+
+    convert = sub.add_parser("convert", help="stream a .npz into a memory-mappable directory")
+    convert.add_argument("npz", help="the .npz file")
+    convert.add_argument("--out", required=True, help="dataset directory to write")
+    convert.add_argument("--key", help="map other key names: bank=emb,positives=pos,...")
+    convert.set_defaults(run=cmd_convert)
+
+    ev = sub.add_parser(
+        "eval", help="recall@1/10/100 and MRR of a run, or of the mean-pool baseline"
+    )
+    ev.add_argument("--run", help="run directory or checkpoint (default: none, an untrained tower)")
+    ev.add_argument("--data", help="dataset (default: the run's)")
+    ev.add_argument("--tower", choices=("gru", "meanpool"), help="without --run: which tower")
+    ev.add_argument(
+        "--no-proj", action="store_true", help="meanpool without projection: the baseline"
+    )
+    ev.add_argument("--backend", default="auto", help="engine that encodes the queries")
+    ev.add_argument(
+        "--miner", default="exact", help="search engine (exact gives the reference numbers)"
+    )
+    ev.add_argument("--seed", type=int, help="split seed (default: the run's)")
+    ev.add_argument("--max-eval", type=int, help="held-out queries (default: the run's)")
+    ev.set_defaults(run=cmd_eval)
+
+    engines = sub.add_parser(
+        "backends", help="list every backend and miner, available or not, and why"
+    )
+    engines.set_defaults(run=cmd_backends)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `twotower` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except UsageError as error:
+        print(f"twotower: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""`TrainConfig`: every knob of a run in one dataclass; validation; TOML/JSON in and out.
+
+Every CLI flag of `twotower train` is a field (dashes become underscores);
+`--config FILE.toml` fills fields from a file and flags given on the command
+line override it. The run directory keeps the resolved config as config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from twotower.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# Fields that change the numbers a run computes. Resuming with another value of one of
+# these is refused; everything else (engines, checkpoint cadence, output) may change.
+NUMERIC_FIELDS = (
+    "data",
+    "tower",
+    "proj",
+    "hidden",
+    "layers",
+    "batch_size",
+    "hard_negatives",
+    "mine_every",
+    "mine_skip",
+    "mine_pool",
+    "absolute_margin",
+    "relative_margin",
+    "max_score",
+    "queue_size",
+    "temperature",
+    "lr",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "eval_fraction",
+    "max_eval",
+)
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with its --help text; a callable default makes a fresh value each time."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Paths are strings so the config round-trips through JSON and TOML."""
+
+    # data and output
+    data: str | None = knob(None, "dataset directory or .npz file")
+    out: str | None = knob(None, "run directory (default runs/YYYYmmdd-HHMMSS)")
+    demo: bool = knob(False, "train on built-in demo data (synthesized on first use)")
+    # model
+    tower: str = knob("gru", "query tower: gru | meanpool")
+    proj: bool = knob(True, "meanpool: learn a projection (False: the parameter-free baseline)")
+    hidden: int = knob(768, "GRU hidden size H")
+    layers: int = knob(1, "GRU layers L")
+    # engines
+    backend: str = knob("auto", "numpy | torch-cpu | torch-mps | torch-cuda | auto")
+    fallback: list[str] = knob(
+        lambda: ["numpy"], "backends to switch to, in order, if one keeps crashing"
+    )
+    gru_path: str | None = knob(None, "torch GRU: packed | masked (default: masked on MPS)")
+    miner: str = knob("exact", "hard-negative miner: exact | faiss | hnswlib")
+    miner_fallback: list[str] = knob(lambda: ["exact"], "miners to switch to if one crashes")
+    miner_isolation: str | None = knob(None, "process | none (default: process for faiss, hnswlib)")
+    miner_threads: int | None = knob(None, "threads of the miner (in its own process)")
+    miner_timeout: float = knob(600.0, "seconds without an answer before a miner is killed")
+    faiss_index: str = knob("Flat", "faiss index factory string: Flat, HNSW32, IVF4096,Flat, ...")
+    # schedule
+    steps: int | None = knob(None, "total steps (default: --epochs)")
+    epochs: float = knob(1.0, "passes over the training samples, when --steps is not given")
+    batch_size: int = knob(32, "queries per step B")
+    # negatives
+    hard_negatives: int = knob(8, "mined hard negatives K per query; 0 turns mining off")
+    mine_every: int = knob(500, "steps between minings; the first is at step --mine-every")
+    mine_skip: int = knob(0, "mined ranks kept are [skip, skip + pool)")
+    mine_pool: int = knob(32, "mined candidates kept per query")
+    absolute_margin: float | None = knob(None, "drop candidates scoring above positive - margin")
+    relative_margin: float | None = knob(None, "drop candidates above (1 - margin) * positive")
+    max_score: float | None = knob(None, "drop candidates scoring above this")
+    queue_size: int = knob(4096, "memory-bank queue size Q; 0 turns it off")
+    # loss and optimizer
+    temperature: float = knob(0.05, "InfoNCE temperature tau")
+    lr: float = knob(1e-3, "AdamW learning rate")
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay")
+    max_grad_norm: float = knob(1.0, "global gradient-norm clip")
+    seed: int = knob(0, "seed of init, batch order and sampling")
+    # bookkeeping
+    checkpoint_every: int = knob(200, "steps between checkpoints")
+    keep_checkpoints: int = knob(3, "checkpoints kept (oldest pruned after a commit)")
+    eval_every: int = knob(0, "steps between evaluations (0: at the start and the end only)")
+    eval_fraction: float = knob(0.05, "held-out share of the samples")
+    max_eval: int = knob(2000, "at most this many held-out queries")
+    # supervision
+    max_restarts: int = knob(3, "restarts after crashes before giving up (exit code 3)")
+    hang_timeout: float | None = knob(None, "seconds without a heartbeat before the watchdog kills")
+    resume: bool = knob(False, "continue the run in --out from its newest valid checkpoint")
+    supervise: bool = knob(True, "run the trainer in a supervised child process")
+    deterministic: bool = knob(False, "torch: use_deterministic_algorithms")
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            self.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError with one line naming the first field that is out of range."""
+        positive = ("hidden", "layers", "batch_size", "mine_every", "mine_pool", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        non_negative = ("hard_negatives", "mine_skip", "queue_size", "eval_every", "max_restarts")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs <= 0:
+            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.temperature <= 0 or self.lr <= 0 or self.max_grad_norm <= 0:
+            raise UsageError("--temperature, --lr and --max-grad-norm must be > 0")
+        if not 0 < self.eval_fraction < 1:
+            raise UsageError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.tower not in ("gru", "meanpool"):
+            raise UsageError(f"--tower must be gru or meanpool, got {self.tower!r}")
+        if self.data is None and not self.demo:
+            raise UsageError("no data: give --data DIR|FILE.npz, or --demo for built-in demo data")
+
+    # --- in and out ----------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys are a UsageError naming the source."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise UsageError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """The settings of a .toml or .json file, keys with dashes or underscores."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such config file") from None
+        except (ValueError, tomllib.TOMLDecodeError) as error:
+            raise UsageError(
+                f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {error}"
+            ) from None
+        values = {key.replace("-", "_"): value for key, value in raw.items()}
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def numeric_hash(self) -> str:
+        """sha256 (16 hex digits) of the fields that change a run's numbers."""
+        numeric = {name: getattr(self, name) for name in NUMERIC_FIELDS}
+        return hashlib.sha256(json.dumps(numeric, sort_keys=True).encode()).hexdigest()[:16]
+
+    def numeric_differences(self, other: dict[str, Any]) -> list[str]:
+        """'name: theirs -> ours' for each numeric field that differs from `other`."""
+        return [
+            f"{name}: {other.get(name)!r} -> {getattr(self, name)!r}"
+            for name in NUMERIC_FIELDS
+            if other.get(name) != getattr(self, name)
+        ]

@@ -1,0 +1,98 @@
+"""The run directory: where each file of a run lives, and the two logs that outlive a crash.
+
+config.json      the resolved TrainConfig
+metrics.jsonl    one JSON object per step or event, flushed line by line
+log.txt          human-readable log, flushed line by line
+checkpoints/     step-NNNNNNN/ + LATEST (twotower.checkpoint)
+mined/           hard-negative tables (twotower.mining)
+crashes/         one JSON report per abnormal exit (twotower.supervisor)
+faults/          fire-once markers of injected faults (twotower.faults)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+LOGGER_NAME = "twotower"
+
+
+class RunDir:
+    """Paths of one run directory; creates the directory tree on `prepare()`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.log = self.root / "log.txt"
+        self.checkpoints = self.root / "checkpoints"
+        self.mined = self.root / "mined"
+        self.crashes = self.root / "crashes"
+        self.faults = self.root / "faults"
+        self.heartbeat = self.root / "heartbeat.json"
+
+    def prepare(self) -> RunDir:
+        for path in (self.root, self.checkpoints, self.mined, self.crashes):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl and flushes each line.
+
+    A line reaches the operating system as soon as it is written, so a crash
+    (even SIGKILL) loses nothing that was logged before it.
+    """
+
+    def __init__(self, path: Path):
+        self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Log {"event": event, "time": unix seconds, **fields}; returns the record."""
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self._file.write(json.dumps(record, default=_plain) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy scalars and paths."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics.jsonl (a torn last line is skipped)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def open_log(path: Path, echo: bool = True) -> logging.Logger:
+    """The 'twotower' logger writing to log.txt (flushed per record) and, if echo, stderr."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+    logger.propagate = False
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    if echo:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("twotower: %(message)s"))
+        logger.addHandler(console)
+    return logger

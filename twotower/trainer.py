@@ -1,0 +1,407 @@
+"""The backend-agnostic training loop: batches -> negatives -> step -> checkpoint.
+
+`train(config)` runs in this process. Everything a step depends on follows
+from the checkpoint (parameters, optimizer, queue, mined table) and the step
+number (batch rows, sampled hard negatives), so a resumed run continues bit
+for bit where the interrupted one would have gone, on the same backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from twotower import backends, faults, miners
+from twotower.batch import Batch, StepStats
+from twotower.batching import Prefetcher, StepData, StepPlan
+from twotower.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
+from twotower.config import TrainConfig
+from twotower.data import Dataset, load_dataset
+from twotower.demo import demo_dataset
+from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from twotower.evaluation import encode_rows, evaluate, held_out_split
+from twotower.heartbeat import Heartbeat
+from twotower.mining import HardNegativeTable, mine_hard_negatives
+from twotower.paths import user_cache_dir
+from twotower.queue import MemoryQueue
+from twotower.rundir import MetricsLog, RunDir, open_log
+from twotower.seeds import HARD_NEGATIVES, step_rng
+
+log = logging.getLogger("twotower")
+
+
+@dataclass
+class RunResult:
+    """How a run ended.
+
+    exit_code: 0 done, 130 interrupted (a checkpoint was written), 3 gave up
+    (supervisor). steps: steps completed. metrics: the last evaluation;
+    metrics_before: the evaluation before the first step of a fresh run.
+    attempts: one summary per child process (supervised runs only).
+    """
+
+    run_dir: Path
+    exit_code: int
+    steps: int
+    backend: str
+    miner: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived; the loop checkpoints and ends with exit code 130."""
+
+
+class Trainer:
+    """One training run over a dataset, on one backend (see `train`)."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        assert config.out is not None  # TrainConfig resolves it
+        self.run = RunDir(config.out)
+        self.miner: miners.Miner | None = None
+        self.table_path: Path | None = None
+        self._stop_signal: int | None = None
+
+    # --- set-up: everything that can be refused is checked before anything is written ---
+
+    def _open_dataset(self) -> Dataset:
+        if self.config.demo and self.config.data is None:
+            self.config.data = str(demo_dataset().path)
+        assert self.config.data is not None
+        return load_dataset(self.config.data)
+
+    def _check_run_dir(self) -> dict[str, Any] | None:
+        """The run's stored config when resuming; refuse to overwrite an earlier run."""
+        has_checkpoints = bool(list_checkpoints(self.run.root)) if self.run.root.exists() else False
+        if not self.config.resume:
+            if has_checkpoints:
+                raise UsageError(
+                    f"{self.run.root} already holds checkpoints of an earlier run; "
+                    "pass --resume to continue it or choose another --out"
+                )
+            return None
+        if not self.run.config.exists():
+            return None
+        try:
+            stored = json.loads(self.run.config.read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{self.run.config}: unreadable ({error}); cannot resume") from None
+        differences = self.config.numeric_differences(stored)
+        if differences and has_checkpoints:
+            raise UsageError(
+                f"{self.run.config}: --resume with settings that change the numbers "
+                f"({'; '.join(differences)}); start a new run with another --out"
+            )
+        return stored
+
+    def _make_miner(self, dataset: Dataset) -> miners.Miner:
+        c = self.config
+        chain = [c.miner] + [m for m in c.miner_fallback if m != c.miner]
+        engine_opts = {"index": c.faiss_index} if "faiss" in chain else {}
+        miner = miners.chain(
+            chain,
+            on_event=self._miner_event,
+            isolation=c.miner_isolation,
+            threads=c.miner_threads,
+            timeout=c.miner_timeout,
+            cache_dir=user_cache_dir() / "index",
+            **engine_opts,
+        )
+        miner.build(dataset.bank, fingerprint=dataset.fingerprint)
+        return miner
+
+    def _miner_event(self, event: dict[str, Any]) -> None:
+        fields = {k: v for k, v in event.items() if k != "event"}
+        self.metrics.write(f"miner-{event.get('event', 'event')}", **fields)
+        log.warning("miner: %s", ", ".join(f"{k}={v}" for k, v in event.items()))
+
+    # --- phase points: heartbeat + fault switch -------------------------------------------
+
+    def _phase(self, phase: str, step: int) -> bool:
+        """Enter `phase` at `step`: heartbeat, then the fault switch. True: poison the loss.
+
+        The `mine` fault point is reached by the miner itself, in the process
+        where it searches (its worker, when isolated), not here.
+        """
+        faults.set_step(step)
+        self.heartbeat.beat(step, phase, backend=self.backend.name, miner=self.miner_name)
+        if phase == "mine":
+            return False
+        return faults.point(phase, [self.backend.name, self.miner_name])
+
+    @property
+    def miner_name(self) -> str:
+        return self.miner.name if self.miner is not None else self.config.miner
+
+    # --- the pieces of a step ---------------------------------------------------------------
+
+    def _batch(self, data: StepData) -> Batch:
+        k = self.config.hard_negatives
+        hard_ids = self.table.sample(
+            data.rows, k, step_rng(self.config.seed, data.step, HARD_NEGATIVES)
+        )
+        hard_vecs = np.asarray(self.dataset.bank[np.maximum(hard_ids, 0).ravel()], dtype=np.float32)
+        hard_vecs = hard_vecs.reshape(len(data.rows), k, self.dataset.dim)
+        return Batch(
+            contexts=data.contexts,
+            lengths=data.lengths,
+            positive_ids=data.positive_ids,
+            positive_vecs=data.positive_vecs,
+            hard_ids=hard_ids,
+            hard_vecs=hard_vecs,
+            queue_ids=self.queue.ids,
+            queue_vecs=self.queue.vecs,
+        )
+
+    def _mine(self, step: int) -> None:
+        c = self.config
+        assert self.miner is not None, "mining needs --hard-negatives > 0"
+        self._phase("encode", step)
+        queries = encode_rows(
+            self.backend, self.dataset.gather, self.train_rows, label="mine: encode"
+        )
+        self._phase("mine", step)
+        started = time.perf_counter()
+        table, report = mine_hard_negatives(
+            self.miner,
+            queries,
+            self.dataset.positives[self.train_rows],
+            self.dataset.bank,
+            skip=c.mine_skip,
+            pool=c.mine_pool,
+            absolute_margin=c.absolute_margin,
+            relative_margin=c.relative_margin,
+            max_score=c.max_score,
+        )
+        full = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
+        full.ids[self.train_rows] = table.ids
+        self.table = full
+        self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
+        self.table.save(self.table_path)
+        seconds = time.perf_counter() - started
+        self.metrics.write(
+            "mined", step=step, miner=self.miner.name, seconds=round(seconds, 3), **report.as_dict()
+        )
+        log.info("step %d: mined hard negatives with %s in %.1f s", step, self.miner.name, seconds)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        self._phase("encode", step)
+        positives = self.dataset.positives[self.eval_rows]
+        metrics = evaluate(
+            self.backend, self.dataset.gather, self.eval_rows, positives, self.eval_miner
+        )
+        self.metrics.write("eval", step=step, queries=len(self.eval_rows), **metrics)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        arrays = {**self.backend.state(), **self.queue.state()}
+        meta = {
+            "epoch": self.plan.epoch_of(step),
+            "backend": self.backend.name,
+            "miner": self.miner_name,
+            "config_hash": self.config.numeric_hash(),
+            "mined_table": self.table_path.name if self.table_path else None,
+            "metrics": metrics,
+        }
+
+        def before_commit() -> None:  # the checkpoint phase point sits inside the writer
+            self._phase("checkpoint", step)
+
+        path = save_checkpoint(
+            self.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
+        )
+        self.metrics.write("checkpoint", step=step, path=str(path.relative_to(self.run.root)))
+        self._prune_mined_tables()
+
+    def _prune_mined_tables(self) -> None:
+        """Drop mined tables that neither a kept checkpoint nor the run itself still uses."""
+        keep = {self.table_path.name} if self.table_path else set()
+        for ckpt in list_checkpoints(self.run.root):
+            try:
+                keep.add(json.loads((ckpt / "meta.json").read_text()).get("mined_table"))
+            except (OSError, ValueError):
+                continue
+        for table in self.run.mined.glob("table-*.npy"):
+            if table.name not in keep:
+                table.unlink(missing_ok=True)
+
+    # --- the run ------------------------------------------------------------------------
+
+    def _restore(self) -> tuple[int, dict[str, float]]:
+        """Load the newest verified checkpoint; (0, {}) when there is none to resume."""
+        if not (self.config.resume and list_checkpoints(self.run.root)):
+            return 0, {}
+        try:
+            meta, state = load_checkpoint(self.run.root)
+        except CheckpointError as error:
+            raise UsageError(f"--resume: {error}") from None
+        self.backend.load_state(state)
+        self.queue.load_state(state)
+        if meta.get("mined_table"):
+            self.table_path = self.run.mined / meta["mined_table"]
+            self.table = HardNegativeTable.load(self.table_path)
+        step = int(meta["step"])
+        log.info(
+            "resumed from %s (step %d, made on %s)", step_dir_name(step), step, meta.get("backend")
+        )
+        return step, dict(meta.get("metrics") or {})
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # a second signal: stop now
+            self._stop_signal = signum
+
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[signum] = signal.signal(signum, request_stop)
+            except ValueError:  # not the main thread: the caller handles signals
+                break
+        return previous
+
+    def run_training(self) -> RunResult:
+        c = self.config
+        self.dataset = self._open_dataset()
+        stored = self._check_run_dir()
+        self.backend = backends.make_backend(c, self.dataset.dim)
+        self.run.prepare()
+        if stored is None:
+            self.run.config.write_text(c.to_json())
+        open_log(self.run.log)
+        self.metrics = MetricsLog(self.run.metrics)
+        self.heartbeat = Heartbeat(self.run.heartbeat)
+        faults.arm(self.run.faults)
+
+        self.train_rows, self.eval_rows = held_out_split(
+            self.dataset.num_samples, c.eval_fraction, c.max_eval, c.seed
+        )
+        self.plan = StepPlan(self.train_rows, c.batch_size, c.seed)
+        total = c.steps or max(1, math.ceil(c.epochs * self.plan.batches_per_epoch))
+        self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
+        self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
+        step, metrics = self._restore()
+        self.eval_miner = miners.engine("exact")
+        self.eval_miner.build(self.dataset.bank, fingerprint=self.dataset.fingerprint)
+        self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
+        self._phase("load", step)
+        self.metrics.write(
+            "start",
+            step=step,
+            total_steps=total,
+            backend=self.backend.name,
+            miner=self.miner_name,
+            samples=self.dataset.num_samples,
+            train=len(self.train_rows),
+            eval=len(self.eval_rows),
+            pid=os.getpid(),
+        )
+        metrics_before: dict[str, float] = {}
+        if step == 0:
+            metrics = metrics_before = self._evaluate(0)
+
+        previous_handlers = self._install_signal_handlers()
+        prefetch = Prefetcher(self.dataset, self.plan)
+        progress = tqdm(
+            total=total, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True
+        )
+        exit_code = EXIT_OK
+        try:
+            while step < total:
+                if c.hard_negatives and step > 0 and step % c.mine_every == 0:
+                    self._mine(step)
+                stats = self._train_step(step, prefetch.get(step))
+                step += 1
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{stats.loss:.4f}", **{"R@10": f"{metrics.get('recall@10', 0):.3f}"}
+                )
+                if c.eval_every and step % c.eval_every == 0 and step < total:
+                    metrics = self._evaluate(step)
+                if self._stop_signal is not None:
+                    raise StopRequested
+                if step % c.checkpoint_every == 0 and step < total:
+                    self._checkpoint(step, metrics)
+            metrics = self._evaluate(step)
+            self._checkpoint(step, metrics)
+            self.metrics.write("done", step=step, **metrics)
+        except (StopRequested, KeyboardInterrupt):
+            self._checkpoint(step, metrics)
+            name = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGINT"
+            self.metrics.write("interrupted", step=step, signal=name)
+            log.warning("%s: checkpoint written at step %d; resume with --resume", name, step)
+            exit_code = EXIT_INTERRUPTED
+        finally:
+            progress.close()
+            prefetch.close()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+        if metrics_before:
+            log.info(
+                "recall@10 before: %.4f, after: %.4f (%d steps)",
+                metrics_before.get("recall@10", 0.0),
+                metrics.get("recall@10", 0.0),
+                step,
+            )
+        return RunResult(
+            run_dir=self.run.root,
+            exit_code=exit_code,
+            steps=step,
+            backend=self.backend.name,
+            miner=self.miner_name,
+            metrics=metrics,
+            metrics_before=metrics_before,
+        )
+
+    def _train_step(self, step: int, data: StepData) -> StepStats:
+        batch = self._batch(data)
+        if self._phase("step", step):
+            batch.contexts = batch.contexts.copy()
+            batch.contexts[:, 0] = np.nan  # injected 'nan' fault: the loss is poisoned
+        started = time.perf_counter()
+        stats = self.backend.step(batch)
+        elapsed = time.perf_counter() - started
+        self.queue.push(data.positive_ids, data.positive_vecs)
+        record = dict(
+            step=step + 1,
+            loss=stats.loss,
+            grad_norm=stats.grad_norm,
+            batch=data.digest,
+            ms=round(elapsed * 1e3, 2),
+        )
+        if not stats.applied:
+            self.metrics.write("nonfinite", **record)
+            log.warning(
+                "step %d: non-finite loss or gradient (loss %s); update skipped",
+                step + 1,
+                stats.loss,
+            )
+        else:
+            self.metrics.write("step", **record)
+        return stats
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Train in this process. Raises UsageError for bad input before anything is written."""
+    return Trainer(config).run_training()
