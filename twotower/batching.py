@@ -1,4 +1,4 @@
-"""Which rows step s trains on, and their data gathered one step ahead in a thread.
+"""Which rows step s trains on, their data gathered one step ahead, and step s's Batch.
 
 Step s belongs to epoch s // batches_per_epoch and takes the next slice of that
 epoch's order, permutation(SeedSequence([seed, epoch])) of the training rows,
@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from twotower.batch import Batch
 from twotower.data import Dataset
 from twotower.errors import UsageError
-from twotower.seeds import epoch_order
+from twotower.mining import HardNegativeTable
+from twotower.queue import MemoryQueue
+from twotower.seeds import HARD_NEGATIVES, epoch_order, step_rng
 
 
 @dataclass
@@ -90,3 +93,27 @@ class Prefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def assemble_batch(
+    data: StepData,
+    table: HardNegativeTable,
+    queue: MemoryQueue,
+    bank: np.ndarray,
+    hard_negatives: int,
+    seed: int,
+) -> Batch:
+    """Step data + K ids sampled from the mined table (SeedSequence([seed, step, purpose]))
+    + the queue as it is now. bank (M, D) is read only at the sampled rows."""
+    hard_ids = table.sample(data.rows, hard_negatives, step_rng(seed, data.step, HARD_NEGATIVES))
+    hard_vecs = np.asarray(bank[np.maximum(hard_ids, 0).ravel()], dtype=np.float32)
+    return Batch(
+        contexts=data.contexts,
+        lengths=data.lengths,
+        positive_ids=data.positive_ids,
+        positive_vecs=data.positive_vecs,
+        hard_ids=hard_ids,
+        hard_vecs=hard_vecs.reshape(len(data.rows), hard_negatives, bank.shape[1]),
+        queue_ids=queue.ids,
+        queue_vecs=queue.vecs,
+    )

@@ -23,8 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from twotower import backends, faults, miners
-from twotower.batch import Batch, StepStats
-from twotower.batching import Prefetcher, StepData, StepPlan
+from twotower.batch import StepStats
+from twotower.batching import Prefetcher, StepData, StepPlan, assemble_batch
 from twotower.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -42,7 +42,6 @@ from twotower.mining import HardNegativeTable, mine_hard_negatives
 from twotower.paths import user_cache_dir
 from twotower.queue import MemoryQueue
 from twotower.rundir import MetricsLog, RunDir, open_log
-from twotower.seeds import HARD_NEGATIVES, step_rng
 
 log = logging.getLogger("twotower")
 
@@ -154,24 +153,6 @@ class Trainer:
         return self.miner.name if self.miner is not None else self.config.miner
 
     # --- the pieces of a step ---------------------------------------------------------------
-
-    def _batch(self, data: StepData) -> Batch:
-        k = self.config.hard_negatives
-        hard_ids = self.table.sample(
-            data.rows, k, step_rng(self.config.seed, data.step, HARD_NEGATIVES)
-        )
-        hard_vecs = np.asarray(self.dataset.bank[np.maximum(hard_ids, 0).ravel()], dtype=np.float32)
-        hard_vecs = hard_vecs.reshape(len(data.rows), k, self.dataset.dim)
-        return Batch(
-            contexts=data.contexts,
-            lengths=data.lengths,
-            positive_ids=data.positive_ids,
-            positive_vecs=data.positive_vecs,
-            hard_ids=hard_ids,
-            hard_vecs=hard_vecs,
-            queue_ids=self.queue.ids,
-            queue_vecs=self.queue.vecs,
-        )
 
     def _mine(self, step: int) -> None:
         c = self.config
@@ -375,7 +356,14 @@ class Trainer:
         )
 
     def _train_step(self, step: int, data: StepData) -> StepStats:
-        batch = self._batch(data)
+        batch = assemble_batch(
+            data,
+            self.table,
+            self.queue,
+            self.dataset.bank,
+            self.config.hard_negatives,
+            self.config.seed,
+        )
         if self._phase("step", step):
             batch.contexts = batch.contexts.copy()
             batch.contexts[:, 0] = np.nan  # injected 'nan' fault: the loss is poisoned
