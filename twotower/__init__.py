@@ -17,6 +17,7 @@ from twotower.batch import Batch, StepStats
 from twotower.checkpoint import load_checkpoint
 from twotower.config import TrainConfig
 from twotower.data import Dataset, convert, load_dataset, synthesize
+from twotower.supervisor import supervise
 from twotower.towers import TowerSpec
 from twotower.trainer import RunResult, train
 
@@ -32,6 +33,7 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "miners",
+    "supervise",
     "synthesize",
     "train",
 ]

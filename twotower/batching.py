@@ -1,4 +1,5 @@
-"""Which rows step s trains on, their data gathered one step ahead, and step s's Batch.
+"""Which rows step s trains on, their data gathered one step ahead, the mined table its hard
+negatives come from, and step s's Batch.
 
 Step s belongs to epoch s // batches_per_epoch and takes the next slice of that
 epoch's order, permutation(SeedSequence([seed, epoch])) of the training rows,
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from twotower.batch import Batch
+from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import UsageError
-from twotower.mining import HardNegativeTable
+from twotower.miners.base import Miner
+from twotower.mining import HardNegativeTable, MiningReport, mine_hard_negatives
 from twotower.queue import MemoryQueue
 from twotower.seeds import HARD_NEGATIVES, epoch_order, step_rng
 
@@ -67,6 +70,13 @@ class StepPlan:
         return self._order[index * self.batch_size : (index + 1) * self.batch_size]
 
 
+def gather_step(dataset: Dataset, step: int, rows: np.ndarray) -> StepData:
+    """Read step `step`'s samples `rows` (B,) and their positives' bank vectors."""
+    contexts, lengths, positive_ids = dataset.gather(rows)
+    positive_vecs = np.asarray(dataset.bank[positive_ids], dtype=np.float32)
+    return StepData(step, rows, contexts, lengths, positive_ids, positive_vecs)
+
+
 class Prefetcher:
     """Gathers step s + 1's data in a background thread while step s computes."""
 
@@ -76,23 +86,40 @@ class Prefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-prefetch")
         self._pending: tuple[int, Future[StepData]] | None = None
 
-    def _gather(self, step: int, rows: np.ndarray) -> StepData:
-        contexts, lengths, positive_ids = self.dataset.gather(rows)
-        positive_vecs = np.asarray(self.dataset.bank[positive_ids], dtype=np.float32)
-        return StepData(step, rows, contexts, lengths, positive_ids, positive_vecs)
-
     def get(self, step: int) -> StepData:
         """Step `step`'s data (gathered now if it was not prefetched), and start on the next."""
         if self._pending is not None and self._pending[0] == step:
             data = self._pending[1].result()
         else:
-            data = self._gather(step, self.plan.rows_for(step))
+            data = gather_step(self.dataset, step, self.plan.rows_for(step))
         nxt = step + 1
-        self._pending = (nxt, self._pool.submit(self._gather, nxt, self.plan.rows_for(nxt)))
+        rows = self.plan.rows_for(nxt)
+        self._pending = (nxt, self._pool.submit(gather_step, self.dataset, nxt, rows))
         return data
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def mine_table(
+    miner: Miner, queries: np.ndarray, dataset: Dataset, rows: np.ndarray, config: TrainConfig
+) -> tuple[HardNegativeTable, MiningReport]:
+    """Hard negatives of dataset `rows` (n,) from their query vectors (n, D), with the run's
+    window and filters; the table has a row per sample (rows not mined stay -1)."""
+    mined, report = mine_hard_negatives(
+        miner,
+        queries,
+        dataset.positives[rows],
+        dataset.bank,
+        skip=config.mine_skip,
+        pool=config.mine_pool,
+        absolute_margin=config.absolute_margin,
+        relative_margin=config.relative_margin,
+        max_score=config.max_score,
+    )
+    table = HardNegativeTable.empty(dataset.num_samples, config.mine_pool)
+    table.ids[rows] = mined.ids
+    return table, report
 
 
 def assemble_batch(

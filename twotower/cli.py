@@ -107,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from twotower.evaluation import evaluate_run
 
     metrics = evaluate_run(
-        run=args.run,
+        run=args.run_dir,
         data=args.data,
         tower=args.tower,
         proj=not args.no_proj,
@@ -121,6 +121,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Run the command after -- watched; its exit code is passed through."""
+    from twotower.watch import watch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return watch(command, args.out)
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from twotower import backends, miners
 
@@ -131,6 +139,24 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 f"{info.name:12s} {role:8s} {'yes' if info.available else 'no':10s} {info.reason}"
             )
     return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Environment and data checks; exit code 1 when one fails."""
+    from twotower.doctor import diagnose, exit_code, to_json, to_text
+
+    findings = diagnose(args.data)
+    print(to_json(findings) if args.json else to_text(findings))
+    return exit_code(findings)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Rebuild one step and compare backends; exit code 1 when one disagrees."""
+    from twotower.replay import replay
+
+    report = replay(args.run_dir, args.step, args.backends, args.data)
+    print(report.to_text())
+    return report.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="recall@1/10/100 and MRR of a run, or of the mean-pool baseline"
     )
-    ev.add_argument("--run", help="run directory or checkpoint (default: none, an untrained tower)")
+    ev.add_argument(
+        "--run",
+        dest="run_dir",
+        help="run directory or checkpoint (default: none, an untrained tower)",
+    )
     ev.add_argument("--data", help="dataset (default: the run's)")
     ev.add_argument("--tower", choices=("gru", "meanpool"), help="without --run: which tower")
     ev.add_argument(
@@ -181,10 +211,41 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-eval", type=int, help="held-out queries (default: the run's)")
     ev.set_defaults(run=cmd_eval)
 
+    watch = sub.add_parser(
+        "watch",
+        help="run any command (your own training script) with crash forensics",
+        usage="twotower watch [--out DIR] -- COMMAND...",
+    )
+    watch.add_argument(
+        "--out", default="twotower-watch", help="where crash reports go (default ./twotower-watch)"
+    )
+    watch.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    watch.set_defaults(run=cmd_watch)
+
     engines = sub.add_parser(
         "backends", help="list every backend and miner, available or not, and why"
     )
     engines.set_defaults(run=cmd_backends)
+
+    doctor = sub.add_parser(
+        "doctor", help="check versions, OpenMP runtimes, threads, engines, data, memory, disk"
+    )
+    doctor.add_argument("--data", help="also check this dataset (directory or .npz)")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.set_defaults(run=cmd_doctor)
+
+    rep = sub.add_parser(
+        "replay", help="rebuild one step of a run and compare every backend with the reference"
+    )
+    rep.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    rep.add_argument(
+        "--step", type=int, required=True, help="steps done before it (as crash reports say)"
+    )
+    rep.add_argument(
+        "--backends", type=_parse_list, metavar="A,B", help="default: every available one"
+    )
+    rep.add_argument("--data", help="the run's dataset, if it has moved")
+    rep.set_defaults(run=cmd_replay)
     return parser
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twotower import backends, faults, miners
+from twotower import backends, evidence, faults, forensics, miners
 from twotower.batch import StepStats
-from twotower.batching import Prefetcher, StepData, StepPlan, assemble_batch
+from twotower.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
 from twotower.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -38,12 +38,14 @@ from twotower.demo import demo_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.evaluation import encode_rows, evaluate, held_out_split
 from twotower.heartbeat import Heartbeat
-from twotower.mining import HardNegativeTable, mine_hard_negatives
+from twotower.mining import HardNegativeTable
 from twotower.paths import user_cache_dir
 from twotower.queue import MemoryQueue
 from twotower.rundir import MetricsLog, RunDir, open_log
 
 log = logging.getLogger("twotower")
+
+PROGRESS_ENV = "TWOTOWER_PROGRESS"  # "1": show the progress bar even when stderr is a pipe
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Trainer:
         self.miner: miners.Miner | None = None
         self.table_path: Path | None = None
         self._stop_signal: int | None = None
+        self.openmp: list[str] | None = None  # OpenMP runtimes here (None: unknown), for reports
+        supervisor = os.environ.get(forensics.SUPERVISOR_PID_ENV, "")
+        self._supervisor_pid = int(supervisor) if supervisor.isdigit() else None
 
     # --- set-up: everything that can be refused is checked before anything is written ---
 
@@ -143,7 +148,14 @@ class Trainer:
         where it searches (its worker, when isolated), not here.
         """
         faults.set_step(step)
-        self.heartbeat.beat(step, phase, backend=self.backend.name, miner=self.miner_name)
+        self.heartbeat.beat(
+            step, phase, backend=self.backend.name, miner=self.miner_name, openmp=self.openmp
+        )
+        if self._supervisor_pid not in (None, os.getppid()) and self._stop_signal is None:
+            log.warning(
+                "the supervisor (pid %s) is gone: stopping after this step", self._supervisor_pid
+            )
+            self._stop_signal = signal.SIGHUP
         if phase == "mine":
             return False
         return faults.point(phase, [self.backend.name, self.miner_name])
@@ -163,20 +175,7 @@ class Trainer:
         )
         self._phase("mine", step)
         started = time.perf_counter()
-        table, report = mine_hard_negatives(
-            self.miner,
-            queries,
-            self.dataset.positives[self.train_rows],
-            self.dataset.bank,
-            skip=c.mine_skip,
-            pool=c.mine_pool,
-            absolute_margin=c.absolute_margin,
-            relative_margin=c.relative_margin,
-            max_score=c.max_score,
-        )
-        full = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
-        full.ids[self.train_rows] = table.ids
-        self.table = full
+        self.table, report = mine_table(self.miner, queries, self.dataset, self.train_rows, c)
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
         self.table.save(self.table_path)
         seconds = time.perf_counter() - started
@@ -264,6 +263,7 @@ class Trainer:
 
     def run_training(self) -> RunResult:
         c = self.config
+        forensics.enable_crash_dumps()
         self.dataset = self._open_dataset()
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
@@ -286,6 +286,7 @@ class Trainer:
         self.eval_miner = miners.engine("exact")
         self.eval_miner.build(self.dataset.bank, fingerprint=self.dataset.fingerprint)
         self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
+        self.openmp = evidence.openmp_runtimes()
         self._phase("load", step)
         self.metrics.write(
             "start",
@@ -305,7 +306,12 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         prefetch = Prefetcher(self.dataset, self.plan)
         progress = tqdm(
-            total=total, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True
+            total=total,
+            initial=step,
+            desc="train",
+            unit="step",
+            disable=False if os.environ.get(PROGRESS_ENV) == "1" else None,
+            dynamic_ncols=True,
         )
         exit_code = EXIT_OK
         try:

@@ -1,0 +1,375 @@
+"""`twotower doctor`: environment and data checks, each an ok / warn / fail finding.
+
+Every check returns `Finding`s that say what was looked at (evidence) and
+what to do. `diagnose(data)` runs them all: Python and library versions
+against known-bad combinations, the OpenMP census of a fresh child process
+(`twotower.openmp`), the environment variables that change threading,
+the engines this machine can run, and, given a dataset, its layout, a
+compressed .npz's cost, and memory and disk against a run with the default
+settings (`twotower.doctor_data`). Exit code: 0 when nothing fails, 1 when
+something does (`exit_code`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twotower.openmp import MODULES, Census, take_census
+
+STATUSES = ("ok", "warn", "fail")
+INDENT = " " * 8  # evidence lines after the first, and what to do
+DISTRIBUTIONS = ("numpy", "torch", "faiss-cpu", "faiss-gpu", "hnswlib")
+TESTED_PYTHONS = ((3, 10), (3, 13))
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+TRUE_WORDS = ("1", "true", "yes", "on", "y", "t", ".true.")  # what Intel's runtime reads as true
+CLASH = (
+    "two OpenMP runtimes in one process can crash it without a traceback (faiss issue 4273, "
+    "pytorch issue 149201, faiss-wheels issue 100)"
+)
+ISOLATION = (
+    "twotower runs faiss and hnswlib in their own worker process by default "
+    "(--miner-isolation process), so its trainer never loads both; in your own scripts, "
+    "search with faiss in a separate process, or install torch and faiss from one channel "
+    "that shares one runtime. KMP_DUPLICATE_LIB_OK=TRUE hides Intel's duplicate-runtime "
+    "check but not the problem"
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's result: check name, status ok / warn / fail, the evidence, what to do.
+
+    details: machine-readable evidence for --json (the OpenMP runtimes and their paths, sizes).
+    """
+
+    check: str
+    status: str
+    evidence: str
+    action: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string: '2.13.0+cpu' -> (2, 13, 0)."""
+    match = re.match(r"\d+(\.\d+)*", text)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def installed_versions() -> dict[str, str]:
+    """Distribution name -> version of the libraries doctor knows about (none is imported)."""
+    found = {}
+    for name in DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+# --- versions ---------------------------------------------------------------------------
+
+
+def check_versions(python: tuple[int, ...], versions: Mapping[str, str]) -> list[Finding]:
+    """Python's range, then known-bad combinations among `versions` (see installed_versions)."""
+    py = tuple(python[:2])
+    shown = ", ".join(f"{name} {version}" for name, version in versions.items())
+    findings = [Finding("versions", "ok", f"Python {'.'.join(map(str, python[:3]))}, {shown}")]
+    low, high = TESTED_PYTHONS
+    tested = f"twotower is tested on {low[0]}.{low[1]} to {high[0]}.{high[1]}"
+    if py < low:
+        findings.append(
+            Finding(
+                "python", "fail", f"Python {py[0]}.{py[1]}: too old; {tested}", "upgrade Python"
+            )
+        )
+    elif py > high:
+        findings.append(
+            Finding(
+                "python",
+                "warn",
+                f"Python {py[0]}.{py[1]}: newer than tested ({tested}); torch and faiss wheels "
+                "may lag behind",
+                f"use Python {high[0]}.{high[1]} if an import or a run fails",
+            )
+        )
+    else:
+        findings.append(Finding("python", "ok", f"Python {py[0]}.{py[1]}: {tested}"))
+    numpy = version_tuple(versions.get("numpy", ""))
+    if numpy and py >= (3, 13) and numpy < (2, 1):
+        findings.append(
+            Finding(
+                "numpy-python",
+                "fail",
+                f"numpy {versions['numpy']} on Python 3.13: numpy supports 3.13 from 2.1 on",
+                "pip install 'numpy>=2.1'",
+            )
+        )
+    torch = version_tuple(versions.get("torch", ""))
+    if numpy >= (2,) and torch and torch < (2, 3):
+        findings.append(
+            Finding(
+                "torch-numpy",
+                "warn",
+                f"torch {versions['torch']} was built against "
+                f"NumPy 1.x and numpy {versions['numpy']} is installed",
+                "pip install 'torch>=2.3' (or 'numpy<2'); see the bridge check below",
+            )
+        )
+    faiss = [name for name in versions if name.startswith("faiss")]
+    if faiss and torch:
+        findings.append(
+            Finding(
+                "faiss+torch",
+                "ok",
+                f"{faiss[0]} {versions[faiss[0]]} and torch "
+                f"{versions['torch']} are both installed: see the openmp check for whether "
+                "they bring two OpenMP runtimes",
+            )
+        )
+    return findings
+
+
+# --- the OpenMP census ------------------------------------------------------------------
+
+
+def _bridge_finding(census: Census) -> Finding | None:
+    """torch <-> numpy: the NumPy 1.x / 2.x ABI warning on import, or a failing from_numpy."""
+    abi = [
+        line
+        for line in census.warnings + census.stderr.splitlines()
+        if "NumPy 1.x" in line or "_ARRAY_API" in line or "Failed to initialize NumPy" in line
+    ]
+    fix = (
+        "install a torch built for your numpy (torch >= 2.3 for numpy 2), or pip install 'numpy<2'"
+    )
+    if census.bridge not in (None, "ok"):
+        return Finding(
+            "torch-numpy-bridge", "fail", f"torch.from_numpy failed: {census.bridge}", fix
+        )
+    if abi:
+        return Finding(
+            "torch-numpy-bridge", "warn", f"importing torch warned: {abi[0].strip()}", fix
+        )
+    if census.bridge == "ok":
+        return Finding("torch-numpy-bridge", "ok", "torch.from_numpy works with this numpy")
+    return None
+
+
+def check_census(census: Census) -> list[Finding]:
+    """Findings of one census: the imports, the torch/numpy bridge, OpenMP runtimes, OpenBLAS."""
+    imported = ", ".join(census.imported) or "nothing"
+    if census.died is not None:
+        return [
+            Finding(
+                "imports",
+                "fail",
+                f"a fresh Python that imported {', '.join(MODULES)} "
+                f"(each if installed) {census.died}; it had imported: {imported}. "
+                f"stderr: {census.stderr.strip()[-300:] or '(empty)'}",
+                "the libraries crash when loaded together: " + ISOLATION,
+            )
+        ]
+    findings = [bridge] if (bridge := _bridge_finding(census)) else []
+    if census.libraries is None:
+        findings.append(
+            Finding(
+                "openmp",
+                "warn",
+                f"cannot list loaded libraries on {platform.system()} "
+                "(Linux: /proc/self/maps, macOS: dyld)",
+                "run doctor on Linux or macOS",
+            )
+        )
+        return findings
+    runtimes = census.distinct_openmp
+    details = {"imported": census.imported, "runtimes": [lib.as_dict() for lib in census.openmp]}
+    rows = "".join(f"\n{lib.kind:9s} {lib.owner:10s} {lib.path}" for lib in census.openmp)
+    plural = "s" * (len(runtimes) != 1)
+    head = f"{len(runtimes)} OpenMP runtime{plural} loaded after importing {imported}:"
+    if len(runtimes) > 1:
+        findings.append(Finding("openmp", "warn", head + rows, f"{CLASH}. {ISOLATION}", details))
+    else:
+        findings.append(Finding("openmp", "ok", head + rows, "", details))
+    if census.openblas:
+        rows = "".join(
+            f"\n{lib.owner:10s} {lib.threading:10s} {lib.path}" for lib in census.openblas
+        )
+        findings.append(
+            Finding(
+                "openblas",
+                "ok",
+                f"{len(census.openblas)} OpenBLAS build{'s' * (len(census.openblas) != 1)}, "
+                f"each with its own thread pool:{rows}",
+                "",
+                {"openblas": [lib.as_dict() for lib in census.openblas]},
+            )
+        )
+    return findings
+
+
+# --- environment variables and engines -------------------------------------------------
+
+
+def _thread_count_finding(name: str, value: str | None, cpus: int) -> Finding:
+    if value is None:
+        return Finding(name, "ok", f"unset: libraries pick their own thread count ({cpus} cores)")
+    counts = [part.strip() for part in value.split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in counts):
+        return Finding(
+            name,
+            "warn",
+            f"{name}={value!r} is not a positive thread count",
+            f"set {name} to a number of threads, e.g. {cpus}, or unset it",
+        )
+    if int(counts[0]) > cpus:
+        return Finding(
+            name,
+            "warn",
+            f"{name}={value} asks for more threads than the {cpus} "
+            "cores: they compete and each step slows down",
+            f"set {name}={cpus} or less",
+        )
+    return Finding(name, "ok", f"{name}={value} ({cpus} cores)")
+
+
+def check_environment(environ: Mapping[str, str], cpus: int) -> list[Finding]:
+    """The variables that change threading or device fallbacks; unset ones are ok."""
+    findings = []
+    duplicate = environ.get("KMP_DUPLICATE_LIB_OK")
+    if duplicate is not None and duplicate.strip().lower() in TRUE_WORDS:
+        findings.append(
+            Finding(
+                "KMP_DUPLICATE_LIB_OK",
+                "warn",
+                f"KMP_DUPLICATE_LIB_OK={duplicate}: Intel's "
+                "and LLVM's OpenMP no longer stop when a second runtime loads",
+                "unset it and see the openmp check: it hides the clash, it does not fix it",
+            )
+        )
+    else:
+        shown = "unset" if duplicate is None else f"KMP_DUPLICATE_LIB_OK={duplicate} (not true)"
+        findings.append(Finding("KMP_DUPLICATE_LIB_OK", "ok", shown))
+    findings += [_thread_count_finding(name, environ.get(name), cpus) for name in THREAD_VARIABLES]
+    fallback = environ.get("PYTORCH_ENABLE_MPS_FALLBACK")
+    if fallback is None:
+        findings.append(Finding("PYTORCH_ENABLE_MPS_FALLBACK", "ok", "unset"))
+    elif fallback == "1":
+        findings.append(
+            Finding(
+                "PYTORCH_ENABLE_MPS_FALLBACK",
+                "ok",
+                "PYTORCH_ENABLE_MPS_FALLBACK=1: operations MPS lacks run on the CPU (slower)",
+            )
+        )
+    else:
+        findings.append(
+            Finding(
+                "PYTORCH_ENABLE_MPS_FALLBACK",
+                "warn",
+                f"PYTORCH_ENABLE_MPS_FALLBACK={fallback!r}: torch reads only '1'",
+                "set it to 1 or unset it",
+            )
+        )
+    return findings
+
+
+def check_engines() -> list[Finding]:
+    """MPS availability and which backends and miners this machine can run (registry reasons)."""
+    from twotower import backends, miners
+
+    findings = []
+    for role, registry in (("backends", backends), ("miners", miners)):
+        infos = registry.describe()
+        usable = ", ".join(info.name for info in infos if info.available)
+        missing = "; ".join(f"{info.name}: {info.reason}" for info in infos if not info.available)
+        findings.append(
+            Finding(
+                role, "ok", f"available: {usable}" + (f" (not here: {missing})" * bool(missing))
+            )
+        )
+    mps = next(info for info in backends.describe() if info.name == "torch-mps")
+    apple_silicon = platform.system() == "Darwin" and platform.machine() == "arm64"
+    if mps.available:
+        findings.append(Finding("mps", "ok", "torch.backends.mps is available"))
+    elif apple_silicon:
+        findings.append(
+            Finding(
+                "mps",
+                "warn",
+                f"MPS is not available on this Mac: {mps.reason}",
+                "install a torch build with MPS (pip install torch on macOS 12.3+)",
+            )
+        )
+    else:
+        findings.append(Finding("mps", "ok", f"not applicable here: {mps.reason}"))
+    return findings
+
+
+# --- all checks, and how they are shown --------------------------------------------------
+
+
+def diagnose(data: str | None = None, census: Census | None = None) -> list[Finding]:
+    """Every check, in the order shown; with `data`, the dataset, memory and disk checks too.
+
+    census: a census already taken (default: take one now, in a fresh child).
+    """
+    findings = check_versions(tuple(sys.version_info[:3]), installed_versions())
+    findings += check_census(census if census is not None else take_census())
+    findings += check_environment(os.environ, os.cpu_count() or 1)
+    findings += check_engines()
+    if data is not None:
+        from twotower.doctor_data import check_data
+
+        findings += check_data(data)
+    return findings
+
+
+def exit_code(findings: Sequence[Finding]) -> int:
+    """0 when no finding fails, 1 when one does."""
+    return 1 if any(finding.status == "fail" for finding in findings) else 0
+
+
+def to_json(findings: Sequence[Finding]) -> str:
+    """{"exit_code", "counts": {status: n}, "findings": [Finding as an object, ...]} as JSON."""
+    counts = {status: sum(f.status == status for f in findings) for status in STATUSES}
+    document = {
+        "exit_code": exit_code(findings),
+        "counts": counts,
+        "findings": [asdict(finding) for finding in findings],
+    }
+    return json.dumps(document, indent=2)
+
+
+def to_text(findings: Sequence[Finding]) -> str:
+    """One block per finding: status, check, evidence (continued, indented), '-> what to do'."""
+    lines = []
+    for finding in findings:
+        first, *rest = finding.evidence.splitlines() or [""]
+        lines.append(f"{finding.status:6s}{finding.check:21s} {first}")
+        lines += [INDENT + line for line in rest]
+        if finding.action:
+            lines.append(
+                textwrap.fill(
+                    finding.action,
+                    100,
+                    initial_indent=INDENT + "-> ",
+                    subsequent_indent=INDENT,
+                    break_on_hyphens=False,
+                )
+            )
+    counts = ", ".join(f"{sum(f.status == s for f in findings)} {s}" for s in STATUSES)
+    lines.append(f"doctor: {len(findings)} checks: {counts}; exit code {exit_code(findings)}")
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""Evidence about a process, read from outside it: how it ended, its memory, its libraries.
+
+`ExitStatus` (a return code as a signal or an exit code), `MemoryTrend` (RSS
+samples), the memory limit (cgroup or physical), the cgroup's OOM-kill
+counter, the kernel log (segfault and OOM-killer lines), the OpenMP runtimes
+loaded (`openmp.loaded_libraries`), and the tracebacks in a child's stderr.
+`forensics` weighs them into causes.
+
+Everything read from /proc, /sys or dmesg is optional: on macOS, or where a
+file is unreadable, that piece of evidence is None and the report says less.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twotower.openmp import loaded_libraries, runtime_of
+
+TAIL_LINES = 40
+SIGNAL_MEANINGS = {
+    "SIGSEGV": "segmentation fault: native code touched memory it does not own",
+    "SIGBUS": "bus error: a bad memory access, e.g. a memory-mapped file that shrank",
+    "SIGABRT": "abort: native code gave up: a failed assertion, a double free, OpenMP refusing",
+    "SIGKILL": "killed outright from outside: OOM killer, macOS jetsam, a watchdog or kill -9",
+    "SIGILL": "illegal instruction: machine code this CPU cannot run",
+    "SIGFPE": "arithmetic fault in native code (integer division by zero)",
+    "SIGTERM": "asked to terminate",
+    "SIGINT": "interrupted",
+}
+
+# --- exits ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """A child's return code: negative means killed by that signal (Popen's convention)."""
+
+    returncode: int
+
+    @property
+    def signal(self) -> str | None:
+        """'SIGSEGV' for -11, None for a normal exit."""
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
+    @property
+    def code(self) -> int | None:
+        """The exit code of a normal exit, None when a signal ended the process."""
+        return self.returncode if self.returncode >= 0 else None
+
+    def describe(self) -> str:
+        """'killed by SIGSEGV (segmentation fault: ...)' or 'exited with code 1'."""
+        if self.signal is None:
+            return f"exited with code {self.returncode}"
+        meaning = SIGNAL_MEANINGS.get(self.signal)
+        return f"killed by {self.signal}" + (f" ({meaning})" if meaning else "")
+
+    def shell_code(self) -> int:
+        """The exit code a shell would report: the code itself, or 128 + signal number."""
+        return self.returncode if self.returncode >= 0 else 128 - self.returncode
+
+
+# --- memory and libraries -----------------------------------------------------------
+
+
+def process_rss_kb(pid: int) -> int | None:
+    """Resident memory of process `pid` in KiB (Linux: /proc; elsewhere: ps); None if unknown."""
+    status = Path(f"/proc/{pid}/status")
+    if Path("/proc/self/status").exists():
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+    try:
+        out = subprocess.run(
+            ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        )
+        return int(out.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+class MemoryTrend:
+    """RSS samples of one process as (seconds since start, step or None, KiB).
+
+    At most `keep` samples are stored (every other one is dropped when full, so
+    they stay evenly spread); the peak and the latest are always kept.
+    """
+
+    def __init__(self, keep: int = 256):
+        self.keep = keep
+        self.samples: list[tuple[float, int | None, int]] = []
+        self.peak: tuple[float, int | None, int] | None = None
+        self.latest: tuple[float, int | None, int] | None = None
+        self._stride = 1
+        self._seen = 0
+
+    def add(self, seconds: float, rss_kb: int, step: int | None = None) -> None:
+        """Record one sample."""
+        sample = (round(seconds, 2), step, int(rss_kb))
+        self.latest = sample
+        if self.peak is None or rss_kb > self.peak[2]:
+            self.peak = sample
+        self._seen += 1
+        if (self._seen - 1) % self._stride:
+            return
+        self.samples.append(sample)
+        if len(self.samples) > self.keep:
+            self.samples = self.samples[::2]
+            self._stride *= 2
+
+    def describe(self) -> str:
+        """'RSS 120 MB at 0 s -> peak 460 MB at 31 s (step 40) -> 455 MB at 35 s: +9.4 MB/min'."""
+        if self.peak is None or self.latest is None:
+            return "no RSS samples"
+        first = self.samples[0]
+        peak, last = self.peak, self.latest
+        step = f" (step {peak[1]})" if peak[1] is not None else ""
+        text = (
+            f"RSS {size_text(first[2])} at {first[0]:g} s -> peak {size_text(peak[2])} at "
+            f"{peak[0]:g} s{step} -> {size_text(last[2])} at {last[0]:g} s"
+        )
+        if last[0] - first[0] >= 30:  # a slope over less is noise
+            per_minute = (last[2] - first[2]) / (last[0] - first[0]) * 60
+            text += f": {'+' if per_minute >= 0 else '-'}{size_text(abs(per_minute))}/min"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        """The trend for a report: its description, peak and samples."""
+        return {
+            "trend": self.describe(),
+            "peak_sampled_kb": self.peak[2] if self.peak else None,
+            "samples": [list(sample) for sample in self.samples],
+        }
+
+
+def size_text(kib: float) -> str:
+    """KiB as '412 MB' or '1.23 GB'."""
+    if kib >= 1024 * 1024:
+        return f"{kib / 1024 / 1024:.2f} GB"
+    return f"{kib / 1024:.0f} MB"
+
+
+def memory_limit_kb() -> tuple[int | None, str]:
+    """The memory this process tree may use, in KiB, and where that figure comes from:
+    the tighter of the cgroup limit (Linux) and the physical memory."""
+    limits = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # sysconf names vary
+        limits.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"))
+    cgroup = _cgroup_dir()
+    if cgroup is not None:
+        version, leaf, root = cgroup
+        name = "memory.max" if version == "v2" else "memory.limit_in_bytes"
+        for directory in [leaf, *leaf.parents]:
+            value = _read_text(directory / name)
+            if value and value.isdigit() and int(value) < 1 << 60:
+                limits.append((int(value), f"cgroup {directory / name}"))
+            if directory == root:
+                break
+    if not limits:
+        return None, "unknown"
+    limit, source = min(limits)
+    return limit // 1024, source
+
+
+def oom_kill_count() -> int | None:
+    """The OOM kills counted in this process's memory cgroup (Linux), None where unreadable."""
+    cgroup = _cgroup_dir()
+    if cgroup is None:
+        return None
+    version, leaf, _ = cgroup
+    text = _read_text(leaf / ("memory.events" if version == "v2" else "memory.oom_control"))
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _cgroup_dir() -> tuple[str, Path, Path] | None:
+    """(version, this process's memory cgroup directory, the hierarchy's root), where mounted."""
+    text = _read_text(Path("/proc/self/cgroup"))
+    if text is None:
+        return None
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        root = Path("/sys/fs/cgroup/memory")
+        if "memory" in controllers.split(",") and (root / path.lstrip("/")).is_dir():
+            return "v1", root / path.lstrip("/"), root
+    for line in text.splitlines():
+        root = Path("/sys/fs/cgroup")
+        if line.startswith("0::") and (root / "cgroup.controllers").exists():
+            return "v2", root / line[3:].lstrip("/"), root
+    return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def kernel_log(pid: int) -> list[str] | None:
+    """Kernel log (dmesg) lines about `pid`: segfaults with the library, OOM kills.
+
+    None where the log cannot be read (macOS, or dmesg restricted to root).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    about = re.compile(rf"\[{pid}\]:|[Kk]illed process {pid}\b|pid={pid},")
+    return [line.strip() for line in out.stdout.splitlines() if about.search(line)]
+
+
+def openmp_runtimes(pid: int | None = None) -> list[str] | None:
+    """Paths of the OpenMP runtimes (libgomp, libomp, libiomp5, ...) loaded in a process.
+
+    pid None: this process; another pid: Linux only. None where it cannot be
+    known (see `openmp.loaded_libraries`, the census `twotower doctor` takes).
+    """
+    paths = loaded_libraries(pid)
+    if paths is None:
+        return None
+    return [path for path in paths if runtime_of(path)]
+
+
+# --- tracebacks -------------------------------------------------------------------------
+
+
+def fatal_error_dump(text: str) -> str | None:
+    """faulthandler's last 'Fatal Python error' section in `text` (a child's stderr), or None."""
+    start = text.rfind("Fatal Python error:")
+    return text[start:].strip() if start >= 0 else None
+
+
+def python_traceback(text: str) -> str | None:
+    """The last Python traceback in `text`, to its end (the exception line), or None."""
+    start = text.rfind("Traceback (most recent call last):")
+    return text[start:].strip() if start >= 0 else None
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last `lines` lines of `text`, progress-bar carriage returns read as line ends."""
+    return "\n".join(text.replace("\r", "\n").strip().splitlines()[-lines:])

@@ -1,0 +1,379 @@
+"""`twotower replay`: rebuild one step of a run exactly, and compare every engine on it.
+
+Step N means what it means in a crash report, a heartbeat and
+TWOTOWER_INJECT_FAULT: the update made when N steps were done (metrics.jsonl
+logs it as step N + 1). Determinism (DESIGN.md) makes it rebuildable from the
+run directory alone, which replay only reads:
+
+- start from the newest checkpoint c <= N that verifies and whose mined table
+  is there (or from the initial parameters, c = 0, when there is none);
+- re-run steps c..N-1 on the engine the run used for them (its "start"
+  records in metrics.jsonl), mining where the run mined: from the table the run
+  saved for that step in mined/, or, when it has been pruned, by mining again
+  with the miner the run used (and saying so);
+- assemble step N's batch (rows from the step, hard negatives drawn with the
+  step's seed from the table, the queue as it stands) and refuse, exit code 2,
+  when its digest is not the one metrics.jsonl logged for that step;
+- compute loss and gradients on each requested backend and on the float64
+  reference from the same parameters, and judge each array with
+  `twotower.agreement` (the tolerance table the tests use).
+
+Exit codes (`ReplayReport.exit_code`): 0 every backend agrees, 1 one
+disagrees or returns non-finite values, 2 bad input or a batch that is not
+the logged one. Known limitation: an injected `nan` fault between c and N is
+not injected again, so the re-run applies the update the run skipped (the
+logged-loss line then says the state differs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import reference
+from twotower import backends, miners
+from twotower.agreement import REPLAY_TOLERANCES, disagreement
+from twotower.backends import Backend, make_backend
+from twotower.batch import Batch
+from twotower.batching import StepPlan, assemble_batch, gather_step, mine_table
+from twotower.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, step_dir_name
+from twotower.config import TrainConfig
+from twotower.data import Dataset, load_dataset
+from twotower.errors import EXIT_OK, UsageError
+from twotower.evaluation import encode_rows, held_out_split
+from twotower.mining import HardNegativeTable
+from twotower.paths import user_cache_dir
+from twotower.queue import MemoryQueue
+from twotower.rundir import RunDir, read_metrics
+
+EXIT_DISAGREE = 1
+STEP_EVENTS = ("step", "nonfinite")  # metrics.jsonl records that carry a step's batch digest
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One array of one backend against the reference.
+
+    rel_error: max |actual - reference| / max |reference| (nan when a value is
+    not finite); nonfinite: how many values are NaN or Inf; problem: what
+    `agreement.disagreement` says is out of tolerance, None when it agrees.
+    """
+
+    name: str
+    rel_error: float
+    nonfinite: int
+    problem: str | None
+
+
+@dataclass
+class BackendResult:
+    """Loss and gradients of one backend on the replayed batch, judged array by array."""
+
+    backend: str
+    dtype: np.dtype
+    loss: float
+    comparisons: list[Comparison]
+
+    @property
+    def agrees(self) -> bool:
+        """True when the loss and every gradient are within tolerance."""
+        return all(c.problem is None for c in self.comparisons)
+
+
+@dataclass
+class ReplayReport:
+    """What `replay` rebuilt and found; `to_text()` is the CLI's table, `exit_code` its status."""
+
+    run: Path
+    step: int
+    digest: str
+    logged_digest: str | None
+    notes: list[str]
+    reference_loss: float
+    results: list[BackendResult] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every backend agrees with the reference, else 1."""
+        return EXIT_OK if all(result.agrees for result in self.results) else EXIT_DISAGREE
+
+    def to_text(self) -> str:
+        """The report as the CLI prints it: what was rebuilt, then one table per backend."""
+        lines = [f"replay {self.run} step {self.step} (metrics.jsonl step {self.step + 1})"]
+        lines += [f"  {note}" for note in self.notes]
+        lines.append(f"  reference loss (float64): {self.reference_loss:.9g}")
+        for result in self.results:
+            rtol, atol = REPLAY_TOLERANCES.get(result.dtype, (float("nan"), float("nan")))
+            lines.append(
+                f"\n{result.backend} vs reference ({result.dtype}: rtol {rtol:g}, "
+                f"atol {atol:g} x max|reference|)"
+            )
+            lines.append(f"  {'quantity':24s} {'max rel err':>11s} {'non-finite':>10s}  verdict")
+            for c in result.comparisons:
+                verdict = "ok" if c.problem is None else "DISAGREES"
+                lines.append(f"  {c.name:24s} {c.rel_error:11.3g} {c.nonfinite:10d}  {verdict}")
+                if c.problem is not None:
+                    lines.append(f"    {c.problem}")
+        bad = [result.backend for result in self.results if not result.agrees]
+        if bad:
+            verb = "disagrees" if len(bad) == 1 else "disagree"
+            lines.append(f"\nreplay: {', '.join(bad)} {verb} with the float64 reference")
+        else:
+            lines.append("\nreplay: every backend agrees with the float64 reference")
+        lines[-1] += f" (exit code {self.exit_code})"
+        return "\n".join(lines)
+
+
+# --- opening a run read-only ------------------------------------------------------------
+
+
+@dataclass
+class RunView:
+    """A run directory opened for reading: its config, dataset, step plan and metrics records."""
+
+    run: RunDir
+    config: TrainConfig
+    dataset: Dataset
+    train_rows: np.ndarray
+    plan: StepPlan
+    records: list[dict[str, Any]]
+
+    def logged(self, event: str, step: int) -> list[dict[str, Any]]:
+        """metrics.jsonl records of `event` with this `step` field, oldest first."""
+        return [r for r in self.records if r.get("event") == event and r.get("step") == step]
+
+
+def open_run(run: str | Path, data: str | None = None) -> RunView:
+    """Open RUN (config.json, metrics.jsonl, dataset) without writing to it.
+
+    data: the dataset's path when it has moved since the run (default: the run's).
+    Raises UsageError (one line) when the run or its data cannot be read.
+    """
+    run_dir = RunDir(run)
+    if not run_dir.config.is_file():
+        raise UsageError(f"{run_dir.root}: no config.json; give a run directory (--out of a run)")
+    settings = TrainConfig.read_file(run_dir.config)
+    settings.update({"resume": False, **({"data": data} if data else {})})
+    config = TrainConfig.from_dict(settings, source=str(run_dir.config))
+    dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
+    train_rows, _ = held_out_split(
+        dataset.num_samples, config.eval_fraction, config.max_eval, config.seed
+    )
+    records = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []
+    plan = StepPlan(train_rows, config.batch_size, config.seed)
+    return RunView(run_dir, config, dataset, train_rows, plan, records)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a committed checkpoint directory: step-0000014 -> 14."""
+    return int(ckpt.name.removeprefix("step-"))
+
+
+def last_step(view: RunView) -> int:
+    """The highest step replay can rebuild: the one in flight when the run stopped, or,
+    for a run that finished, its last update (a finished run's records end with "done")."""
+    logged = [int(r["step"]) for r in view.records if r.get("event") in STEP_EVENTS]
+    saved = [checkpoint_step(path) for path in list_checkpoints(view.run.root)]
+    done = max(logged + saved + [0])
+    finished = bool(view.records) and view.records[-1].get("event") == "done"
+    return done - 1 if finished else done
+
+
+# --- rebuilding step N ------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """What step s of a run depends on besides its rows: engine, queue and mined table."""
+
+    step: int
+    backend: Backend
+    queue: MemoryQueue
+    table: HardNegativeTable
+
+
+def _engine_name(view: RunView, step: int, meta: dict[str, Any]) -> tuple[str, str]:
+    """(backend to re-run the steps before `step` on, why): the one the run's last attempt
+    that began at or before `step` used (else the checkpoint's), if this machine has it."""
+    starts = [r for r in view.records if r.get("event") == "start" and r.get("step", 0) <= step]
+    run_engine = starts[-1]["backend"] if starts else meta.get("backend") or view.config.backend
+    run_engine = backends.resolve(run_engine)
+    if run_engine in backends.available():
+        return run_engine, f"on {run_engine}, as the run did"
+    chain = [name for name in view.config.fallback if name in backends.available()]
+    here = chain[0] if chain else "numpy"
+    return here, f"on {here}: the run used {run_engine}, which this machine lacks"
+
+
+def _start(view: RunView, step: int, notes: list[str]) -> State:
+    """The newest usable checkpoint at or before `step` (verified, mined table present), loaded."""
+    config, dim = view.config, view.dataset.dim
+    for ckpt in reversed(list_checkpoints(view.run.root)):
+        if checkpoint_step(ckpt) > step:
+            continue
+        try:
+            meta, state = load_checkpoint(ckpt)
+        except CheckpointError as error:
+            notes.append(f"skipped {ckpt.name}: {error}")
+            continue
+        table_name = meta.get("mined_table")
+        if table_name and not (view.run.mined / table_name).is_file():
+            notes.append(f"skipped {ckpt.name}: its mined table {table_name} is gone")
+            continue
+        name, why = _engine_name(view, step, meta)
+        backend = make_backend(config, dim, name)
+        backend.load_state(state)
+        queue = MemoryQueue(config.queue_size, dim)
+        queue.load_state(state)
+        if table_name:
+            table = HardNegativeTable.load(view.run.mined / table_name)
+        else:
+            table = HardNegativeTable.empty(view.dataset.num_samples, config.mine_pool)
+        notes.append(
+            f"from checkpoint {ckpt.name} (written on {meta.get('backend')}); re-ran {why}"
+        )
+        return State(int(meta["step"]), backend, queue, table)
+    name, why = _engine_name(view, step, {})
+    notes.append(f"from the initial parameters (no usable checkpoint <= {step}); re-ran {why}")
+    return State(
+        0,
+        make_backend(config, dim, name),
+        MemoryQueue(config.queue_size, dim),
+        HardNegativeTable.empty(view.dataset.num_samples, config.mine_pool),
+    )
+
+
+def _mined_table(view: RunView, state: State, notes: list[str]) -> HardNegativeTable:
+    """The table the run mined before step state.step: its saved file, else mined again."""
+    saved = view.run.mined / f"table-{step_dir_name(state.step)}.npy"
+    if saved.is_file():
+        notes.append(f"step {state.step}: mined table from {saved.relative_to(view.run.root)}")
+        return HardNegativeTable.load(saved)
+    c = view.config
+    logged = view.logged("mined", state.step)
+    name = logged[-1]["miner"] if logged else c.miner
+    opts = {"index": c.faiss_index} if name == "faiss" else {}
+    miner = miners.get(
+        name,
+        isolation=c.miner_isolation,
+        threads=c.miner_threads,
+        timeout=c.miner_timeout,
+        cache_dir=user_cache_dir() / "index",
+        **opts,
+    )
+    miner.build(view.dataset.bank, fingerprint=view.dataset.fingerprint)
+    queries = encode_rows(state.backend, view.dataset.gather, view.train_rows, label="re-mine")
+    table, report = mine_table(miner, queries, view.dataset, view.train_rows, c)
+    if logged:
+        was = f"as the run did: {report.negatives} negatives (logged: {logged[-1]['negatives']})"
+    else:
+        was = f"the run logged no mining here (it stopped first): {report.negatives} negatives"
+    notes.append(f"step {state.step}: no {saved.name}; mined again with {name}, {was}")
+    return table
+
+
+def rebuild(view: RunView, step: int, notes: list[str]) -> tuple[State, Batch, str]:
+    """(state at `step`, step's batch, its rows' digest), re-running from the checkpoint before.
+
+    Appends what it did (checkpoint, engine, mined tables) to `notes`.
+    """
+    c = view.config
+    state = _start(view, step, notes)
+    while True:
+        if c.hard_negatives and state.step > 0 and state.step % c.mine_every == 0:
+            state.table = _mined_table(view, state, notes)
+        data = gather_step(view.dataset, state.step, view.plan.rows_for(state.step))
+        batch = assemble_batch(
+            data, state.table, state.queue, view.dataset.bank, c.hard_negatives, c.seed
+        )
+        if state.step == step:
+            return state, batch, data.digest
+        state.backend.step(batch)
+        state.queue.push(data.positive_ids, data.positive_vecs)
+        state.step += 1
+
+
+# --- comparing engines ------------------------------------------------------------------
+
+
+def compare(name: str, actual: Any, expected: Any) -> Comparison:
+    """Judge one engine array against the reference's with the tolerance of its dtype."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    nonfinite = int(actual.size - np.count_nonzero(np.isfinite(actual)))
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    error = float(np.max(np.abs(actual.astype(np.float64) - expected))) if actual.size else 0.0
+    dtype = actual.dtype if actual.dtype in REPLAY_TOLERANCES else np.dtype(np.float32)
+    rel_error = error / scale if scale > 0 else error
+    problem = disagreement(actual, expected, dtype, tolerances=REPLAY_TOLERANCES)
+    return Comparison(name, rel_error, nonfinite, problem)
+
+
+def run_backend(
+    name: str, view: RunView, params: dict[str, np.ndarray], batch: Batch, expected: Any
+) -> BackendResult:
+    """Loss and gradients of backend `name` from `params` on `batch`, judged against
+    expected = (reference loss, reference gradients)."""
+    engine = make_backend(view.config, view.dataset.dim, name)
+    engine.load_state(params)
+    loss, grads = engine.loss_and_grads(batch)
+    expected_loss, expected_grads = expected
+    dtype = next(iter(grads.values())).dtype if grads else np.dtype(np.float32)
+    comparisons = [compare("loss", np.asarray(loss, dtype=dtype), expected_loss)]
+    comparisons += [compare(key, grads.get(key), value) for key, value in expected_grads.items()]
+    return BackendResult(engine.name, np.dtype(dtype), float(loss), comparisons)
+
+
+def replay(
+    run: str | Path, step: int, names: list[str] | None = None, data: str | None = None
+) -> ReplayReport:
+    """Rebuild step `step` of `run` and compare backends `names` (default: every available one)
+    with the float64 reference. Raises UsageError (exit code 2) for a step the run never
+    reached, an unknown or unavailable backend, or a rebuilt batch that is not the logged one."""
+    names = names or backends.available()
+    for name in names:
+        backends.REGISTRY.require(name)
+    view = open_run(run, data)
+    last = last_step(view)
+    if not 0 <= step <= last:
+        raise UsageError(f"--step {step}: {view.run.root} holds steps 0..{last}; give one of those")
+    notes: list[str] = []
+    state, batch, digest = rebuild(view, step, notes)
+    logged = view.logged("step", step + 1) + view.logged("nonfinite", step + 1)
+    digests = {record["batch"] for record in logged}
+    if digests - {digest}:
+        raise UsageError(
+            f"step {step}: the rebuilt batch {digest} is not the logged {', '.join(digests)} "
+            "(the data or config.json changed since the run); replay refused"
+        )
+    rows = f"{len(batch.positive_ids)} rows, K {batch.hard_ids.shape[1]}, Q {len(batch.queue_ids)}"
+    if logged:
+        notes.insert(0, f"batch {digest} ({rows}) is the logged one")
+    else:
+        notes.insert(0, f"batch {digest} ({rows}); no logged record (the step did not finish)")
+    params = {k: v for k, v in state.backend.state().items() if not k.startswith("opt.")}
+    expected = reference.loss_and_grads(
+        view.config.tower,
+        {k: v.astype(np.float64) for k, v in params.items()},
+        batch,
+        view.config.temperature,
+    )
+    report = ReplayReport(
+        view.run.root,
+        step,
+        digest,
+        logged[-1]["batch"] if logged else None,
+        notes,
+        float(expected[0]),
+    )
+    report.results = [run_backend(name, view, params, batch, expected) for name in names]
+    own = next((r for r in report.results if r.backend == state.backend.name), None)
+    if logged and own is not None:
+        then = float(logged[-1]["loss"])
+        same = bool(np.isclose(own.loss, then, rtol=1e-5, atol=0.0, equal_nan=True))
+        verdict = "the state was rebuilt exactly" if same else "the rebuilt state differs"
+        notes.append(f"loss on {own.backend}: {own.loss:.9g}, logged {then:.9g}: {verdict}")
+    return report

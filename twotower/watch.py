@@ -1,0 +1,48 @@
+"""`twotower watch -- COMMAND...`: any training command under the supervisor's eyes, minus
+checkpoints and restarts (the command is not ours to resume).
+
+The command runs without a shell, unbuffered, with faulthandler on through
+PYTHONFAULTHANDLER (a Python child prints every thread's traceback on a fatal
+signal); its stderr goes through to ours and into OUT/run-N.stderr.txt; its
+RSS and (Linux) OpenMP runtimes are sampled. If it ends abnormally, its exit
+is decoded and OUT/run-N.json holds the same report the supervisor writes
+(`forensics.examine`), with the summary on stderr. Its exit code is passed
+through, 128 + N for signal N as a shell reports it.
+
+Limitation: memory and OpenMP are sampled for the command's own process, not
+its children (a shell script wrapping `python train.py` is measured as the shell).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from twotower import faults, forensics
+from twotower.errors import UsageError
+from twotower.monitor import SignalForwarder, WatchedChild, child_env
+from twotower.supervisor import next_number
+
+DEFAULT_OUT = Path("twotower-watch")
+
+
+def watch(command: Sequence[str], out: str | Path = DEFAULT_OUT) -> int:
+    """Run `command` watched; write OUT/run-N.json if it crashes. Returns its exit code
+    (128 + N if signal N ended it). Raises UsageError for an empty or unrunnable command."""
+    if not command:
+        raise UsageError("watch: give the command after --, e.g. twotower watch -- python train.py")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    number = next_number(folder)
+    stderr_copy = folder / f"run-{number}.stderr.txt"
+    with SignalForwarder() as signals:
+        outcome = WatchedChild(command, child_env(), signals, stderr_copy=stderr_copy).run()
+    if outcome.crashed:
+        armed = faults.parse_faults(os.environ.get(faults.ENV_VAR))
+        report = forensics.examine(outcome, f"run {number}", armed, stderr_file=str(stderr_copy))
+        path = forensics.write_report(folder / f"run-{number}.json", report)
+        print("twotower: " + "\n".join(forensics.summary_lines(report)), file=sys.stderr)
+        print(f"  report: {path}", file=sys.stderr, flush=True)
+    return outcome.exit.shell_code()
