@@ -32,3 +32,10 @@ def run_twotower(*args: str, timeout: float = 300, **env: str) -> subprocess.Com
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def train_in_child(
+    data: Path, out: Path, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`twotower train --data DATA --out OUT ARGS` in a child, `env` added to its environment."""
+    return run_twotower("train", "--data", str(data), "--out", str(out), *args, **env)

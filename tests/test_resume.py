@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.processes import run_twotower
+from tests.processes import train_in_child
 from twotower import backends
 from twotower.checkpoint import load_checkpoint
 from twotower.data import synthesize
@@ -25,29 +25,10 @@ STEPS = 30
 SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an epoch
 BATCH = 16
 TRAIN_ARGS = (
-    "--no-supervise",
-    "--steps",
-    str(STEPS),
-    "--batch-size",
-    str(BATCH),
-    "--hidden",
-    "12",
-    "--hard-negatives",
-    "3",
-    "--mine-every",
-    "10",
-    "--mine-pool",
-    "6",
-    "--queue-size",
-    "40",
-    "--checkpoint-every",
-    "7",
-    "--keep-checkpoints",
-    "2",
-    "--max-eval",
-    "40",
-    "--deterministic",
-)
+    f"--no-supervise --steps {STEPS} --batch-size {BATCH} --hidden 12 --hard-negatives 3 "
+    "--mine-every 10 --mine-pool 6 --queue-size 40 --checkpoint-every 7 --keep-checkpoints 2 "
+    "--max-eval 40 --deterministic"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +44,7 @@ def batches_per_epoch() -> int:
 
 
 def train(dataset: Path, out: Path, backend: str, *extra: str, **env: str):
-    return run_twotower(
-        "train",
-        "--data",
-        str(dataset),
-        "--out",
-        str(out),
-        "--backend",
-        backend,
-        *TRAIN_ARGS,
-        *extra,
-        **env,
-    )
+    return train_in_child(dataset, out, "--backend", backend, *TRAIN_ARGS, *extra, **env)
 
 
 def step_digests(run: Path) -> dict[int, list[str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.processes import REPO, child_env, run_twotower
+from tests.processes import REPO, child_env, train_in_child
 from twotower import miners
 from twotower.checkpoint import load_checkpoint
 from twotower.config import TrainConfig
@@ -20,22 +20,9 @@ from twotower.rundir import read_metrics
 from twotower.trainer import train
 
 SMALL = (
-    "--no-supervise",
-    "--batch-size",
-    "16",
-    "--hidden",
-    "16",
-    "--hard-negatives",
-    "4",
-    "--mine-every",
-    "10",
-    "--mine-pool",
-    "8",
-    "--queue-size",
-    "64",
-    "--max-eval",
-    "50",
-)
+    "--no-supervise --batch-size 16 --hidden 16 --hard-negatives 4 --mine-every 10 "
+    "--mine-pool 8 --queue-size 64 --max-eval 50 --backend numpy"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +67,7 @@ def test_each_miner_trains_from_the_cli(small_data: Path, tmp_path: Path, miner:
         pytest.skip(f"{miner} is not installed")
     out = tmp_path / "run"
     extra = ("--faiss-index", "HNSW16") if miner == "faiss" else ()
-    result = run_twotower(
-        "train",
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--backend",
-        "numpy",
-        "--steps",
-        "25",
-        "--miner",
-        miner,
-        *SMALL,
-        *extra,
-    )
+    result = train_in_child(small_data, out, "--steps", "25", "--miner", miner, *SMALL, *extra)
     assert result.returncode == 0, result.stderr
     mined = events(out, "mined")
     assert [m["step"] for m in mined] == [10, 20] and {m["miner"] for m in mined} == {miner}
@@ -108,20 +81,13 @@ def test_each_miner_trains_from_the_cli(small_data: Path, tmp_path: Path, miner:
 )
 def test_a_segfaulting_miner_costs_no_step(small_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = run_twotower(
-        "train",
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--backend",
-        "numpy",
+    faiss_then_others = ("--miner", "faiss", "--miner-fallback", "hnswlib,exact")
+    result = train_in_child(
+        small_data,
+        out,
         "--steps",
         "25",
-        "--miner",
-        "faiss",
-        "--miner-fallback",
-        "hnswlib,exact",
+        *faiss_then_others,
         *SMALL,
         TWOTOWER_INJECT_FAULT="segv@mine:10:faiss",
     )
@@ -136,18 +102,8 @@ def test_a_segfaulting_miner_costs_no_step(small_data: Path, tmp_path: Path) -> 
 
 def test_a_nan_step_is_skipped_and_logged(small_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = run_twotower(
-        "train",
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--backend",
-        "numpy",
-        "--steps",
-        "6",
-        *SMALL,
-        TWOTOWER_INJECT_FAULT="nan@step:3",
+    result = train_in_child(
+        small_data, out, "--steps", "6", *SMALL, TWOTOWER_INJECT_FAULT="nan@step:3"
     )
     assert result.returncode == 0, result.stderr
     skipped = events(out, "nonfinite")
