@@ -158,3 +158,32 @@ print(json.dumps({{"before": before, "after": anon_mb(), "steps": result.steps}}
     assert growth < 0.25 * size_mb, (
         f"RssAnon grew {growth:.0f} MB training on a {size_mb:.0f} MB npz"
     )
+
+
+@pytest.mark.skipif("faiss" not in miners.available(), reason="needs faiss")
+def test_evaluation_with_faiss_flat_gives_the_exact_numbers(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """--eval-miner faiss (Flat, in its worker) must report what exact search reports."""
+    runs = {}
+    for miner in ("exact", "faiss"):
+        runs[miner] = tmp_path / miner
+        args = ("--steps", "12", "--eval-every", "6", "--eval-miner", miner, *SMALL)
+        assert train_in_child(small_data, runs[miner], *args).returncode == 0
+    exact, faiss = (events(runs[m], "eval") for m in ("exact", "faiss"))
+    assert [e["step"] for e in exact] == [0, 6, 12]
+    for mine, theirs in zip(exact, faiss, strict=True):
+        assert {k: v for k, v in mine.items() if k != "time"} == {
+            k: v for k, v in theirs.items() if k != "time"
+        }
+
+
+def test_a_mine_fault_does_not_fire_in_evaluation(small_data: Path, tmp_path: Path) -> None:
+    """Evaluation searches too, but it is not mining: an engine-less mine fault at an eval step
+    of a run that never mines must not fire."""
+    out = tmp_path / "run"
+    args = ("--steps", "12", "--eval-every", "6", *SMALL, "--hard-negatives", "0")
+    result = train_in_child(small_data, out, *args, TWOTOWER_INJECT_FAULT="segv@mine:6")
+    assert result.returncode == 0, result.stderr
+    assert [e["step"] for e in events(out, "eval")] == [0, 6, 12]
+    assert not any((out / "faults").glob("*"))

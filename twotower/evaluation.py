@@ -15,6 +15,7 @@ from twotower.checkpoint import load_checkpoint
 from twotower.config import TrainConfig
 from twotower.data import holdout_split, load_dataset
 from twotower.miners import Miner
+from twotower.paths import user_cache_dir
 from twotower.seeds import EVAL_SPLIT
 
 CUTOFFS = (1, 10, 100)
@@ -102,11 +103,12 @@ def evaluate_run(
         }
     )
     dataset = load_dataset(config.data)  # type: ignore[arg-type]
+    cache = user_cache_dir() / "index"
     engine = make_backend(config, dataset.dim)
     if state is not None:
         engine.load_state(state)
     split = held_out_split(dataset.num_samples, config.eval_fraction, config.max_eval, config.seed)
     rows = split[1]
-    search = miners.engine(miner)
+    search = miners.get(miner, fault_phase=None, **miners.options_for(config, [miner], cache))
     search.build(dataset.bank, fingerprint=dataset.fingerprint)
     return evaluate(engine, dataset.gather, rows, dataset.positives[rows], search)

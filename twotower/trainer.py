@@ -82,6 +82,8 @@ class Trainer:
         self.miner: miners.Miner | None = None
         self.table_path: Path | None = None
         self._stop_signal: int | None = None
+        self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
+        self.last_metrics: dict[str, float] = {}  # ... and the last evaluation
         self.openmp: list[str] | None = None  # OpenMP runtimes here (None: unknown), for reports
         supervisor = os.environ.get(forensics.SUPERVISOR_PID_ENV, "")
         self._supervisor_pid = int(supervisor) if supervisor.isdigit() else None
@@ -121,16 +123,15 @@ class Trainer:
     def _make_miner(self, dataset: Dataset) -> miners.Miner:
         c = self.config
         chain = [c.miner] + [m for m in c.miner_fallback if m != c.miner]
-        engine_opts = {"index": c.faiss_index} if "faiss" in chain else {}
-        miner = miners.chain(
-            chain,
-            on_event=self._miner_event,
-            isolation=c.miner_isolation,
-            threads=c.miner_threads,
-            timeout=c.miner_timeout,
-            cache_dir=user_cache_dir() / "index",
-            **engine_opts,
-        )
+        opts = miners.options_for(c, chain, user_cache_dir() / "index")
+        miner = miners.chain(chain, on_event=self._miner_event, **opts)
+        miner.build(dataset.bank, fingerprint=dataset.fingerprint)
+        return miner
+
+    def _make_eval_miner(self, dataset: Dataset) -> miners.Miner:
+        c = self.config
+        opts = miners.options_for(c, [c.eval_miner], user_cache_dir() / "index")
+        miner = miners.get(c.eval_miner, fault_phase=None, **opts)
         miner.build(dataset.bank, fingerprint=dataset.fingerprint)
         return miner
 
@@ -261,7 +262,11 @@ class Trainer:
                 break
         return previous
 
-    def run_training(self) -> RunResult:
+    def _open(self) -> tuple[int, int, dict[str, float]]:
+        """Check the input, then set the run up: -> (step to start at, total steps, last metrics).
+
+        Nothing is written before the dataset, the run directory and the backend are accepted.
+        """
         c = self.config
         forensics.enable_crash_dumps()
         self.dataset = self._open_dataset()
@@ -283,8 +288,7 @@ class Trainer:
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
         step, metrics = self._restore()
-        self.eval_miner = miners.engine("exact")
-        self.eval_miner.build(self.dataset.bank, fingerprint=self.dataset.fingerprint)
+        self.eval_miner = self._make_eval_miner(self.dataset)
         self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
         self.openmp = evidence.openmp_runtimes()
         self._phase("load", step)
@@ -299,11 +303,14 @@ class Trainer:
             eval=len(self.eval_rows),
             pid=os.getpid(),
         )
-        metrics_before: dict[str, float] = {}
-        if step == 0:
-            metrics = metrics_before = self._evaluate(0)
+        return step, total, metrics
 
-        previous_handlers = self._install_signal_handlers()
+    def _loop(
+        self, step: int, total: int, metrics: dict[str, float]
+    ) -> tuple[int, dict[str, float]]:
+        """Train from `step` to `total`: mine, step, evaluate and checkpoint when due; a final
+        evaluation and checkpoint. Raises StopRequested after a SIGINT/SIGTERM."""
+        c = self.config
         prefetch = Prefetcher(self.dataset, self.plan)
         progress = tqdm(
             total=total,
@@ -313,35 +320,52 @@ class Trainer:
             disable=False if os.environ.get(PROGRESS_ENV) == "1" else None,
             dynamic_ncols=True,
         )
-        exit_code = EXIT_OK
         try:
             while step < total:
                 if c.hard_negatives and step > 0 and step % c.mine_every == 0:
                     self._mine(step)
                 stats = self._train_step(step, prefetch.get(step))
                 step += 1
+                self.steps_done = step
                 progress.update(1)
-                progress.set_postfix(
-                    loss=f"{stats.loss:.4f}", **{"R@10": f"{metrics.get('recall@10', 0):.3f}"}
-                )
+                recall = f"{metrics.get('recall@10', 0):.3f}"
+                progress.set_postfix(loss=f"{stats.loss:.4f}", **{"R@10": recall})
                 if c.eval_every and step % c.eval_every == 0 and step < total:
                     metrics = self._evaluate(step)
+                self.last_metrics = metrics
                 if self._stop_signal is not None:
                     raise StopRequested
                 if step % c.checkpoint_every == 0 and step < total:
                     self._checkpoint(step, metrics)
-            metrics = self._evaluate(step)
+        finally:
+            progress.close()  # the final lines print below the finished bar
+            prefetch.close()
+        metrics = self._evaluate(step)
+        self._checkpoint(step, metrics)
+        self.metrics.write("done", step=step, **metrics)
+        return step, metrics
+
+    def run_training(self) -> RunResult:
+        step, total, metrics = self._open()
+        metrics_before = self._evaluate(0) if step == 0 else {}
+        self.steps_done, self.last_metrics = step, metrics_before or metrics
+        previous_handlers = self._install_signal_handlers()
+        exit_code = EXIT_OK
+        try:
+            step, metrics = self._loop(step, total, self.last_metrics)
+        except StopRequested:
+            step, metrics = self.steps_done, self.last_metrics
             self._checkpoint(step, metrics)
-            self.metrics.write("done", step=step, **metrics)
-        except (StopRequested, KeyboardInterrupt):
-            self._checkpoint(step, metrics)
-            name = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGINT"
+            name = signal.Signals(self._stop_signal or signal.SIGINT).name
             self.metrics.write("interrupted", step=step, signal=name)
             log.warning("%s: checkpoint written at step %d; resume with --resume", name, step)
             exit_code = EXIT_INTERRUPTED
+        except KeyboardInterrupt:  # a second signal, maybe mid-update: no checkpoint of that
+            step, metrics = self.steps_done, self.last_metrics
+            self.metrics.write("interrupted", step=step, signal="SIGINT", checkpoint=False)
+            log.warning("stopped at once: resume with --resume from the newest checkpoint")
+            exit_code = EXIT_INTERRUPTED
         finally:
-            progress.close()
-            prefetch.close()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
         if metrics_before:

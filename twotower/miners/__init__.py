@@ -85,6 +85,7 @@ def get(
     threads: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     cache_dir: str | os.PathLike[str] | None = None,
+    fault_phase: str | None = "mine",
     **engine_opts: Any,
 ) -> Miner:
     """A miner ready for `build(bank)`: in a worker process or in this one.
@@ -96,6 +97,7 @@ def get(
     it is killed. cache_dir: where built indexes are kept. engine_opts: the
     engine's own options (faiss: index, nprobe, ef_search, train_rows, seed;
     hnswlib: M, ef_construction, ef, seed; exact: memory_budget_bytes, progress).
+    fault_phase: the fault point each search reaches ("mine"; None for evaluation).
     Raises EngineUnavailable for an unknown or missing miner, UsageError for a bad option.
     """
     REGISTRY.require(name)
@@ -112,10 +114,10 @@ def get(
     opts = {key: value for key, value in common.items() if key in takes and value is not None}
     opts.update(engine_opts)
     if mode == "none":
-        return InProcessMiner(engine(name, **opts))
+        return InProcessMiner(engine(name, **opts), fault_phase)
     from twotower.miners.isolation import IsolatedMiner
 
-    return IsolatedMiner(name, opts, threads=threads, timeout=timeout)
+    return IsolatedMiner(name, opts, threads=threads, timeout=timeout, fault_phase=fault_phase)
 
 
 def chain(
@@ -148,3 +150,19 @@ def chain(
         return get(name, **shared, **own)
 
     return FallbackMiner(order, make, on_event)
+
+
+def options_for(
+    config: Any, names: Sequence[str], cache_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """`get` / `chain` options from a TrainConfig for miners `names`: isolation, threads,
+    timeout, the index cache directory, and faiss' index string when faiss is among them."""
+    opts: dict[str, Any] = {
+        "isolation": config.miner_isolation,
+        "threads": config.miner_threads,
+        "timeout": config.miner_timeout,
+        "cache_dir": cache_dir,
+    }
+    if "faiss" in names:
+        opts["index"] = config.faiss_index
+    return opts

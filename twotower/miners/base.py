@@ -46,15 +46,16 @@ class MinerCrashed(TwotowerError):
 
 
 class InProcessMiner:
-    """An engine searched in this process; each search first reaches the `mine` fault point.
+    """An engine searched in this process; each search first reaches the fault point of
+    `fault_phase` ("mine"; None for a miner that serves evaluation and must not fire it).
 
-    Isolated miners reach that point in their worker instead; the bare engine
-    (`miners.engine`, used for evaluation) never does.
+    Isolated miners reach that point in their worker instead.
     """
 
-    def __init__(self, engine: Miner):
+    def __init__(self, engine: Miner, fault_phase: str | None = "mine"):
         self.engine = engine
         self.name = engine.name
+        self.fault_phase = fault_phase
 
     @property
     def build_info(self) -> dict[str, Any]:
@@ -64,5 +65,6 @@ class InProcessMiner:
         self.engine.build(bank, fingerprint)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        faults.point("mine", [self.name])
+        if self.fault_phase is not None:
+            faults.point(self.fault_phase, [self.name])
         return self.engine.search(queries, k)

@@ -245,6 +245,7 @@ class IsolatedMiner:
     that take `threads` get it in engine_opts too).
     timeout: seconds a search (and the worker's start) may take before the
     worker is killed; build_timeout: the same for build (None: no limit).
+    fault_phase: the fault point each search reaches in the worker ("mine"; None: none).
     """
 
     def __init__(
@@ -254,8 +255,10 @@ class IsolatedMiner:
         threads: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         build_timeout: float | None = None,
+        fault_phase: str | None = "mine",
     ):
         self.name = name
+        self.fault_phase = fault_phase
         self.engine_opts = dict(engine_opts or {})
         self.threads = threads
         self.timeout = timeout
@@ -300,7 +303,11 @@ class IsolatedMiner:
         query_view[...] = queries
         marker_dir = faults.marker_dir()
         request = {"op": "search", "buffer": segment.name, "n": n, "dim": dim, "k": k}
-        request.update(step=faults.current_step(), marker_dir=marker_dir and str(marker_dir))
+        request.update(
+            step=faults.current_step(),
+            marker_dir=marker_dir and str(marker_dir),
+            phase=self.fault_phase,
+        )
         self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
         return scores.copy(), ids.copy()
 

@@ -103,7 +103,8 @@ class Server:
         self._hold("buffer", buffer)
         ids, scores, queries = result_views(buffer, n, dim, k)
         assert self.engine is not None
-        faults.point("mine", [self.engine.name])
+        if message["phase"] is not None:
+            faults.point(message["phase"], [self.engine.name])
         start = time.perf_counter()
         scores[...], ids[...] = self.engine.search(queries, k)
         return {"seconds": time.perf_counter() - start}
