@@ -26,6 +26,9 @@ TAU = 0.05
 ROUNDS = 8
 
 
+REPORT_TITLE = "backends: one training step, B=32 T=10 D=H=768 K=8 Q=4096"
+
+
 def step_flops(tower: str) -> float:
     """Multiply-adds x 2 of one step; the backward pass costs twice the forward GEMMs."""
     loss = 2 * B * D * (B + K + Q)
@@ -59,13 +62,6 @@ def batches() -> list[Batch]:
             )
         )
     return made
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest):
-    table = RatioReport("backends: one training step, B=32 T=10 D=H=768 K=8 Q=4096")
-    yield table
-    table.publish(request.config)
 
 
 def cycle(items: list):

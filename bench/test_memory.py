@@ -31,6 +31,9 @@ CACHE = Path(os.environ.get("TWOTOWER_BENCH_CACHE", ".benchmarks/cache"))
 MIB = 1024 * 1024
 
 
+REPORT_TITLE = f"memory: 20 steps with mining over a {BANK} x {D} bank, queue {QUEUE}"
+
+
 def status_kib(pid: int) -> dict[str, int]:
     """The kB fields of /proc/PID/status (RssAnon, RssFile, VmHWM, ...)."""
     fields = {}
@@ -40,13 +43,6 @@ def status_kib(pid: int) -> dict[str, int]:
             if value.strip().endswith("kB"):
                 fields[name] = int(value.split()[0])
     return fields
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest):
-    table = RatioReport(f"memory: 20 steps with mining over a {BANK} x {D} bank, queue {QUEUE}")
-    yield table
-    table.publish(request.config)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,9 @@ BUILD_TIMES = CACHE / "build-times.json"  # how long each cached index took to b
 pytestmark = pytest.mark.skipif(
     not {"faiss", "hnswlib"} <= set(miners.available()), reason="needs faiss and hnswlib"
 )
+
+
+REPORT_TITLE = f"miners: {ROWS} x {DIM} clustered bank, {QUERIES} queries, k={K}"
 
 
 @dataclass
@@ -105,14 +107,6 @@ def case() -> Case:
         np.save(truth_path, exact.search(queries, K)[1])
     fingerprint = f"bench-clustered-{ROWS}x{DIM}-seed0"
     return Case(bank, bank_path, queries, queries_path, np.load(truth_path), fingerprint)
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Iterator[RatioReport]:
-    """The module's table: time per 1024 queries against exact, recall, build, memory."""
-    table = RatioReport(f"miners: {ROWS} x {DIM} clustered bank, {QUERIES} queries, k={K}")
-    yield table
-    table.publish(request.config)
 
 
 def test_gemm_peak(benchmark: Any, report: RatioReport) -> None:

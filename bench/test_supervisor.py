@@ -46,18 +46,14 @@ ARGS = (
 ).split()
 
 
+REPORT_TITLE = f"supervisor: steady-state step, {BACKEND}, D=64 H=128 B=32 K=8 Q=1024"
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     return synthesize(
         tmp_path_factory.mktemp("data") / "demo-sized", samples=4000, bank=10_000, dim=64
     )
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest):
-    table = RatioReport(f"supervisor: steady-state step, {BACKEND}, D=64 H=128 B=32 K=8 Q=1024")
-    yield table
-    table.publish(request.config)
 
 
 def train_args(dataset: Dataset, out: Path) -> list[str]:

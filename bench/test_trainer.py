@@ -30,18 +30,14 @@ STEPS = 40
 SAMPLES, BANK, T = 4000, 50_000, 10
 
 
+REPORT_TITLE = "trainer: steady-state step, torch-cpu, B=32 T=10 D=H=768 K=8 Q=4096"
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     return synthesize(
         tmp_path_factory.mktemp("data") / "seed-shape", samples=SAMPLES, bank=BANK, dim=D, seq_len=T
     )
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest):
-    table = RatioReport("trainer: steady-state step, torch-cpu, B=32 T=10 D=H=768 K=8 Q=4096")
-    yield table
-    table.publish(request.config)
 
 
 def config(dataset: Dataset, out: Path) -> TrainConfig:
