@@ -268,6 +268,11 @@ class Trainer:
         Nothing is written before the dataset, the run directory and the backend are accepted.
         """
         c = self.config
+        if c.tower == "meanpool" and not c.proj:
+            raise UsageError(
+                "--no-proj is the parameter-free baseline: nothing to train; "
+                "evaluate it with `twotower eval --data DIR --tower meanpool --no-proj`"
+            )
         forensics.enable_crash_dumps()
         self.dataset = self._open_dataset()
         stored = self._check_run_dir()

@@ -117,7 +117,7 @@ class TorchBackend:
         self.gru_path = gru_path
         self.model = QueryTower(spec).to(self.device)
         self._named = dict(self.model.named_parameters())
-        self.optimizer: torch.optim.AdamW
+        self.optimizer: torch.optim.AdamW | None  # None: a tower without parameters
         self.load_state(params)
 
     def _new_optimizer(self) -> torch.optim.AdamW:
@@ -135,8 +135,8 @@ class TorchBackend:
         with torch.no_grad():
             for name, value in params.items():
                 self._named[name].copy_(torch.from_numpy(value))
-        self.optimizer = self._new_optimizer()
-        if moments is None or step == 0:
+        self.optimizer = self._new_optimizer() if self._named else None
+        if self.optimizer is None or moments is None or step == 0:
             return
         for name, (exp_avg, exp_avg_sq) in moments.items():
             self.optimizer.state[self._named[name]] = {
@@ -150,6 +150,7 @@ class TorchBackend:
         moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         step = 0
         for name, p in self._named.items():
+            assert self.optimizer is not None  # a tower with parameters has one
             slot = self.optimizer.state.get(p)
             if slot:
                 moments[name] = (slot["exp_avg"].cpu().numpy(), slot["exp_avg_sq"].cpu().numpy())
@@ -188,5 +189,6 @@ class TorchBackend:
         if not (np.isfinite(loss) and np.isfinite(norm)):
             self.model.zero_grad(set_to_none=True)
             return StepStats(loss=loss, grad_norm=norm, applied=False)
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         return StepStats(loss=loss, grad_norm=norm, applied=True)
