@@ -22,6 +22,7 @@ import pytest
 
 from bench.report import RatioReport
 from twotower.data import synthesize
+from twotower.memory import proc_status
 
 SEED_SCALE = os.environ.get("TWOTOWER_BENCH_SEED_SCALE", "") not in ("", "0")
 BANK = 771_000 if SEED_SCALE else 100_000
@@ -32,17 +33,6 @@ MIB = 1024 * 1024
 
 
 REPORT_TITLE = f"memory: 20 steps with mining over a {BANK} x {D} bank, queue {QUEUE}"
-
-
-def status_kib(pid: int) -> dict[str, int]:
-    """The kB fields of /proc/PID/status (RssAnon, RssFile, VmHWM, ...)."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if value.strip().endswith("kB"):
-                fields[name] = int(value.split()[0])
-    return fields
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
@@ -84,9 +74,8 @@ def test_trainer_anonymous_memory_stays_small(
     def run() -> int:
         child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while child.poll() is None:
-            try:
-                status = status_kib(child.pid)
-            except OSError:
+            status = proc_status(child.pid)
+            if status is None:
                 break
             for name in peaks:
                 peaks[name] = max(peaks[name], status.get(name, 0))

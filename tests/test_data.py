@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import twotower.atomic
 import twotower.data.chunks
 import twotower.data.dataset
 import twotower.data.manifest
@@ -470,7 +471,7 @@ def test_an_unwritable_manifest_is_kept_in_memory(
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(twotower.data.manifest.os, "replace", refuse)
+    monkeypatch.setattr(twotower.atomic.os, "replace", refuse)  # the manifest is written through it
     dataset = load_dataset(directory)
     assert dataset.fingerprint == sha256_of_bank(small_arrays()["bank"])
     assert dataset.manifest["fingerprint"]["sha256"] == dataset.fingerprint

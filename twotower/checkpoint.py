@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
+from twotower.atomic import fsync_dir
 from twotower.errors import TwotowerError
 
 FORMAT_VERSION = 1
@@ -61,14 +62,6 @@ class _HashingWriter:
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
         return self.file.write(data)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durably(path: Path, write: Callable[[BinaryIO], _T]) -> _T:
@@ -123,7 +116,7 @@ def _set_latest(ckpt_dir: Path, name: str) -> None:
     tmp.unlink(missing_ok=True)
     _write_durably(tmp, lambda file: file.write(name.encode()))
     os.replace(tmp, ckpt_dir / LATEST)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 def _retire(ckpt_dir: Path, path: Path) -> Path:
@@ -163,7 +156,7 @@ def save_checkpoint(
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     if not ckpt_dir.is_dir():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     for leftover in ckpt_dir.glob(f"{TMP_PREFIX}*"):
         _remove(leftover)
 
@@ -183,7 +176,7 @@ def save_checkpoint(
         document = {"format_version": FORMAT_VERSION, "step": step, **meta, "arrays": entries}
         text = json.dumps(document, indent=2, default=_json_default)
         _write_durably(tmp / META, lambda file: file.write(text.encode()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if before_commit is not None:
             before_commit()
     except BaseException:
@@ -192,7 +185,7 @@ def save_checkpoint(
     final = ckpt_dir / name
     replaced = _retire(ckpt_dir, final) if final.exists() else None
     os.rename(tmp, final)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     _set_latest(ckpt_dir, name)
 
     if replaced is not None:

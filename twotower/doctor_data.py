@@ -23,6 +23,7 @@ from twotower.data.npy import Header, Source, data_error, file_source, npz_sourc
 from twotower.data.validate import check_layout, dataset_keys
 from twotower.doctor import Finding
 from twotower.errors import DataError
+from twotower.memory import available_bytes
 from twotower.paths import user_cache_dir
 from twotower.towers import TowerSpec
 
@@ -91,11 +92,9 @@ def available_memory() -> tuple[int | None, str]:
     Linux: MemAvailable of /proc/meminfo; macOS: sysctl hw.memsize (the total:
     macOS compresses and swaps rather than report what is free).
     """
-    if sys.platform.startswith("linux") and os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    available = available_bytes()
+    if available is not None:
+        return available, "MemAvailable in /proc/meminfo"
     if sys.platform == "darwin":
         try:
             text = subprocess.run(

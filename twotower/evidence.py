@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twotower.memory import proc_status
 from twotower.openmp import loaded_libraries, runtime_of
 
 TAIL_LINES = 40
@@ -77,15 +78,8 @@ class ExitStatus:
 
 def process_rss_kb(pid: int) -> int | None:
     """Resident memory of process `pid` in KiB (Linux: /proc; elsewhere: ps); None if unknown."""
-    status = Path(f"/proc/{pid}/status")
     if Path("/proc/self/status").exists():
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except (OSError, ValueError):
-            pass
-        return None
+        return (proc_status(pid) or {}).get("VmRSS")
     try:
         out = subprocess.run(
             ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5

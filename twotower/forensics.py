@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from twotower.atomic import replace_file
 from twotower.evidence import (
     ExitStatus,
     MemoryTrend,
@@ -365,9 +366,7 @@ def examine(
 def write_report(path: Path, report: dict[str, Any]) -> Path:
     """Write `report` as JSON to `path` atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(report, indent=2, default=str))
     return path
 
 

@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-
-def memory_kb() -> tuple[int, int]:
-    """(current RSS, peak RSS) of this process in KiB; current is 0 where unknown."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if sys.platform == "darwin":
-        peak //= 1024  # macOS reports bytes, Linux KiB
-    current = 0
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    current = int(line.split()[1])
-                    break
-    except OSError:
-        pass
-    return current, peak
+from twotower.atomic import replace_file
+from twotower.memory import peak_rss_kb, proc_status
 
 
 class Heartbeat:
@@ -38,22 +22,20 @@ class Heartbeat:
 
     def __init__(self, path: Path):
         self.path = path
-        self._tmp = path.with_name(f".{path.name}.{os.getpid()}")
 
     def beat(self, step: int, phase: str, **engines: Any) -> None:
         """Record `phase` at `step`; engines: backend=..., miner=... names in use."""
-        rss, peak = memory_kb()
+        rss = (proc_status() or {}).get("VmRSS", 0)
         record = {
             "pid": os.getpid(),
             "step": step,
             "phase": phase,
             **engines,
             "rss_kb": rss,
-            "peak_rss_kb": peak,
+            "peak_rss_kb": peak_rss_kb(),
             "time": time.time(),
         }
-        self._tmp.write_text(json.dumps(record))
-        os.replace(self._tmp, self.path)
+        replace_file(self.path, json.dumps(record))
 
 
 def read_heartbeat(path: Path) -> dict[str, Any] | None:

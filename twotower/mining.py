@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from twotower.atomic import replace_file
 from twotower.errors import DataError
 from twotower.miners.base import Miner
 
@@ -59,13 +60,8 @@ class HardNegativeTable:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ids to path (.npy) atomically: a temporary file, fsynced, then renamed."""
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            np.save(handle, np.asarray(self.ids, dtype=np.int64))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        ids = np.asarray(self.ids, dtype=np.int64)
+        replace_file(Path(path), lambda file: np.save(file, ids), durable=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HardNegativeTable:

@@ -16,14 +16,13 @@ simply checked again on its next load.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from twotower.atomic import replace_file
 from twotower.data.npy import Header, data_error
 
 FORMAT_VERSION = 1
@@ -98,12 +97,8 @@ def describe(manifest: dict[str, Any], headers: Mapping[str, Header]) -> None:
 
 def save_manifest(path: Path, manifest: Mapping[str, Any]) -> bool:
     """Write the manifest atomically; False (and nothing raised) if it cannot be written."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        partial.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(partial, path)
+        replace_file(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     except OSError:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
         return False
     return True

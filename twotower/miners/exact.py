@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from twotower.memory import available_bytes
+
 TILE = 32  # columns per tile; bank blocks are whole tiles
 MAX_QUERY_CHUNK = 4096
 MAX_BANK_BLOCK = 16384
@@ -40,21 +42,9 @@ ASSUMED_FLOPS = 30e9  # for deciding whether a search is long enough to show pro
 PROGRESS_AFTER_SECONDS = 5.0
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, or None where the file or the field is missing."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def default_memory_budget() -> int:
     """Bytes a search may use for scores and selection: a quarter of what is available, capped."""
-    available = available_memory_bytes()
+    available = available_bytes()
     if available is None:
         return DEFAULT_BUDGET
     return max(TILE * BYTES_PER_SCORE, min(MAX_BUDGET, available // 4))

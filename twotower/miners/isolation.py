@@ -80,27 +80,6 @@ def buffer_bytes(n: int, dim: int, k: int) -> int:
     return n * k * (8 + 4) + n * dim * 4
 
 
-def process_memory() -> dict[str, int]:
-    """This process's memory in bytes: pid, peak_rss and, on Linux, rss_anon, rss_file, rss_shmem.
-
-    On Linux the peak is VmHWM, this program's own; getrusage's maxrss would
-    include the parent's size at fork, which survives exec there.
-    """
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    memory = {"pid": os.getpid(), "peak_rss": peak if sys.platform == "darwin" else peak * 1024}
-    status = Path("/proc/self/status")
-    if status.exists():
-        names = {"VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
-        names["RssShmem"] = "rss_shmem"
-        for line in status.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in names:
-                memory[names[key]] = int(value.split()[0]) * 1024
-    return memory
-
-
 def file_location(bank: np.ndarray) -> dict[str, Any] | None:
     """Where a C-contiguous float32 view of a memory-mapped file lies in that file.
 
@@ -312,7 +291,7 @@ class IsolatedMiner:
         return scores.copy(), ids.copy()
 
     def stats(self) -> dict[str, int]:
-        """The worker's memory (see `process_memory`): pid, peak_rss, rss_anon, rss_file bytes."""
+        """The worker's memory in bytes (`memory.process_memory`): pid, peak_rss, rss_anon, ..."""
         memory: dict[str, int] = self._worker.ask({"op": "stats"}, self.timeout)["memory"]
         return memory
 

@@ -36,8 +36,9 @@ import numpy as np
 
 from twotower import faults, miners
 from twotower.errors import UsageError
+from twotower.memory import process_memory
 from twotower.miners.base import Miner
-from twotower.miners.isolation import process_memory, result_views
+from twotower.miners.isolation import result_views
 
 ORPHAN_CHECK_SECONDS = 1.0
 
