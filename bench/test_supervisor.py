@@ -33,7 +33,7 @@ from tests.processes import run_twotower
 from twotower import supervise
 from twotower.cli import build_parser, config_from_args
 from twotower.data import Dataset, synthesize
-from twotower.rundir import read_metrics
+from twotower.training.rundir import read_metrics
 
 STEPS = 400
 WARMUP = 20

@@ -19,12 +19,12 @@ import pytest
 from bench.report import RatioReport
 from bench.test_backends import B, D, H, K, Q, plain_torch_step
 from twotower import Batch
-from twotower.batching import StepPlan
 from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
-from twotower.evaluation import held_out_split
-from twotower.rundir import read_metrics
-from twotower.trainer import train
+from twotower.training.batching import StepPlan
+from twotower.training.evaluation import held_out_split
+from twotower.training.rundir import read_metrics
+from twotower.training.trainer import train
 
 STEPS = 40
 SAMPLES, BANK, T = 4000, 50_000, 10

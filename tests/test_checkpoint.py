@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twotower.checkpoint import (
+from twotower.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
@@ -94,7 +94,7 @@ CRASHING_SAVE = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from twotower.checkpoint import save_checkpoint
+    from twotower.training.checkpoint import save_checkpoint
     arrays = {"gru.weight_ih_l0": np.full((6, 4), 9.0, dtype=np.float32)}
     save_checkpoint(sys.argv[1], 2, arrays, {}, keep=1,
                     before_commit=lambda: os.kill(os.getpid(), signal.SIGKILL))

@@ -17,9 +17,9 @@ import pytest
 
 from tests.datasets import small_arrays, write_dir, write_npz
 from tests.processes import REPO, child_env
-from twotower.doctor import check_census, check_environment, check_versions
-from twotower.doctor_data import check_data
-from twotower.openmp import Census, classify, take_census
+from twotower.diagnose.census import Census, classify, take_census
+from twotower.diagnose.doctor import check_census, check_environment, check_versions
+from twotower.diagnose.doctor_data import check_data
 
 MATTERING = (
     "KMP_DUPLICATE_LIB_OK",

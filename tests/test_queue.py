@@ -12,8 +12,8 @@ import pytest
 import reference
 from twotower.batch import Batch
 from twotower.errors import UsageError
-from twotower.queue import MemoryQueue
 from twotower.towers import TowerSpec, init_params
+from twotower.training.queue import MemoryQueue
 
 DIM = 4
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from twotower import backends
-from twotower.checkpoint import load_checkpoint
 from twotower.cli import main
 from twotower.config import TrainConfig
 from twotower.data import synthesize
-from twotower.replay import replay
-from twotower.rundir import read_metrics
-from twotower.trainer import train
+from twotower.diagnose.replay import replay
+from twotower.training.checkpoint import load_checkpoint
+from twotower.training.rundir import read_metrics
+from twotower.training.trainer import train
 
 STEP = 22  # between checkpoints 16 and 24, after the mining at step 20
 SETTINGS = dict(

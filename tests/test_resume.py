@@ -16,10 +16,10 @@ import pytest
 
 from tests.processes import train_in_child
 from twotower import backends
-from twotower.checkpoint import load_checkpoint
 from twotower.data import synthesize
-from twotower.evaluation import held_out_split
-from twotower.rundir import read_metrics
+from twotower.training.checkpoint import load_checkpoint
+from twotower.training.evaluation import held_out_split
+from twotower.training.rundir import read_metrics
 
 STEPS = 30
 SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an epoch

@@ -21,14 +21,14 @@ import twotower
 from tests.processes import REPO, child_env, run_twotower
 from tests.test_resume import STEPS, TRAIN_ARGS, step_digests
 from twotower import backends, miners
-from twotower.checkpoint import load_checkpoint
 from twotower.cli import build_parser, config_from_args
 from twotower.data import synthesize
-from twotower.evidence import ExitStatus, MemoryTrend
-from twotower.forensics import ChildOutcome, crashing_thread_first, likely_causes
-from twotower.heartbeat import read_heartbeat
-from twotower.monitor import STACK_WAIT
-from twotower.rundir import read_metrics
+from twotower.guard.evidence import ExitStatus, MemoryTrend
+from twotower.guard.forensics import ChildOutcome, crashing_thread_first, likely_causes
+from twotower.guard.monitor import STACK_WAIT
+from twotower.training.checkpoint import load_checkpoint
+from twotower.training.heartbeat import read_heartbeat
+from twotower.training.rundir import read_metrics
 
 SUPERVISED_ARGS = tuple(arg for arg in TRAIN_ARGS if arg != "--no-supervise")
 IN_PROCESS = ("--miner-isolation", "none")  # the miner in the trainer: its crash is the trainer's

@@ -13,11 +13,11 @@ import pytest
 
 from tests.processes import REPO, child_env, train_in_child
 from twotower import miners
-from twotower.checkpoint import load_checkpoint
 from twotower.config import TrainConfig
 from twotower.data import synthesize
-from twotower.rundir import read_metrics
-from twotower.trainer import train
+from twotower.training.checkpoint import load_checkpoint
+from twotower.training.rundir import read_metrics
+from twotower.training.trainer import train
 
 SMALL = (
     "--no-supervise --batch-size 16 --hidden 16 --hard-negatives 4 --mine-every 10 "
@@ -131,7 +131,7 @@ def test_a_stored_npz_is_trained_on_without_being_read(tmp_path: Path) -> None:
     script = f"""
 import json, sys
 from twotower.config import TrainConfig
-from twotower.trainer import train
+from twotower.training.trainer import train
 def anon_mb():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
@@ -210,7 +210,7 @@ def test_eval_reports_what_an_independent_search_finds(
     import reference
     from twotower.cli import main
     from twotower.data import load_dataset
-    from twotower.evaluation import held_out_split
+    from twotower.training.evaluation import held_out_split
 
     dataset = load_dataset(small_data)
     _, rows = held_out_split(dataset.num_samples, 0.05, 2000, 0)

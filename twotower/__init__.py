@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from twotower import backends, miners
 from twotower.batch import Batch, StepStats
-from twotower.checkpoint import load_checkpoint
 from twotower.config import TrainConfig
 from twotower.data import Dataset, convert, load_dataset, synthesize
-from twotower.supervisor import supervise
+from twotower.guard.supervisor import supervise
 from twotower.towers import TowerSpec
-from twotower.trainer import RunResult, train
+from twotower.training.checkpoint import load_checkpoint
+from twotower.training.trainer import RunResult, train
 
 __all__ = [
     "Batch",

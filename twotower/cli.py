@@ -59,7 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --demo defaults < --config file < flags on the command line."""
-    from twotower.demo import DEMO_SETTINGS
+    from twotower.training.demo import DEMO_SETTINGS
 
     given = {name: value for name, value in vars(args).items() if name in TrainConfig.field_names()}
     from_file = TrainConfig.read_file(args.config) if args.config else {}
@@ -74,10 +74,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.supervise:
-        from twotower.supervisor import supervise
+        from twotower.guard.supervisor import supervise
 
         return supervise(config).exit_code
-    from twotower.trainer import train
+    from twotower.training.trainer import train
 
     return train(config).exit_code
 
@@ -104,7 +104,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from twotower.evaluation import evaluate_run
+    from twotower.training.evaluation import evaluate_run
 
     metrics = evaluate_run(
         run=args.run_dir,
@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Run the command after -- watched; its exit code is passed through."""
-    from twotower.watch import watch
+    from twotower.guard.watch import watch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return watch(command, args.out)
@@ -143,7 +143,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Environment and data checks; exit code 1 when one fails."""
-    from twotower.doctor import diagnose, exit_code, to_json, to_text
+    from twotower.diagnose.doctor import diagnose, exit_code, to_json, to_text
 
     findings = diagnose(args.data)
     print(to_json(findings) if args.json else to_text(findings))
@@ -152,7 +152,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild one step and compare backends; exit code 1 when one disagrees."""
-    from twotower.replay import replay
+    from twotower.diagnose.replay import replay
 
     report = replay(args.run_dir, args.step, args.backends, args.data)
     print(report.to_text())

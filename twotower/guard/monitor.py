@@ -25,8 +25,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from twotower import evidence, forensics
 from twotower.errors import UsageError
+from twotower.guard import evidence, forensics
+from twotower.guard.evidence import openmp_runtimes
 
 POLL_SECONDS = 0.1  # how often the child is checked (its exit, heartbeat, watchdog)
 RSS_EVERY = 2.0  # seconds between direct RSS samples (a heartbeat brings its own)
@@ -243,7 +244,7 @@ class WatchedChild:
                 self.memory.add(seconds, rss, step)
         if now >= self._next_maps:
             self._next_maps = now + MAPS_EVERY
-            self._add_openmp(evidence.openmp_runtimes(pid))
+            self._add_openmp(openmp_runtimes(pid))
 
     def _read_heartbeat(self, pid: int, seconds: float, now: float) -> None:
         if self.heartbeat is None:

@@ -22,26 +22,28 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twotower import backends, evidence, faults, forensics, miners
+from twotower import backends, faults, miners
 from twotower.batch import StepStats
-from twotower.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
-from twotower.checkpoint import (
+from twotower.config import TrainConfig
+from twotower.crash_dump import SUPERVISOR_PID_ENV, enable_crash_dumps
+from twotower.data import Dataset, load_dataset
+from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from twotower.guard.evidence import openmp_runtimes
+from twotower.paths import user_cache_dir
+from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
+from twotower.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     step_dir_name,
 )
-from twotower.config import TrainConfig
-from twotower.data import Dataset, load_dataset
-from twotower.demo import demo_dataset
-from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
-from twotower.evaluation import encode_rows, evaluate, held_out_split
-from twotower.heartbeat import Heartbeat
-from twotower.mining import HardNegativeTable
-from twotower.paths import user_cache_dir
-from twotower.queue import MemoryQueue
-from twotower.rundir import MetricsLog, RunDir, open_log
+from twotower.training.demo import demo_dataset
+from twotower.training.evaluation import encode_rows, evaluate, held_out_split
+from twotower.training.heartbeat import Heartbeat
+from twotower.training.mining import HardNegativeTable
+from twotower.training.queue import MemoryQueue
+from twotower.training.rundir import MetricsLog, RunDir, open_log
 
 log = logging.getLogger("twotower")
 
@@ -85,7 +87,7 @@ class Trainer:
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
         self.last_metrics: dict[str, float] = {}  # ... and the last evaluation
         self.openmp: list[str] | None = None  # OpenMP runtimes here (None: unknown), for reports
-        supervisor = os.environ.get(forensics.SUPERVISOR_PID_ENV, "")
+        supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
         self._supervisor_pid = int(supervisor) if supervisor.isdigit() else None
 
     # --- set-up: everything that can be refused is checked before anything is written ---
@@ -273,7 +275,7 @@ class Trainer:
                 "--no-proj is the parameter-free baseline: nothing to train; "
                 "evaluate it with `twotower eval --data DIR --tower meanpool --no-proj`"
             )
-        forensics.enable_crash_dumps()
+        enable_crash_dumps()
         self.dataset = self._open_dataset()
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
@@ -295,7 +297,7 @@ class Trainer:
         step, metrics = self._restore()
         self.eval_miner = self._make_eval_miner(self.dataset)
         self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
-        self.openmp = evidence.openmp_runtimes()
+        self.openmp = openmp_runtimes()
         self._phase("load", step)
         self.metrics.write(
             "start",

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twotower.diagnose.census import loaded_libraries, runtime_of
 from twotower.memory import proc_status
-from twotower.openmp import loaded_libraries, runtime_of
 
 TAIL_LINES = 40
 SIGNAL_MEANINGS = {

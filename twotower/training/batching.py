@@ -20,9 +20,9 @@ from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners.base import Miner
-from twotower.mining import HardNegativeTable, MiningReport, mine_hard_negatives
-from twotower.queue import MemoryQueue
 from twotower.seeds import HARD_NEGATIVES, epoch_order, step_rng
+from twotower.training.mining import HardNegativeTable, MiningReport, mine_hard_negatives
+from twotower.training.queue import MemoryQueue
 
 
 @dataclass

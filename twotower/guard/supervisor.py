@@ -30,13 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twotower import backends, evidence, faults, forensics, miners
-from twotower.checkpoint import list_checkpoints
+from twotower import backends, faults, miners
 from twotower.config import TrainConfig
+from twotower.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
 from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
-from twotower.monitor import SignalForwarder, WatchedChild, child_env, say
-from twotower.rundir import MetricsLog, RunDir, read_metrics
-from twotower.trainer import PROGRESS_ENV, RunResult
+from twotower.guard import evidence, forensics
+from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
+from twotower.training.checkpoint import list_checkpoints
+from twotower.training.rundir import MetricsLog, RunDir, read_metrics
+from twotower.training.trainer import PROGRESS_ENV, RunResult
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 ATTEMPT_FILE = re.compile(r"^(?:attempt|run)-(\d+)\.")
@@ -52,8 +54,8 @@ def trainer_env(stack_file: Path | None = None, **extra: str) -> dict[str, str]:
     env = child_env(**extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
     if stack_file is not None:
-        env[forensics.CRASH_FILE_ENV] = str(stack_file)
-        env[forensics.SUPERVISOR_PID_ENV] = str(os.getpid())
+        env[CRASH_FILE_ENV] = str(stack_file)
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
 
 

@@ -3,10 +3,10 @@
 Every check returns `Finding`s that say what was looked at (evidence) and
 what to do. `diagnose(data)` runs them all: Python and library versions
 against known-bad combinations, the OpenMP census of a fresh child process
-(`twotower.openmp`), the environment variables that change threading,
+(`twotower.diagnose.census`), the environment variables that change threading,
 the engines this machine can run, and, given a dataset, its layout, a
 compressed .npz's cost, and memory and disk against a run with the default
-settings (`twotower.doctor_data`). Exit code: 0 when nothing fails, 1 when
+settings (`twotower.diagnose.doctor_data`). Exit code: 0 when nothing fails, 1 when
 something does (`exit_code`).
 """
 
@@ -20,12 +20,12 @@ import re
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
-from twotower.openmp import MODULES, Census, take_census
+from twotower.diagnose.census import MODULES, Census, take_census
+from twotower.diagnose.doctor_data import check_data
+from twotower.diagnose.findings import STATUSES, Finding
 
-STATUSES = ("ok", "warn", "fail")
 INDENT = " " * 8  # evidence lines after the first, and what to do
 DISTRIBUTIONS = ("numpy", "torch", "faiss-cpu", "faiss-gpu", "hnswlib")
 TESTED_PYTHONS = ((3, 10), (3, 13))
@@ -42,24 +42,6 @@ ISOLATION = (
     "that shares one runtime. KMP_DUPLICATE_LIB_OK=TRUE hides Intel's duplicate-runtime "
     "check but not the problem"
 )
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One check's result: check name, status ok / warn / fail, the evidence, what to do.
-
-    details: machine-readable evidence for --json (the OpenMP runtimes and their paths, sizes).
-    """
-
-    check: str
-    status: str
-    evidence: str
-    action: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -331,8 +313,6 @@ def diagnose(data: str | None = None, census: Census | None = None) -> list[Find
     findings += check_environment(os.environ, os.cpu_count() or 1)
     findings += check_engines()
     if data is not None:
-        from twotower.doctor_data import check_data
-
         findings += check_data(data)
     return findings
 

@@ -21,7 +21,7 @@ from twotower.config import TrainConfig
 from twotower.data import KEYS, npz_cache_dirs
 from twotower.data.npy import Header, Source, data_error, file_source, npz_sources, read_header
 from twotower.data.validate import check_layout, dataset_keys
-from twotower.doctor import Finding
+from twotower.diagnose.findings import Finding
 from twotower.errors import DataError
 from twotower.memory import available_bytes
 from twotower.paths import user_cache_dir

@@ -38,16 +38,21 @@ from twotower import backends, miners
 from twotower.agreement import REPLAY_TOLERANCES, disagreement
 from twotower.backends import Backend, make_backend
 from twotower.batch import Batch
-from twotower.batching import StepPlan, assemble_batch, gather_step, mine_table
-from twotower.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, step_dir_name
 from twotower.config import TrainConfig
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
-from twotower.evaluation import encode_rows, held_out_split
-from twotower.mining import HardNegativeTable
 from twotower.paths import user_cache_dir
-from twotower.queue import MemoryQueue
-from twotower.rundir import RunDir, read_metrics
+from twotower.training.batching import StepPlan, assemble_batch, gather_step, mine_table
+from twotower.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    step_dir_name,
+)
+from twotower.training.evaluation import encode_rows, held_out_split
+from twotower.training.mining import HardNegativeTable
+from twotower.training.queue import MemoryQueue
+from twotower.training.rundir import RunDir, read_metrics
 
 EXIT_DISAGREE = 1
 STEP_EVENTS = ("step", "nonfinite")  # metrics.jsonl records that carry a step's batch digest

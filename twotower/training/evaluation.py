@@ -11,12 +11,12 @@ from tqdm import tqdm
 
 from twotower import miners
 from twotower.backends import Backend, make_backend
-from twotower.checkpoint import load_checkpoint
 from twotower.config import TrainConfig
 from twotower.data import holdout_split, load_dataset
 from twotower.miners import Miner
 from twotower.paths import user_cache_dir
 from twotower.seeds import EVAL_SPLIT
+from twotower.training.checkpoint import load_checkpoint
 
 CUTOFFS = (1, 10, 100)
 Gather = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]

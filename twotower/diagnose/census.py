@@ -38,7 +38,7 @@ OPENMP_RUNTIMES = ("libiomp5", "libgomp", "libomp", "vcomp")
 OPENBLAS_THREADING = {0: "sequential", 1: "pthreads", 2: "OpenMP"}
 
 # The child: twotower itself imports numpy only, so what it loads is what the modules load.
-CHILD = "import sys; from twotower.openmp import census_main; census_main(sys.argv[1:])"
+CHILD = "import sys; from twotower.diagnose.census import census_main; census_main(sys.argv[1:])"
 
 
 def loaded_libraries(pid: int | None = None) -> list[str] | None:

@@ -2,10 +2,10 @@
 
 Shared by `twotower train` (the supervisor) and `twotower watch`:
 
-- the child's side of the contract: `enable_crash_dumps` (faulthandler into
-  the file the supervisor names; SIGUSR1 dumps every thread, for the watchdog);
+- the child's side of the contract lives in `twotower.crash_dump`, which the
+  trainer imports without reaching up into guard/;
 - `ChildOutcome`: how a child ended and what was seen while it ran (the
-  evidence itself comes from `twotower.evidence`);
+  evidence itself comes from `twotower.guard.evidence`);
 - judgement: `likely_causes` (each cause with its confidence, evidence and a
   mitigation) and `examine`, which turns an outcome into the JSON report
   written to `crashes/`, with `summary_lines` for the human summary on stderr.
@@ -13,20 +13,18 @@ Shared by `twotower train` (the supervisor) and `twotower watch`:
 
 from __future__ import annotations
 
-import faulthandler
 import json
-import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from twotower.atomic import replace_file
-from twotower.evidence import (
+from twotower.faults import Fault
+from twotower.guard.evidence import (
     ExitStatus,
     MemoryTrend,
     kernel_log,
@@ -35,37 +33,11 @@ from twotower.evidence import (
     size_text,
     tail,
 )
-from twotower.faults import Fault
 
-CRASH_FILE_ENV = "TWOTOWER_CRASH_FILE"  # where a supervised child's faulthandler writes
-SUPERVISOR_PID_ENV = "TWOTOWER_SUPERVISOR_PID"  # a child whose parent is gone stops cleanly
 NEAR_LIMIT = 0.8  # peak RSS at or above this share of the memory limit counts as "near"
 NATIVE_CRASHES = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
 INJECTED_EXITS = {"segv": "SIGSEGV", "abort": "SIGABRT", "kill": "SIGKILL"}
 OOM_LINE = re.compile(r"oom|[Kk]illed process")
-
-# --- the child's side -------------------------------------------------------------------
-
-_crash_stream: IO[str] | None = None
-
-
-def enable_crash_dumps() -> Path | None:
-    """In a supervised child: send faulthandler's output to the file named by
-    $TWOTOWER_CRASH_FILE (fatal signals: the traceback of every thread) and make
-    SIGUSR1 dump every thread's stack there (the watchdog's request).
-
-    Returns that path, or None when the variable is unset (nothing is changed).
-    """
-    global _crash_stream
-    path = os.environ.get(CRASH_FILE_ENV)
-    if not path:
-        return None
-    _crash_stream = open(path, "a")  # noqa: SIM115 - faulthandler writes to it until exit
-    faulthandler.enable(file=_crash_stream, all_threads=True)
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, file=_crash_stream, all_threads=True)
-    return Path(path)
-
 
 # --- what happened and why --------------------------------------------------------------
 
