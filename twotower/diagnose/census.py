@@ -30,36 +30,15 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from twotower.openmp import loaded_libraries, owner_of, runtime_of
+
 MODULES = ("numpy", "torch", "faiss")
 TIMEOUT = 120.0  # seconds for the child's imports (torch alone takes a few on a cold disk)
 
-# file-name prefixes of Intel's, GNU's, LLVM's and MSVC's OpenMP (libiomp5 tested before libomp)
-OPENMP_RUNTIMES = ("libiomp5", "libgomp", "libomp", "vcomp")
 OPENBLAS_THREADING = {0: "sequential", 1: "pthreads", 2: "OpenMP"}
 
 # The child: twotower itself imports numpy only, so what it loads is what the modules load.
 CHILD = "import sys; from twotower.diagnose.census import census_main; census_main(sys.argv[1:])"
-
-
-def loaded_libraries(pid: int | None = None) -> list[str] | None:
-    """Paths of every file mapped into a process, sorted; None where that cannot be known.
-
-    pid None: this process (Linux: /proc/self/maps; macOS: the dyld image list
-    through ctypes). Another pid: Linux only (/proc/PID/maps, if readable).
-    """
-    if os.path.exists("/proc/self/maps"):
-        try:
-            with open(f"/proc/{pid or 'self'}/maps") as maps:
-                fields = [line.split(maxsplit=5) for line in maps]
-        except OSError:
-            return None
-        return sorted({f[5].strip() for f in fields if len(f) == 6 and f[5].startswith("/")})
-    if sys.platform == "darwin" and pid is None:
-        dyld = ctypes.CDLL(None)
-        dyld._dyld_get_image_name.restype = ctypes.c_char_p
-        names = (dyld._dyld_get_image_name(i) for i in range(dyld._dyld_image_count()))
-        return sorted({name.decode(errors="replace") for name in names if name})
-    return None
 
 
 def openblas_builds(paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -117,29 +96,6 @@ def census_main(modules: list[str]) -> None:
         except Exception as error:  # any failure of the bridge is the finding
             bridge = f"{type(error).__name__}: {error}"
     say(libraries=paths, openblas=openblas_builds(paths or []), bridge=bridge, warnings=caught)
-
-
-def runtime_of(path: str) -> str | None:
-    """The OpenMP runtime a library file is ('libgomp', 'libomp', ...), or None."""
-    base = os.path.basename(path).lower()
-    for prefix in OPENMP_RUNTIMES:
-        rest = base[len(prefix) :]
-        if base.startswith(prefix) and (not rest or not rest[0].isalpha() or rest[:2] == "md"):
-            return prefix
-    return None
-
-
-def owner_of(path: str) -> str:
-    """Which installed package ships a library: the folder under site-packages, else 'system'.
-
-    '.../site-packages/faiss_cpu.libs/libgomp-e985bcbb.so.1' -> 'faiss_cpu'.
-    """
-    parts = path.replace("\\", "/").split("/")
-    for anchor in ("site-packages", "dist-packages"):
-        if anchor in parts and parts.index(anchor) + 1 < len(parts):
-            top = parts[parts.index(anchor) + 1]
-            return top.removesuffix(".libs").removesuffix(".dylibs")
-    return "system"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twotower.diagnose.census import loaded_libraries, runtime_of
 from twotower.memory import proc_status
 
 TAIL_LINES = 40
@@ -225,18 +224,6 @@ def kernel_log(pid: int) -> list[str] | None:
         return None
     about = re.compile(rf"\[{pid}\]:|[Kk]illed process {pid}\b|pid={pid},")
     return [line.strip() for line in out.stdout.splitlines() if about.search(line)]
-
-
-def openmp_runtimes(pid: int | None = None) -> list[str] | None:
-    """Paths of the OpenMP runtimes (libgomp, libomp, libiomp5, ...) loaded in a process.
-
-    pid None: this process; another pid: Linux only. None where it cannot be
-    known (see `openmp.loaded_libraries`, the census `twotower doctor` takes).
-    """
-    paths = loaded_libraries(pid)
-    if paths is None:
-        return None
-    return [path for path in paths if runtime_of(path)]
 
 
 # --- tracebacks -------------------------------------------------------------------------

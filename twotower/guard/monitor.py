@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from twotower.errors import UsageError
 from twotower.guard import evidence, forensics
-from twotower.guard.evidence import openmp_runtimes
+from twotower.openmp import openmp_runtimes
 
 POLL_SECONDS = 0.1  # how often the child is checked (its exit, heartbeat, watchdog)
 RSS_EVERY = 2.0  # seconds between direct RSS samples (a heartbeat brings its own)

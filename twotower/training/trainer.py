@@ -28,7 +28,7 @@ from twotower.config import TrainConfig
 from twotower.crash_dump import SUPERVISOR_PID_ENV, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
-from twotower.guard.evidence import openmp_runtimes
+from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
 from twotower.training.checkpoint import (

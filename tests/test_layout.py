@@ -1,0 +1,122 @@
+"""The package's parts import one way: face -> guard -> diagnose -> training -> data / backends /
+miners -> shared top-level modules -> reference (numpy only).
+
+Read with ast, nothing executed: every `import` and `from ... import`, including those inside
+functions, counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FACE = {"twotower", "twotower.cli", "twotower.__main__"}
+# higher ranks may import lower ones, never the reverse; equal ranks may import each other
+RANKS = {"guard": 5, "diagnose": 4, "training": 3, "data": 2, "backends": 2, "miners": 2}
+SHARED = 1  # the modules directly under twotower/ that are not the face
+REFERENCE = 0
+
+
+def module_name(path: Path, root: Path) -> str:
+    """'twotower/guard/monitor.py' -> 'twotower.guard.monitor'; a package's __init__ -> its name."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def rank(module: str) -> int:
+    """The rank of a twotower (or reference) module name; the face ranks above everything."""
+    if module == "reference" or module.startswith("reference."):
+        return REFERENCE
+    if module in FACE:
+        return 99
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in RANKS:
+        return RANKS[parts[1]]
+    return SHARED
+
+
+def known_modules(root: Path) -> set[str]:
+    """Every module and package name under root's twotower/ and reference/."""
+    files = [*(root / "twotower").rglob("*.py"), *(root / "reference").rglob("*.py")]
+    return {module_name(path, root) for path in files}
+
+
+def imported_modules(path: Path, root: Path, known: set[str]) -> list[tuple[int, str]]:
+    """(line, absolute module name) for every import in a file, relative ones resolved.
+
+    `from twotower import faults` counts as importing twotower.faults, not the package root.
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = module_name(path, root)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.append((node.lineno, full if full in known else base))
+    return found
+
+
+ALLOWED_IN_REFERENCE = ("numpy", "__future__", "reference", "typing", "collections")
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    """One line per import that points up the ranks, or out of the reference's numpy-only world."""
+    known = known_modules(root)
+    bad = []
+    for path in sorted([*(root / "twotower").rglob("*.py"), *(root / "reference").rglob("*.py")]):
+        here = module_name(path, root)
+        for line, target in imported_modules(path, root, known):
+            where = f"{path.relative_to(root)}:{line} imports {target}"
+            if rank(here) == REFERENCE:
+                if target.split(".")[0] not in ALLOWED_IN_REFERENCE:
+                    bad.append(f"{where}: reference/ may import numpy only")
+            elif target in ("twotower", "twotower.cli"):
+                if here not in FACE:
+                    bad.append(f"{where}: only the face imports the package root or the CLI")
+            elif target in known and rank(target) > rank(here):
+                bad.append(f"{where}: rank {rank(here)} must not import rank {rank(target)}")
+    return bad
+
+
+def test_no_part_imports_a_higher_one() -> None:
+    assert violations() == []
+
+
+@pytest.mark.parametrize(
+    ("here", "source", "complaint"),
+    [
+        ("twotower/miners/x.py", "from twotower.training.queue import MemoryQueue", "rank 2"),
+        ("twotower/data/x.py", "import twotower.guard.supervisor", "rank 2"),
+        ("twotower/training/x.py", "from twotower.guard import forensics", "rank 3"),
+        ("twotower/backends/x.py", "from twotower import cli", "only the face"),
+        ("twotower/config.py", "from twotower.diagnose.doctor import diagnose", "rank 1"),
+        ("reference/x.py", "import torch", "numpy only"),
+        ("reference/x.py", "from twotower.batch import Batch", "numpy only"),
+    ],
+)
+def test_the_check_catches_an_upward_import(
+    here: str, source: str, complaint: str, tmp_path: Path
+) -> None:
+    """A negative control: the same walk over a copy of the tree with one bad import planted."""
+    copy = tmp_path / "tree"
+    for folder in ("twotower", "reference"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    planted = copy / here
+    planted.write_text((planted.read_text() if planted.exists() else "") + "\n" + source + "\n")
+    found = violations(copy)
+    assert len(found) == 1, found
+    assert found[0].startswith(here) and complaint in found[0]
