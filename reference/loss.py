@@ -2,7 +2,9 @@
 
 For query i with positive id p_i the candidates are, in this order:
 bank[p_i], bank[p_j] for j != i (in-batch), hard_vecs[i, :], queue_vecs[:].
-A candidate other than the first whose id is p_i or -1 is masked out.
+A candidate other than the first whose id is p_i or -1 is masked out; with
+seen-item masking (`batch.context_ids` (B, T), -1 padded, present and not
+None) so is one whose id is among query i's context ids.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ def candidates_for(batch: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     return vecs, ids
 
 
+def seen_ids(batch: Any, i: int) -> np.ndarray:
+    """The ids query i has already seen (its context ids), or none without seen-item masking."""
+    context_ids = getattr(batch, "context_ids", None)
+    if context_ids is None:
+        return np.zeros(0, dtype=np.int64)
+    row = np.asarray(context_ids[i], dtype=np.int64)
+    return row[row >= 0]
+
+
 def infonce(q: np.ndarray, batch: Any, temperature: float) -> tuple[float, np.ndarray]:
     """Mean InfoNCE over the batch. q (B, D) -> (loss, dL/dq (B, D))."""
     batch_size = q.shape[0]
@@ -43,8 +54,8 @@ def infonce(q: np.ndarray, batch: Any, temperature: float) -> tuple[float, np.nd
     dq = np.zeros_like(q, dtype=np.float64)
     for i in range(batch_size):
         vecs, ids = candidates_for(batch, i)
-        keep = (ids != ids[0]) & (ids != -1)
-        keep[0] = True
+        keep = (ids != ids[0]) & (ids != -1) & ~np.isin(ids, seen_ids(batch, i))
+        keep[0] = True  # the positive counts even when it is one of the query's context items
         vecs = vecs[keep]
         scores = vecs @ q[i] / temperature
         top = scores.max()

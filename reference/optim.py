@@ -1,4 +1,5 @@
-"""Global-norm gradient clipping and AdamW, with torch's semantics, in float64."""
+"""Global-norm gradient clipping, AdamW with torch's semantics, and the learning-rate
+schedule, in float64."""
 
 from __future__ import annotations
 
@@ -48,3 +49,28 @@ def adamw(
         new_params[name] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
         new_avg[name], new_avg_sq[name] = m, v
     return new_params, new_avg, new_avg_sq, step
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """f(s) of DESIGN.md: the update of step `step` (steps done before it) uses lr * f(s).
+
+    Warm-up: f = (s + 1) / warmup for s < warmup. After it, over the planned
+    total S = `total`: constant 1; linear max(0, (S - s) / (S - W)); cosine
+    0.5 * (1 + cos(pi * (s - W) / (S - W))), its progress capped at 1 (steps
+    past the plan stay at f = 0 instead of climbing back).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; one of {LR_SCHEDULES}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if total <= warmup:  # no decay phase was planned: past the plan
+        return 0.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / (total - warmup))
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return float(0.5 * (1.0 + np.cos(np.pi * progress)))

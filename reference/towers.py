@@ -150,10 +150,19 @@ def _project_backward(
     return dy @ np.asarray(params["proj.weight"], dtype=np.float64)
 
 
+RESIDUALS = ("none", "last")
+
+
 def gru_tower_forward(
-    params: Params, contexts: np.ndarray, lengths: np.ndarray
+    params: Params, contexts: np.ndarray, lengths: np.ndarray, residual: str = "none"
 ) -> tuple[np.ndarray, dict]:
-    """contexts (B, T, D), lengths (B,) -> unit query vectors (B, D), cache."""
+    """contexts (B, T, D), lengths (B,) -> unit query vectors (B, D), cache.
+
+    residual "last": q = normalize(x_last + proj(h_last)), x_last (B, D) the
+    sequence's last real context vector (position lengths[i] - 1).
+    """
+    if residual not in RESIDUALS:
+        raise ValueError(f"unknown residual {residual!r}; one of {RESIDUALS}")
     rows = np.arange(len(lengths))
     layer_input = np.asarray(contexts, dtype=np.float64)
     layer_caches = []
@@ -161,7 +170,10 @@ def gru_tower_forward(
         layer_input, cache = gru_layer_forward(layer_input, lengths, *_gru_weights(params, layer))
         layer_caches.append(cache)
     h_last = layer_input[rows, lengths - 1]
-    q, norm = normalize(_project(params, h_last))
+    y = _project(params, h_last)
+    if residual == "last":
+        y = y + np.asarray(contexts, dtype=np.float64)[rows, lengths - 1]  # a constant: no grad
+    q, norm = normalize(y)
     steps = contexts.shape[1]
     return q, {"layers": layer_caches, "h_last": h_last, "q": q, "norm": norm, "steps": steps}
 
@@ -186,9 +198,14 @@ def gru_tower_backward(
 
 
 def meanpool_tower_forward(
-    params: Params, contexts: np.ndarray, lengths: np.ndarray
+    params: Params, contexts: np.ndarray, lengths: np.ndarray, residual: str = "none"
 ) -> tuple[np.ndarray, dict]:
-    """q = normalize(proj(mean of x[:length])); no proj.* parameters -> q = normalize(mean)."""
+    """q = normalize(proj(mean of x[:length])); no proj.* parameters -> q = normalize(mean).
+
+    The mean-pool tower has no residual option (it already starts at the mean).
+    """
+    if residual != "none":
+        raise ValueError(f"the meanpool tower has no residual option, got {residual!r}")
     x = np.asarray(contexts, dtype=np.float64)
     valid = (np.arange(x.shape[1])[None, :] < lengths[:, None])[:, :, None]
     mean = np.where(valid, x, 0.0).sum(axis=1) / lengths[:, None]

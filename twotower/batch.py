@@ -12,6 +12,9 @@ class Batch:
     """One step's inputs, all NumPy. B queries, T steps, D dims, K hard negatives, Q queue slots.
 
     Ids of -1 in `hard_ids` or `queue_ids` mark empty slots (masked out of the loss).
+    `context_ids` (the bank ids of each query's context items, -1 padded) turns seen-item
+    masking on: a candidate among query i's context ids is masked unless it is p_i itself.
+    None (the default) leaves it off.
     """
 
     contexts: np.ndarray  # (B, T, D) float32
@@ -22,6 +25,7 @@ class Batch:
     hard_vecs: np.ndarray  # (B, K, D) float32
     queue_ids: np.ndarray  # (Q,) int64
     queue_vecs: np.ndarray  # (Q, D) float32
+    context_ids: np.ndarray | None = None  # (B, T) int64, -1 padded; None: no seen-item masking
 
     @classmethod
     def in_batch_only(
@@ -48,14 +52,37 @@ class Batch:
         """Which candidates the loss ignores: (in-batch (B, B), hard (B, K), queue (B, Q)).
 
         True where a candidate other than the query's own positive has the
-        positive's id (a duplicate) or the id -1 (an empty slot).
+        positive's id (a duplicate), the id -1 (an empty slot) or, with
+        `context_ids`, one of the query's context ids (an item it has seen).
         """
         positives = self.positive_ids[:, None]
         in_batch = positives == self.positive_ids[None, :]
-        np.fill_diagonal(in_batch, False)
         hard = (self.hard_ids == positives) | (self.hard_ids == -1)
         queue = (self.queue_ids[None, :] == positives) | (self.queue_ids[None, :] == -1)
+        if self.context_ids is not None:
+            in_batch |= seen_by_query(self.context_ids, self.positive_ids[None, :])
+            hard |= seen_by_query(self.context_ids, self.hard_ids)
+            queue |= seen_by_query(self.context_ids, self.queue_ids[None, :])
+        np.fill_diagonal(in_batch, False)
         return in_batch, hard, queue
+
+
+def seen_by_query(context_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(B, C) bool: whether candidate ids[i, c] is one of context_ids[i] (B, T), -1 padded.
+
+    ids is (B, C), or (1, C) for candidates every query shares. Cost is
+    one sort of the candidates plus a check per (query, candidate) pair whose
+    id some query has seen, never a (B, T, C) comparison: C may be a 50k queue.
+    """
+    context_ids = np.asarray(context_ids, dtype=np.int64)
+    seen = np.zeros((len(context_ids), ids.shape[1]), dtype=bool)
+    known = context_ids[context_ids >= 0]
+    if known.size == 0 or ids.size == 0:
+        return seen
+    rows, cols = np.nonzero(np.broadcast_to(np.isin(ids, known), seen.shape))
+    candidates = np.broadcast_to(ids, seen.shape)[rows, cols]
+    seen[rows, cols] = (context_ids[rows] == candidates[:, None]).any(axis=1)
+    return seen
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         miner=args.miner,
         seed=args.seed,
         max_eval=args.max_eval,
+        exclude_context=True if args.exclude_context else None,
     )
     for name, value in metrics.items():
         print(f"{name:12s} {value:.4f}")
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--seed", type=int, help="split seed (default: the run's)")
     ev.add_argument("--max-eval", type=int, help="held-out queries (default: the run's)")
+    ev.add_argument(
+        "--exclude-context",
+        action="store_true",
+        help="rank without each query's own context items (default: as the run trained)",
+    )
     ev.set_defaults(run=cmd_eval)
 
     watch = sub.add_parser(

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from reference.optim import LR_SCHEDULES
 from twotower.errors import UsageError
+from twotower.towers import RESIDUALS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,6 +30,7 @@ NUMERIC_FIELDS = (
     "data",
     "tower",
     "proj",
+    "residual",
     "hidden",
     "layers",
     "batch_size",
@@ -39,14 +42,21 @@ NUMERIC_FIELDS = (
     "relative_margin",
     "max_score",
     "queue_size",
+    "exclude_context",
     "temperature",
     "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "warmup_share",
     "weight_decay",
     "max_grad_norm",
     "seed",
     "eval_fraction",
     "max_eval",
 )
+# Fields a decaying schedule (or a warm-up share) reads through the planned total S: with
+# those, a resume with another --steps or --epochs changes the rate of every step after it.
+PLAN_FIELDS = ("steps", "epochs")
 
 
 def knob(default: Any, help: str) -> Any:
@@ -67,6 +77,9 @@ class TrainConfig:
     # model
     tower: str = knob("gru", "query tower: gru | meanpool")
     proj: bool = knob(True, "meanpool: learn a projection (False: the parameter-free baseline)")
+    residual: str = knob(
+        "none", "gru: none | last (q = normalize(last context vector + proj(h)), proj starts at 0)"
+    )
     hidden: int = knob(768, "GRU hidden size H")
     layers: int = knob(1, "GRU layers L")
     # engines
@@ -95,9 +108,15 @@ class TrainConfig:
     relative_margin: float | None = knob(None, "drop candidates above (1 - margin) * positive")
     max_score: float | None = knob(None, "drop candidates scoring above this")
     queue_size: int = knob(4096, "memory-bank queue size Q; 0 turns it off")
+    exclude_context: bool = knob(
+        False, "mask a query's own context items out of its negatives and its evaluation ranking"
+    )
     # loss and optimizer
     temperature: float = knob(0.05, "InfoNCE temperature tau")
-    lr: float = knob(1e-3, "AdamW learning rate")
+    lr: float = knob(1e-3, "AdamW learning rate (the peak, with a schedule)")
+    lr_schedule: str = knob("constant", "after warm-up: constant | linear | cosine (decay to 0)")
+    warmup_steps: int | None = knob(None, "linear warm-up steps W (wins over --warmup-share)")
+    warmup_share: float = knob(0.0, "warm-up as a share of the planned steps, rounded up")
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay")
     max_grad_norm: float = knob(1.0, "global gradient-norm clip")
     seed: int = knob(0, "seed of init, batch order and sampling")
@@ -145,6 +164,20 @@ class TrainConfig:
             raise UsageError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if self.tower not in ("gru", "meanpool"):
             raise UsageError(f"--tower must be gru or meanpool, got {self.tower!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.warmup_share < 1:
+            raise UsageError(f"--warmup-share must be in [0, 1), got {self.warmup_share}")
+        if self.residual not in RESIDUALS:
+            raise UsageError(
+                f"--residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}"
+            )
+        if self.residual != "none" and self.tower != "gru":
+            raise UsageError("--residual is a gru option (meanpool already starts at the mean)")
         if self.data is None and not self.demo:
             raise UsageError("no data: give --data DIR|FILE.npz, or --demo for built-in demo data")
 
@@ -187,15 +220,26 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def numeric_fields(self) -> tuple[str, ...]:
+        """NUMERIC_FIELDS, plus --steps and --epochs when the lr schedule reads the plan."""
+        plan_matters = self.lr_schedule != "constant" or (
+            self.warmup_steps is None and self.warmup_share > 0
+        )
+        return NUMERIC_FIELDS + (PLAN_FIELDS if plan_matters else ())
+
     def numeric_hash(self) -> str:
         """sha256 (16 hex digits) of the fields that change a run's numbers."""
         numeric = {name: getattr(self, name) for name in NUMERIC_FIELDS}
         return hashlib.sha256(json.dumps(numeric, sort_keys=True).encode()).hexdigest()[:16]
 
     def numeric_differences(self, other: dict[str, Any]) -> list[str]:
-        """'name: theirs -> ours' for each numeric field that differs from `other`."""
+        """'name: theirs -> ours' for each numeric field that differs from `other`.
+
+        A field `other` lacks (a run made before that option existed) counts as its default.
+        """
+        defaults = {f.name: f.default for f in fields(self)}
         return [
-            f"{name}: {other.get(name)!r} -> {getattr(self, name)!r}"
-            for name in NUMERIC_FIELDS
-            if other.get(name) != getattr(self, name)
+            f"{name}: {other.get(name, defaults[name])!r} -> {getattr(self, name)!r}"
+            for name in self.numeric_fields()
+            if other.get(name, defaults[name]) != getattr(self, name)
         ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reference.towers import RESIDUALS
 from twotower.errors import UsageError
 from twotower.seeds import init_rng
 
@@ -25,6 +26,8 @@ class TowerSpec:
     dim: D, the context and document vector size; hidden: H; layers: L (GRU only).
     proj: whether a `proj` Linear maps the pooled state to D (meanpool without
     it is the parameter-free baseline q = normalize(mean)).
+    residual (GRU only): "none", or "last" for q = normalize(x_last + proj(h_last)),
+    x_last the sequence's last real context vector, with proj zero-initialised.
     """
 
     kind: str = "gru"
@@ -32,12 +35,19 @@ class TowerSpec:
     hidden: int = 768
     layers: int = 1
     proj: bool = True
+    residual: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in TOWER_KINDS:
             raise UsageError(f"unknown tower {self.kind!r}; choose one of {', '.join(TOWER_KINDS)}")
         if self.kind == "gru" and not self.proj:
             raise UsageError("the gru tower needs its projection; --no-proj is for meanpool")
+        if self.residual not in RESIDUALS:
+            raise UsageError(
+                f"unknown residual {self.residual!r}; choose one of {', '.join(RESIDUALS)}"
+            )
+        if self.residual != "none" and self.kind != "gru":
+            raise UsageError("--residual is a gru option (meanpool already starts at the mean)")
         for field, value in (("dim", self.dim), ("hidden", self.hidden), ("layers", self.layers)):
             if value < 1:
                 raise UsageError(f"tower {field} must be >= 1, got {value}")
@@ -75,8 +85,10 @@ def init_params(spec: TowerSpec, seed: int) -> dict[str, np.ndarray]:
     """Seeded float32 parameters with torch's default ranges.
 
     GRU weights and biases ~ U(-1/sqrt(H), 1/sqrt(H)); the GRU tower's proj is
-    a default nn.Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the meanpool
-    proj starts as the identity with zero bias.
+    a default nn.Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or zeros with
+    residual "last" (so step 0 is exactly the last-item baseline; the GRU
+    weights are drawn as without it); the meanpool proj starts as the identity
+    with zero bias.
     """
     rng = init_rng(seed)
     params: dict[str, np.ndarray] = {}
@@ -86,5 +98,7 @@ def init_params(spec: TowerSpec, seed: int) -> dict[str, np.ndarray]:
         else:
             fan_in = spec.hidden
             value = rng.uniform(-1.0, 1.0, size=shape) / np.sqrt(fan_in)
+            if spec.residual != "none" and name.startswith("proj."):
+                value = np.zeros(shape)
         params[name] = value.astype(np.float32)
     return params

@@ -60,6 +60,7 @@ def get(
     layers: int = 1,
     *,
     proj: bool = True,
+    residual: str = "none",
     temperature: float = 0.05,
     lr: float = 1e-3,
     weight_decay: float = 0.01,
@@ -73,7 +74,9 @@ def get(
     Raises twotower.errors.EngineUnavailable (a UsageError) for an unknown or unavailable name.
     """
     REGISTRY.require(name)
-    spec = TowerSpec(kind=tower, dim=dim, hidden=hidden, layers=layers, proj=proj)
+    spec = TowerSpec(
+        kind=tower, dim=dim, hidden=hidden, layers=layers, proj=proj, residual=residual
+    )
     settings = StepSettings(
         temperature=temperature, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm
     )
@@ -107,6 +110,7 @@ def make_backend(config: Any, dim: int, name: str | None = None) -> Backend:
         hidden=config.hidden if config.tower == "gru" else dim,
         layers=config.layers,
         proj=config.proj,
+        residual=config.residual,
         temperature=config.temperature,
         lr=config.lr,
         weight_decay=config.weight_decay,

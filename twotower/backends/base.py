@@ -57,9 +57,10 @@ class Backend(Protocol):
     def loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         """The batch's loss and the gradient of every parameter; nothing is updated."""
 
-    def step(self, batch: Batch) -> StepStats:
-        """Loss, gradients, global-norm clip and AdamW. A non-finite loss or
-        gradient leaves parameters and optimizer untouched (applied=False)."""
+    def step(self, batch: Batch, lr: float | None = None) -> StepStats:
+        """Loss, gradients, global-norm clip and AdamW at rate `lr` (None: settings.lr; a
+        schedule passes this step's rate). A non-finite loss or gradient leaves parameters
+        and optimizer untouched (applied=False)."""
 
 
 def split_state(

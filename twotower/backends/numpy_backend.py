@@ -170,6 +170,8 @@ class NumpyBackend:
         if "proj.weight" in self.params:
             y = features @ self.params["proj.weight"].T
             y += self.params["proj.bias"]
+        if self.spec.residual == "last":
+            y += contexts[np.arange(len(lengths)), lengths - 1]
         norm = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.float32(NORM_EPS))
         return y / norm, norm, features, cache
 
@@ -222,21 +224,22 @@ class NumpyBackend:
 
     # --- update ------------------------------------------------------------------------
 
-    def step(self, batch: Batch) -> StepStats:
+    def step(self, batch: Batch, lr: float | None = None) -> StepStats:
         loss, grads = self.loss_and_grads(batch)
         norm = float(np.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads.values())))
         if not (np.isfinite(loss) and np.isfinite(norm)):
             return StepStats(loss=loss, grad_norm=norm, applied=False)
         s = self.settings
+        lr = s.lr if lr is None else lr
         clip = np.float32(min(1.0, s.max_grad_norm / (norm + 1e-6)))
         self.steps_taken += 1
-        step_size = s.lr / (1 - s.beta1**self.steps_taken)
+        step_size = lr / (1 - s.beta1**self.steps_taken)
         bias_correction2_sqrt = np.sqrt(1 - s.beta2**self.steps_taken)
         for name, p in self.params.items():
             g = grads[name]
             g *= clip
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
-            p *= np.float32(1 - s.lr * s.weight_decay)
+            p *= np.float32(1 - lr * s.weight_decay)
             exp_avg *= np.float32(s.beta1)
             exp_avg += np.float32(1 - s.beta1) * g
             exp_avg_sq *= np.float32(s.beta2)

@@ -74,6 +74,9 @@ class QueryTower(nn.Module):
         y = self.features(x, lengths, gru_path)
         if hasattr(self, "proj"):
             y = self.proj(y)
+        if self.spec.residual == "last":
+            rows = torch.arange(x.shape[0], device=x.device)
+            y = y + x[rows, lengths.to(x.device) - 1]
         return F.normalize(y, dim=1, eps=1e-12)
 
 
@@ -183,12 +186,14 @@ class TorchBackend:
             grads[name] = grad.cpu().numpy().copy()
         return loss, grads
 
-    def step(self, batch: Batch) -> StepStats:
+    def step(self, batch: Batch, lr: float | None = None) -> StepStats:
         loss = self._backward(batch)
         norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
         if not (np.isfinite(loss) and np.isfinite(norm)):
             self.model.zero_grad(set_to_none=True)
             return StepStats(loss=loss, grad_norm=norm, applied=False)
         if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.settings.lr if lr is None else lr
             self.optimizer.step()
         return StepStats(loss=loss, grad_norm=norm, applied=True)

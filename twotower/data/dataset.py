@@ -131,6 +131,22 @@ class Dataset:
         contexts[~within_lengths(lengths, contexts.shape[1])] = 0.0
         return contexts, lengths, positives
 
+    def seen_ids(self, rows: np.ndarray) -> np.ndarray:
+        """The bank ids of samples `rows`' context items (B, T) int64, -1 past each length.
+
+        Raises UsageError for a dataset of context vectors (no context_ids.npy).
+        """
+        if self.context_ids is None:
+            raise UsageError(
+                f"{self.path}: --exclude-context needs the bank ids of the context items "
+                "(context_ids.npy); this dataset holds context vectors only"
+            )
+        rows = np.asarray(rows)
+        ids = np.array(self.context_ids[rows], dtype=np.int64)
+        lengths = np.asarray(self.lengths[rows], dtype=np.int64)
+        ids[~within_lengths(lengths, ids.shape[1])] = -1
+        return ids
+
     @cached_property
     def fingerprint(self) -> str:
         """sha256 (hex) of the bank: of b"twotower-bank <dtype> <M>x<D>\\n", then its rows' bytes.

@@ -53,6 +53,7 @@ from twotower.training.evaluation import encode_rows, held_out_split
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import RunDir, read_metrics
+from twotower.training.schedule import LRSchedule, planned_steps
 
 EXIT_DISAGREE = 1
 STEP_EVENTS = ("step", "nonfinite")  # metrics.jsonl records that carry a step's batch digest
@@ -287,16 +288,18 @@ def rebuild(view: RunView, step: int, notes: list[str]) -> tuple[State, Batch, s
     """
     c = view.config
     state = _start(view, step, notes)
+    schedule = LRSchedule.of(c, planned_steps(c, view.plan.batches_per_epoch))
     while True:
         if c.hard_negatives and state.step > 0 and state.step % c.mine_every == 0:
             state.table = _mined_table(view, state, notes)
-        data = gather_step(view.dataset, state.step, view.plan.rows_for(state.step))
+        rows = view.plan.rows_for(state.step)
+        data = gather_step(view.dataset, state.step, rows, c.exclude_context)
         batch = assemble_batch(
             data, state.table, state.queue, view.dataset.bank, c.hard_negatives, c.seed
         )
         if state.step == step:
             return state, batch, data.digest
-        state.backend.step(batch)
+        state.backend.step(batch, schedule.at(state.step))
         state.queue.push(data.positive_ids, data.positive_vecs)
         state.step += 1
 
@@ -365,6 +368,7 @@ def replay(
         {k: v.astype(np.float64) for k, v in params.items()},
         batch,
         view.config.temperature,
+        view.config.residual,
     )
     report = ReplayReport(
         view.run.root,

@@ -35,6 +35,7 @@ class StepData:
     lengths: np.ndarray  # (B,) int64
     positive_ids: np.ndarray  # (B,) int64
     positive_vecs: np.ndarray  # (B, D) float32
+    context_ids: np.ndarray | None = None  # (B, T) int64, -1 padded; None: not masking seen items
 
     @property
     def digest(self) -> str:
@@ -70,19 +71,24 @@ class StepPlan:
         return self._order[index * self.batch_size : (index + 1) * self.batch_size]
 
 
-def gather_step(dataset: Dataset, step: int, rows: np.ndarray) -> StepData:
-    """Read step `step`'s samples `rows` (B,) and their positives' bank vectors."""
+def gather_step(
+    dataset: Dataset, step: int, rows: np.ndarray, exclude_context: bool = False
+) -> StepData:
+    """Read step `step`'s samples `rows` (B,) and their positives' bank vectors, and with
+    `exclude_context` their context items' ids (for seen-item masking)."""
     contexts, lengths, positive_ids = dataset.gather(rows)
     positive_vecs = np.asarray(dataset.bank[positive_ids], dtype=np.float32)
-    return StepData(step, rows, contexts, lengths, positive_ids, positive_vecs)
+    seen = dataset.seen_ids(rows) if exclude_context else None
+    return StepData(step, rows, contexts, lengths, positive_ids, positive_vecs, seen)
 
 
 class Prefetcher:
     """Gathers step s + 1's data in a background thread while step s computes."""
 
-    def __init__(self, dataset: Dataset, plan: StepPlan):
+    def __init__(self, dataset: Dataset, plan: StepPlan, exclude_context: bool = False):
         self.dataset = dataset
         self.plan = plan
+        self.exclude_context = exclude_context
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-prefetch")
         self._pending: tuple[int, Future[StepData]] | None = None
 
@@ -91,10 +97,13 @@ class Prefetcher:
         if self._pending is not None and self._pending[0] == step:
             data = self._pending[1].result()
         else:
-            data = gather_step(self.dataset, step, self.plan.rows_for(step))
+            data = gather_step(self.dataset, step, self.plan.rows_for(step), self.exclude_context)
         nxt = step + 1
         rows = self.plan.rows_for(nxt)
-        self._pending = (nxt, self._pool.submit(gather_step, self.dataset, nxt, rows))
+        self._pending = (
+            nxt,
+            self._pool.submit(gather_step, self.dataset, nxt, rows, self.exclude_context),
+        )
         return data
 
     def close(self) -> None:
@@ -131,7 +140,8 @@ def assemble_batch(
     seed: int,
 ) -> Batch:
     """Step data + K ids sampled from the mined table (SeedSequence([seed, step, purpose]))
-    + the queue as it is now. bank (M, D) is read only at the sampled rows."""
+    + the queue as it is now (+ the context ids, when the data carries them: seen-item
+    masking). bank (M, D) is read only at the sampled rows."""
     hard_ids = table.sample(data.rows, hard_negatives, step_rng(seed, data.step, HARD_NEGATIVES))
     hard_vecs = np.asarray(bank[np.maximum(hard_ids, 0).ravel()], dtype=np.float32)
     return Batch(
@@ -143,4 +153,5 @@ def assemble_batch(
         hard_vecs=hard_vecs.reshape(len(data.rows), hard_negatives, bank.shape[1]),
         queue_ids=queue.ids,
         queue_vecs=queue.vecs,
+        context_ids=data.context_ids,
     )

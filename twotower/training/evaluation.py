@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from twotower import miners
 from twotower.backends import Backend, make_backend
+from twotower.batch import seen_by_query
 from twotower.config import TrainConfig
 from twotower.data import holdout_split, load_dataset
 from twotower.miners import Miner
@@ -55,12 +56,35 @@ def retrieval_metrics(ids: np.ndarray, positives: np.ndarray) -> dict[str, float
     return metrics
 
 
+def without_seen(ids: np.ndarray, seen: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
+    """Seen-item masking of a ranking: ids (N, k + T) best first, seen (N, T) each query's
+    context ids (-1 padded), positives (N,) -> the first k ids (N, k) that are not among
+    the query's context ids, the positive excepted (it is never dropped)."""
+    drop = seen_by_query(seen, ids) & (ids != positives[:, None])
+    kept_first = np.argsort(drop, axis=1, kind="stable")[:, :k]  # stable: ranks keep their order
+    return np.take_along_axis(ids, kept_first, axis=1)
+
+
 def evaluate(
-    backend: Backend, gather: Gather, rows: np.ndarray, positives: np.ndarray, miner: Miner
+    backend: Backend,
+    gather: Gather,
+    rows: np.ndarray,
+    positives: np.ndarray,
+    miner: Miner,
+    seen: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Encode the held-out rows and search the whole bank: recall@1/10/100, MRR@100."""
+    """Encode the held-out rows and search the whole bank: recall@1/10/100, MRR@100.
+
+    seen (N, T): the rows' context ids, -1 padded, for seen-item masking (None: off); the
+    search then asks for T more ids and drops the seen ones before cutting to 100.
+    """
     queries = encode_rows(backend, gather, rows, label="eval")
-    _, ids = miner.search(queries, max(CUTOFFS))
+    k = max(CUTOFFS)
+    if seen is None:
+        _, ids = miner.search(queries, k)
+    else:
+        _, ids = miner.search(queries, k + seen.shape[1])
+        ids = without_seen(ids, seen, positives, k)
     return retrieval_metrics(ids, positives)
 
 
@@ -80,10 +104,12 @@ def evaluate_run(
     miner: str = "exact",
     seed: int | None = None,
     max_eval: int | None = None,
+    exclude_context: bool | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of a run's newest checkpoint (or a checkpoint directory) on its
     held-out split; without `run`, of a freshly initialised tower (meanpool with
-    proj=False is the parameter-free baseline)."""
+    proj=False is the parameter-free baseline). exclude_context: seen-item masking of the
+    ranking (None: as the run's config says)."""
     settings: dict[str, Any] = {}
     state = None
     if run is not None:
@@ -97,6 +123,7 @@ def evaluate_run(
             **({"tower": tower} if tower else {}),
             **({"seed": seed} if seed is not None else {}),
             **({"max_eval": max_eval} if max_eval is not None else {}),
+            **({"exclude_context": exclude_context} if exclude_context is not None else {}),
             "proj": proj and settings.get("proj", True),
             "backend": backend,
             "resume": False,
@@ -111,4 +138,5 @@ def evaluate_run(
     rows = split[1]
     search = miners.get(miner, fault_phase=None, **miners.options_for(config, [miner], cache))
     search.build(dataset.bank, fingerprint=dataset.fingerprint)
-    return evaluate(engine, dataset.gather, rows, dataset.positives[rows], search)
+    seen = dataset.seen_ids(rows) if config.exclude_context else None
+    return evaluate(engine, dataset.gather, rows, dataset.positives[rows], search, seen)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -44,6 +43,7 @@ from twotower.training.heartbeat import Heartbeat
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import MetricsLog, RunDir, open_log
+from twotower.training.schedule import LRSchedule, planned_steps
 
 log = logging.getLogger("twotower")
 
@@ -190,8 +190,9 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         self._phase("encode", step)
         positives = self.dataset.positives[self.eval_rows]
+        seen = self.dataset.seen_ids(self.eval_rows) if self.config.exclude_context else None
         metrics = evaluate(
-            self.backend, self.dataset.gather, self.eval_rows, positives, self.eval_miner
+            self.backend, self.dataset.gather, self.eval_rows, positives, self.eval_miner, seen
         )
         self.metrics.write("eval", step=step, queries=len(self.eval_rows), **metrics)
         log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -277,6 +278,8 @@ class Trainer:
             )
         enable_crash_dumps()
         self.dataset = self._open_dataset()
+        if c.exclude_context:
+            self.dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
         self.run.prepare()
@@ -291,7 +294,8 @@ class Trainer:
             self.dataset.num_samples, c.eval_fraction, c.max_eval, c.seed
         )
         self.plan = StepPlan(self.train_rows, c.batch_size, c.seed)
-        total = c.steps or max(1, math.ceil(c.epochs * self.plan.batches_per_epoch))
+        total = planned_steps(c, self.plan.batches_per_epoch)
+        self.schedule = LRSchedule.of(c, total)
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
         step, metrics = self._restore()
@@ -308,6 +312,8 @@ class Trainer:
             samples=self.dataset.num_samples,
             train=len(self.train_rows),
             eval=len(self.eval_rows),
+            lr_schedule=c.lr_schedule,
+            warmup_steps=self.schedule.warmup,
             pid=os.getpid(),
         )
         return step, total, metrics
@@ -318,7 +324,7 @@ class Trainer:
         """Train from `step` to `total`: mine, step, evaluate and checkpoint when due; a final
         evaluation and checkpoint. Raises StopRequested after a SIGINT/SIGTERM."""
         c = self.config
-        prefetch = Prefetcher(self.dataset, self.plan)
+        prefetch = Prefetcher(self.dataset, self.plan, c.exclude_context)
         progress = tqdm(
             total=total,
             initial=step,
@@ -401,17 +407,19 @@ class Trainer:
             self.config.hard_negatives,
             self.config.seed,
         )
+        lr = self.schedule.at(step)
         if self._phase("step", step):
             batch.contexts = batch.contexts.copy()
             batch.contexts[:, 0] = np.nan  # injected 'nan' fault: the loss is poisoned
         started = time.perf_counter()
-        stats = self.backend.step(batch)
+        stats = self.backend.step(batch, lr)
         elapsed = time.perf_counter() - started
         self.queue.push(data.positive_ids, data.positive_vecs)
         record = dict(
             step=step + 1,
             loss=stats.loss,
             grad_norm=stats.grad_norm,
+            lr=lr,
             batch=data.digest,
             ms=round(elapsed * 1e3, 2),
         )
