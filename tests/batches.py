@@ -17,12 +17,17 @@ def make_batch(
     bank: int = 40,
     garbage_padding: bool = True,
     awkward_ids: bool = True,
+    context_ids: bool = False,
 ) -> Batch:
     """A float32 Batch over a random bank of unit vectors.
 
     garbage_padding: large values and NaN past each sequence's length (they must
     never matter). awkward_ids: a duplicate positive in the batch, a hard
     negative equal to its positive, and -1 ids in hard and queue slots.
+    context_ids: the contexts are bank rows and the batch carries their ids
+    (seen-item masking), with a context item that is another query's positive
+    (query 0), one of the query's hard negatives (query 1, needs hard >= 2), a queue
+    entry (query 2, needs queue >= 2) and the query's own positive (query 3).
     """
     bank_vecs = rng.standard_normal((bank, dim))
     bank_vecs /= np.linalg.norm(bank_vecs, axis=1, keepdims=True)
@@ -47,6 +52,16 @@ def make_batch(
         if queue:
             queue_ids[0] = -1
             queue_ids[-1] = positive_ids[0]
+    seen = None
+    if context_ids:
+        seen = rng.integers(0, bank, size=(batch, steps))
+        seen[0, 0] = positive_ids[1]
+        seen[1, 0] = hard_ids[1, 1]
+        seen[2, 0] = queue_ids[1]
+        seen[3, 0] = positive_ids[3]
+        valid = np.arange(steps)[None, :] < lengths[:, None]
+        contexts = np.where(valid[..., None], bank_vecs[seen], contexts)
+        seen = np.where(valid, seen, -1).astype(np.int64)
     hard_vecs = np.where((hard_ids >= 0)[..., None], bank_vecs[hard_ids], 0.0)
     queue_vecs = np.where((queue_ids >= 0)[:, None], bank_vecs[queue_ids], 0.0)
     return Batch(
@@ -58,6 +73,7 @@ def make_batch(
         hard_vecs=hard_vecs.reshape(batch, hard, dim).astype(np.float32),
         queue_ids=queue_ids.astype(np.int64),
         queue_vecs=queue_vecs.reshape(queue, dim).astype(np.float32),
+        context_ids=seen,
     )
 
 

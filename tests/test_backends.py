@@ -14,6 +14,7 @@ from tests.batches import make_batch, perturbed
 from twotower import backends
 from twotower.backends.base import OPT_EXP_AVG, OPT_EXP_AVG_SQ, OPT_STEP
 from twotower.errors import EngineUnavailable
+from twotower.towers import TowerSpec, init_params
 
 DIM, HIDDEN = 32, 24
 TOWERS = {
@@ -211,3 +212,120 @@ def test_unavailable_backend_is_refused_with_the_reason() -> None:
     )
     with pytest.raises(EngineUnavailable, match="unknown backend 'tpu'; known: numpy, torch-cpu"):
         backends.get("tpu")
+
+
+# --- recipe options: residual tower, seen-item masking, the lr schedule ---------------------
+
+
+def residual_engine(name: str, opts: dict, **settings) -> backends.Backend:
+    """A 2-layer residual GRU engine whose proj is moved off zero (at zero the GRU gets no
+    gradient, and the agreement would cover only proj)."""
+    backend = backends.get(name, "gru", DIM, HIDDEN, 2, residual="last", seed=3, **settings, **opts)
+    backend.load_state(
+        init_params(TowerSpec("gru", DIM, HIDDEN, 2), 4)
+    )  # a plain tower's draws: proj non-zero
+    return backend
+
+
+@pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
+def test_residual_tower_with_seen_item_masking_matches_reference(name: str, opts: dict) -> None:
+    backend = residual_engine(name, opts)
+    batch = make_batch(
+        np.random.default_rng(6), batch=8, steps=6, dim=DIM, hard=3, queue=16, context_ids=True
+    )
+    params = params_of(backend)
+    loss, grads = backend.loss_and_grads(batch)
+    expected_loss, expected_grads = reference.loss_and_grads("gru", params, batch, 0.05, "last")
+    assert_agrees(np.float32(loss), np.array(expected_loss), np.float32, "loss")
+    for param_name, grad in grads.items():
+        assert_agrees(grad, expected_grads[param_name], np.float32, param_name)
+    q = backend.encode(batch.contexts, batch.lengths)
+    expected_q = reference.encode("gru", params, batch.contexts, batch.lengths, "last")
+    assert_agrees(q, expected_q, np.float32, "encode")
+
+    # negative controls: without the residual, and without the masking, the numbers move
+    plain = reference.encode("gru", params, batch.contexts, batch.lengths)
+    assert_differs(q, plain, np.float32, "encode without the residual")
+    unmasked = batch.__class__(**{**batch.__dict__, "context_ids": None})
+    assert_differs(
+        np.float32(backend.loss_and_grads(unmasked)[0]),
+        np.array(expected_loss),
+        np.float32,
+        "loss without masking",
+    )
+
+
+@pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
+def test_residual_tower_at_init_is_the_last_item_baseline(name: str, opts: dict) -> None:
+    backend = backends.get(name, "gru", DIM, HIDDEN, 1, residual="last", seed=3, **opts)
+    rng = np.random.default_rng(10)
+    batch = make_batch(rng, batch=8, steps=6, dim=DIM)
+    rows = np.arange(8)
+    last = batch.contexts[rows, batch.lengths - 1].astype(np.float64)
+    last /= np.linalg.norm(last, axis=1, keepdims=True)
+    q = backend.encode(batch.contexts, batch.lengths)
+    assert_agrees(q, last, np.float32, "encode at init")
+    bank = rng.standard_normal((500, DIM))
+    ranking = np.argsort(-(q.astype(np.float64) @ bank.T), axis=1)[:, :50]
+    np.testing.assert_array_equal(ranking, np.argsort(-(last @ bank.T), axis=1)[:, :50])
+    # negative control: the plain tower's first queries are somewhere else entirely
+    plain = backends.get(name, "gru", DIM, HIDDEN, 1, seed=3, **opts)
+    assert_differs(plain.encode(batch.contexts, batch.lengths), last, np.float32, "plain tower")
+
+
+SCHEDULE = dict(schedule="cosine", warmup=2, total=6)
+
+
+@pytest.mark.parametrize("tower", ["gru-1", "gru-2-residual-masked"])
+@pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
+def test_scheduled_steps_match_reference(name: str, opts: dict, tower: str) -> None:
+    """Five clip + AdamW steps at the rates of a warm-up + cosine schedule (2 warm-up steps of 6):
+    AdamW state (parameters, both moments, step) agrees with the reference fed lr * f(s)."""
+    settings = dict(lr=1e-2, weight_decay=0.05, max_grad_norm=0.5)
+    residual = tower.startswith("gru-2-residual")
+    if residual:
+        backend = residual_engine(name, opts, **settings)
+    else:
+        backend = engine(name, opts, "gru-1", **settings)
+    params = {k: v.astype(np.float64) for k, v in params_of(backend).items()}
+    start = dict(params)
+    opt: dict = {}
+    rng = np.random.default_rng(13)
+    for step in range(5):
+        batch = make_batch(rng, batch=8, steps=6, dim=DIM, hard=2, queue=8, context_ids=residual)
+        lr = settings["lr"] * reference.lr_factor(step, **SCHEDULE)
+        stats = backend.step(batch, lr)
+        params, opt, loss, _ = reference.train_step(
+            "gru",
+            params,
+            opt,
+            batch,
+            0.05,
+            lr=lr,
+            weight_decay=settings["weight_decay"],
+            max_grad_norm=settings["max_grad_norm"],
+            residual="last" if residual else "none",
+        )
+        assert stats.applied
+        assert_agrees(np.float32(stats.loss), np.array(loss), np.float32, "loss")
+
+    state = backend.state()
+    assert int(state[OPT_STEP]) == 5
+    adam_atol = 5 * 1e-3 * settings["lr"]  # as in test_five_steps_match_reference
+    for param_name, value in params.items():
+        assert_agrees(state[param_name], value, np.float32, param_name, extra_atol=adam_atol)
+        assert_agrees(state[OPT_EXP_AVG + param_name], opt["exp_avg"][param_name], np.float32, "m")
+        assert_agrees(
+            state[OPT_EXP_AVG_SQ + param_name], opt["exp_avg_sq"][param_name], np.float32, "v"
+        )
+
+    # negative control: the same five steps at the constant peak rate end elsewhere
+    constant, opt = dict(start), {}
+    rng = np.random.default_rng(13)
+    for _ in range(5):
+        batch = make_batch(rng, batch=8, steps=6, dim=DIM, hard=2, queue=8, context_ids=residual)
+        constant, opt, _, _ = reference.train_step(
+            "gru", constant, opt, batch, 0.05, **settings, residual="last" if residual else "none"
+        )
+    name_0 = "gru.weight_hh_l0"
+    assert_differs(state[name_0], constant[name_0], np.float32, "constant-rate steps")

@@ -89,7 +89,20 @@ def test_a_fresh_run_will_not_overwrite_an_earlier_one(earlier_run: Path, capsys
     assert tree_digest(earlier_run) == before
 
 
-def test_resume_with_settings_that_change_the_numbers_is_refused(earlier_run: Path, capsys) -> None:
+CHANGED = {
+    "lr": (["--lr", "0.5"], "lr: 0.001 -> 0.5"),
+    "schedule": (["--lr-schedule", "cosine"], "lr_schedule: 'constant' -> 'cosine'"),
+    "warmup": (["--warmup-steps", "5"], "warmup_steps: None -> 5"),
+    "share": (["--warmup-share", "0.1"], "warmup_share: 0.0 -> 0.1"),
+    "masking": (["--exclude-context"], "exclude_context: False -> True"),
+    "residual": (["--residual", "last"], "residual: 'none' -> 'last'"),
+}
+
+
+@pytest.mark.parametrize(("flags", "expected"), CHANGED.values(), ids=CHANGED.keys())
+def test_resume_with_settings_that_change_the_numbers_is_refused(
+    earlier_run: Path, capsys, flags: list[str], expected: str
+) -> None:
     data = earlier_run.parent / "data"
     before = tree_digest(earlier_run)
     assert (
@@ -102,13 +115,12 @@ def test_resume_with_settings_that_change_the_numbers_is_refused(earlier_run: Pa
                 str(earlier_run),
                 "--resume",
                 *FAST,
-                "--lr",
-                "0.5",
+                *flags,
             ]
         )
         == 2
     )
-    assert "lr: 0.001 -> 0.5" in capsys.readouterr().err
+    assert expected in capsys.readouterr().err
     assert tree_digest(earlier_run) == before
 
 

@@ -18,6 +18,7 @@ DIM, HIDDEN = 6, 5
 TOWERS = {
     "gru-1": TowerSpec("gru", DIM, HIDDEN, 1),
     "gru-2": TowerSpec("gru", DIM, HIDDEN, 2),
+    "gru-2-residual": TowerSpec("gru", DIM, HIDDEN, 2, residual="last"),
     "meanpool": TowerSpec("meanpool", DIM, DIM),
 }
 
@@ -31,13 +32,20 @@ def random_params(spec: TowerSpec, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.parametrize("seen", [False, True], ids=["all-candidates", "seen-items-masked"])
 @pytest.mark.parametrize("tower", TOWERS)
-def test_gradients_match_central_finite_differences(tower: str) -> None:
+def test_gradients_match_central_finite_differences(tower: str, seen: bool) -> None:
     spec = TOWERS[tower]
-    batch = make_batch(np.random.default_rng(1), batch=4, steps=4, dim=DIM, hard=2, queue=3)
+    batch = make_batch(
+        np.random.default_rng(1), batch=4, steps=4, dim=DIM, hard=2, queue=3, context_ids=seen
+    )
     params = random_params(spec, 2)
     temperature = 0.5  # keeps the loss smooth enough for finite differences at h = 1e-6
-    _, grads = reference.loss_and_grads(spec.kind, params, batch, temperature)
+
+    def loss_and_grads(params: dict) -> tuple[float, dict]:
+        return reference.loss_and_grads(spec.kind, params, batch, temperature, spec.residual)
+
+    _, grads = loss_and_grads(params)
     assert set(grads) == set(params)
     h = 1e-6
     for name, value in params.items():
@@ -48,7 +56,7 @@ def test_gradients_match_central_finite_differences(tower: str) -> None:
                 moved = value.copy()
                 moved[index] += sign * h
                 shifted[name] = moved
-                loss, _ = reference.loss_and_grads(spec.kind, shifted, batch, temperature)
+                loss, _ = loss_and_grads(shifted)
                 numeric[index] += sign * loss / (2 * h)
         relative = np.linalg.norm(grads[name] - numeric) / np.linalg.norm(numeric)
         assert relative < 1e-6, f"{tower} {name}: relative error {relative:.2e}"
@@ -76,6 +84,8 @@ def torch_queries(spec: TowerSpec, params: dict[str, np.ndarray], batch: Batch) 
         rows = [x[i, : int(length)].mean(dim=0) for i, length in enumerate(lengths)]
         features = torch.stack(rows)
     y = features @ leaves["proj.weight"].T + leaves["proj.bias"]
+    if spec.residual == "last":
+        y = y + torch.stack([x[i, int(length) - 1] for i, length in enumerate(lengths)])
     return F.normalize(y, dim=1), leaves
 
 
@@ -85,6 +95,7 @@ def torch_loss(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tenso
     size = len(batch.positive_ids)
     for i in range(size):
         p_i = int(batch.positive_ids[i])
+        seen = set() if batch.context_ids is None else {int(c) for c in batch.context_ids[i]}
         entries = [(batch.positive_vecs[i], p_i, True)]
         entries += [
             (batch.positive_vecs[j], int(batch.positive_ids[j]), False)
@@ -100,7 +111,7 @@ def torch_loss(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tenso
         scores = [
             q[i] @ torch.tensor(vec, dtype=torch.float64) / temperature
             for vec, cid, first in entries
-            if first or (cid != p_i and cid != -1)
+            if first or (cid != p_i and cid != -1 and cid not in seen)
         ]
         losses.append(torch.logsumexp(torch.stack(scores), dim=0) - scores[0])
     return torch.stack(losses).mean()
@@ -111,6 +122,7 @@ CASES = {
     "no-hard": dict(hard=0, queue=5),
     "no-queue": dict(hard=2, queue=0),
     "in-batch-only": dict(hard=0, queue=0),
+    "seen-items-masked": dict(hard=3, queue=7, context_ids=True),
 }
 
 
@@ -124,10 +136,10 @@ def test_reference_matches_torch_autograd(tower: str, case: str) -> None:
     expected_loss = torch_loss(q, batch, 0.05)
     expected_loss.backward()
 
-    loss, grads = reference.loss_and_grads(spec.kind, params, batch, 0.05)
+    loss, grads = reference.loss_and_grads(spec.kind, params, batch, 0.05, spec.residual)
     assert_agrees(np.array(loss), expected_loss.detach().numpy(), np.float64, "loss")
     assert_agrees(
-        reference.encode(spec.kind, params, batch.contexts, batch.lengths),
+        reference.encode(spec.kind, params, batch.contexts, batch.lengths, spec.residual),
         q.detach().numpy(),
         np.float64,
         "encode",
@@ -135,7 +147,9 @@ def test_reference_matches_torch_autograd(tower: str, case: str) -> None:
     for name, leaf in leaves.items():
         assert_agrees(grads[name], leaf.grad.numpy(), np.float64, name)
 
-    moved_loss, moved_grads = reference.loss_and_grads(spec.kind, params, perturbed(batch), 0.05)
+    moved_loss, _ = reference.loss_and_grads(
+        spec.kind, params, perturbed(batch), 0.05, spec.residual
+    )
     assert_differs(
         np.array(moved_loss), expected_loss.detach().numpy(), np.float64, "perturbed loss"
     )
