@@ -70,18 +70,22 @@ class Batch:
 def seen_by_query(context_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """(B, C) bool: whether candidate ids[i, c] is one of context_ids[i] (B, T), -1 padded.
 
-    ids is (B, C), or (1, C) for candidates every query shares. Cost is
-    one sort of the candidates plus a check per (query, candidate) pair whose
-    id some query has seen, never a (B, T, C) comparison: C may be a 50k queue.
+    ids is (B, C), or (1, C) for candidates every query shares. Cost is one
+    `np.isin` of the candidates plus a check of each candidate whose id some
+    query has seen, never a (B, T, C) comparison: C may be a 50k queue.
     """
     context_ids = np.asarray(context_ids, dtype=np.int64)
     seen = np.zeros((len(context_ids), ids.shape[1]), dtype=bool)
     known = context_ids[context_ids >= 0]
     if known.size == 0 or ids.size == 0:
         return seen
-    rows, cols = np.nonzero(np.broadcast_to(np.isin(ids, known), seen.shape))
-    candidates = np.broadcast_to(ids, seen.shape)[rows, cols]
-    seen[rows, cols] = (context_ids[rows] == candidates[:, None]).any(axis=1)
+    hits = np.isin(ids, known)
+    if ids.shape[0] == 1:  # shared candidates (in-batch, queue): check the hit columns only
+        cols = np.flatnonzero(hits[0])
+        seen[:, cols] = (context_ids[:, :, None] == ids[0, cols][None, None, :]).any(axis=1)
+        return seen
+    rows, cols = np.nonzero(hits)
+    seen[rows, cols] = (context_ids[rows] == ids[rows, cols][:, None]).any(axis=1)
     return seen
 
 
