@@ -167,3 +167,13 @@ def test_backends_lists_every_engine_with_its_reason(capsys) -> None:
         for info in registry.describe():
             line = next(line for line in out.splitlines() if line.startswith(info.name + " "))
             assert ("yes" if info.available else "no") in line.split() and info.reason in line
+
+
+def test_exclude_context_without_context_ids_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    data = write_dir(tmp_path / "data", small_arrays("contexts"))
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), *FAST, "--exclude-context"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "--exclude-context needs the bank ids of the context items (context_ids.npy)" in err
+    assert not out.exists()

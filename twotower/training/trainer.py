@@ -303,6 +303,14 @@ class Trainer:
         self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
         self.openmp = openmp_runtimes()
         self._phase("load", step)
+        if c.lr_schedule != "constant" or self.schedule.warmup:
+            log.info(
+                "lr %g, %d warm-up steps, then %s over %d steps",
+                c.lr,
+                self.schedule.warmup,
+                c.lr_schedule,
+                total,
+            )
         self.metrics.write(
             "start",
             step=step,
