@@ -4,7 +4,8 @@ Shape: B=32, T=10 (full-length sequences, so FLOPs are exact), D=H=768, K=8 hard
 negatives, Q=4096 queue. The baseline is what a user writes by hand: nn.GRU with
 packed sequences, nn.Linear, F.normalize, a masked cross-entropy,
 clip_grad_norm_ and AdamW. Targets: torch-cpu <= 1.05x the plain loop; numpy
-<= 1.2x torch-cpu.
+<= 1.2x torch-cpu. The recipe options (residual tower, seen-item masking, a
+scheduled rate) are measured against the same engine without them.
 
     pytest bench/test_backends.py --benchmark-only
 """
@@ -161,3 +162,28 @@ def test_training_step(
     loss = benchmark.pedantic(lambda: step(next_batch()), rounds=ROUNDS, warmup_rounds=2)
     assert np.isfinite(loss)
     report.add(f"{engine} {tower}", benchmark, baseline=baseline, flops=step_flops(tower))
+
+
+@pytest.mark.parametrize("engine", ["torch-cpu", "numpy"])
+def test_training_step_with_the_recipe_options(
+    benchmark, report: RatioReport, batches: list[Batch], engine: str
+) -> None:
+    """--residual last --exclude-context and a scheduled rate, beside `engine gru` plain."""
+    rng = np.random.default_rng(1)
+    seen = []
+    for batch in batches:
+        context_ids = rng.integers(0, M, (B, T))
+        context_ids[:, 0] = batch.queue_ids[:B]  # some seen items sit in the queue
+        seen.append(Batch(**{**batch.__dict__, "context_ids": context_ids}))
+    backend = backends.get(engine, tower="gru", dim=D, hidden=H, residual="last")
+    next_batch = cycle(seen)
+    loss = benchmark.pedantic(
+        lambda: backend.step(next_batch(), 5e-4).loss, rounds=ROUNDS, warmup_rounds=2
+    )
+    assert np.isfinite(loss)
+    report.add(
+        f"{engine} gru + recipe options",
+        benchmark,
+        baseline=f"{engine} gru",
+        flops=step_flops("gru"),
+    )
