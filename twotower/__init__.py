@@ -17,6 +17,7 @@ from twotower.batch import Batch, StepStats
 from twotower.config import TrainConfig
 from twotower.data import Dataset, convert, load_dataset, synthesize
 from twotower.guard.supervisor import supervise
+from twotower.serve.load import load_tower
 from twotower.towers import TowerSpec
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.trainer import RunResult, train
@@ -32,6 +33,7 @@ __all__ = [
     "convert",
     "load_checkpoint",
     "load_dataset",
+    "load_tower",
     "miners",
     "supervise",
     "synthesize",

@@ -160,6 +160,55 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from twotower.serve.export import export_tower
+
+    out = export_tower(args.run_dir, args.out, args.checkpoint, args.format)
+    print(f"{out}: exported ({args.format})")
+    return EXIT_OK
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from twotower.serve.commands import encode_command
+
+    encode_command(
+        args.out, args.data, args.model, args.run_dir, args.checkpoint, args.rows, args.backend
+    )
+    return EXIT_OK
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from twotower.serve.commands import search_command
+
+    search_command(
+        args.out,
+        args.k,
+        args.data,
+        args.model,
+        args.run_dir,
+        args.checkpoint,
+        args.rows,
+        args.miner,
+        args.exclude_context,
+        args.backend,
+        args.faiss_index,
+    )
+    return EXIT_OK
+
+
+def add_tower_flags(parser: argparse.ArgumentParser) -> None:
+    """--model DIR | --run RUN [--checkpoint], --data, --rows, --backend: which tower on what."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="an exported tower directory (`twotower export`)")
+    which.add_argument("--run", dest="run_dir", help="a run directory")
+    parser.add_argument("--checkpoint", default="latest", help="with --run: best, latest or step-N")
+    parser.add_argument("--data", help="dataset (default: the one the tower was trained on)")
+    parser.add_argument("--rows", default="all", help="all, train or heldout (the run's split)")
+    parser.add_argument(
+        "--backend", default="auto", help="engine that encodes (default: torch-cpu, else numpy)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twotower", description="Train two-tower retrieval models that survive native crashes."
@@ -252,6 +301,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--data", help="the run's dataset, if it has moved")
     rep.set_defaults(run=cmd_replay)
+
+    export = sub.add_parser("export", help="write a run's tower as a self-contained directory")
+    export.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    export.add_argument("--checkpoint", default="latest", help="best, latest or step-N")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.add_argument(
+        "--format",
+        default="safetensors",
+        help="safetensors (always written), torch (adds tower.pt) or onnx (adds tower.onnx)",
+    )
+    export.set_defaults(run=cmd_export)
+
+    encode = sub.add_parser("encode", help="encode a dataset's rows into a .npy of query vectors")
+    add_tower_flags(encode)
+    encode.add_argument("--out", required=True, help=".npy file to write (replaced atomically)")
+    encode.set_defaults(run=cmd_encode)
+
+    search = sub.add_parser("search", help="top-k bank rows for a dataset's rows, into a .npz")
+    add_tower_flags(search)
+    search.add_argument("--k", type=int, default=100, help="results per query")
+    search.add_argument("--miner", default="exact", help="exact, faiss or hnswlib")
+    search.add_argument("--faiss-index", default="Flat", help="faiss index factory string")
+    search.add_argument(
+        "--exclude-context",
+        action="store_true",
+        help="never return a query's own context items (except its positive)",
+    )
+    search.add_argument("--out", required=True, help=".npz file to write (ids, scores, rows)")
+    search.set_defaults(run=cmd_search)
     return parser
 
 

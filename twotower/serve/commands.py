@@ -1,0 +1,74 @@
+"""The work behind `twotower encode` and `twotower search`, called by the CLI with plain values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twotower import faults, miners
+from twotower.data import Dataset, load_dataset
+from twotower.errors import UsageError
+from twotower.paths import user_cache_dir
+from twotower.serve.encode import encode_to_file, open_tower, select_rows, tower_backend
+from twotower.serve.search import search_to_file
+from twotower.serve.tower_dir import TowerFiles
+
+
+def _dataset(files: TowerFiles, data: str | None) -> Dataset:
+    """--data, or the dataset the tower was trained on; UsageError if neither names one."""
+    data = data or files.doc.get("data")
+    if data is None:
+        raise UsageError("--data DIR is needed (the dataset whose rows to encode)")
+    dataset = load_dataset(data)
+    if dataset.dim != files.spec.dim:
+        raise UsageError(
+            f"{data}: vectors of size {dataset.dim}, but the tower takes {files.spec.dim}"
+        )
+    return dataset
+
+
+def encode_command(
+    out: str,
+    data: str | None = None,
+    model: str | None = None,
+    run: str | None = None,
+    checkpoint: str = "latest",
+    rows: str = "all",
+    backend: str = "auto",
+) -> Path:
+    """Encode a dataset's rows with an exported tower or a run's; returns the .npy written."""
+    files = open_tower(model, run, checkpoint)
+    dataset = _dataset(files, data)
+    selected = select_rows(dataset, rows, files.split)
+    faults.arm(None)
+    return encode_to_file(tower_backend(files, backend), dataset, selected, out)
+
+
+def search_command(
+    out: str,
+    k: int = 100,
+    data: str | None = None,
+    model: str | None = None,
+    run: str | None = None,
+    checkpoint: str = "latest",
+    rows: str = "all",
+    miner: str = "exact",
+    exclude_context: bool = False,
+    backend: str = "auto",
+    faiss_index: str = "Flat",
+) -> Path:
+    """Top-k bank rows for a dataset's rows, through `miner` (isolated like in training,
+    its index cached by the bank's fingerprint); returns the .npz written."""
+    files = open_tower(model, run, checkpoint)
+    dataset = _dataset(files, data)
+    selected = select_rows(dataset, rows, files.split)
+    options = {"index": faiss_index} if miner == "faiss" else {}
+    search = miners.get(miner, fault_phase=None, cache_dir=user_cache_dir() / "index", **options)
+    try:
+        search.build(dataset.bank, fingerprint=dataset.fingerprint)
+        return search_to_file(
+            tower_backend(files, backend), search, dataset, selected, k, out, exclude_context
+        )
+    finally:
+        close = getattr(search, "close", None)
+        if close is not None:
+            close()

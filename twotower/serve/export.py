@@ -1,0 +1,132 @@
+"""`twotower export`: a run's checkpoint as a self-contained tower directory.
+
+The directory (see `tower_dir`) loads without the run, the dataset or the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from twotower.errors import UsageError
+from twotower.serve.tower_dir import (
+    RESIDUAL_NONE,
+    TOWER_JSON,
+    TowerFiles,
+    make_spec,
+    write_tower_files,
+)
+from twotower.training.checkpoint import CheckpointError, load_checkpoint, step_dir_name
+
+FORMATS = ("safetensors", "torch", "onnx")
+BEST_DIR = "best"
+_STEP = re.compile(r"step-(\d+)")
+
+
+def checkpoint_path(run: Path, which: str) -> Path:
+    """What `load_checkpoint` should read for --checkpoint best|latest|step-N of `run`.
+
+    latest: the run directory (LATEST, with its fallback); best: RUN/best/; step-N:
+    RUN/checkpoints/step-NNNNNNN/. UsageError for another word or a missing checkpoint.
+    """
+    if which == "latest":
+        return run
+    if which == BEST_DIR:
+        best = run / BEST_DIR
+        if not best.is_dir():
+            raise UsageError(
+                f"{run}: no {BEST_DIR}/ (this run kept no best checkpoint); "
+                "use --checkpoint latest or step-N"
+            )
+        return best
+    match = _STEP.fullmatch(which)
+    if match is None:
+        raise UsageError(f"--checkpoint {which!r}: use best, latest or step-N (e.g. step-1200)")
+    path = run / "checkpoints" / step_dir_name(int(match.group(1)))
+    if not path.is_dir():
+        raise UsageError(f"{run}: no checkpoint {path.name} (see {run / 'checkpoints'})")
+    return path
+
+
+def _run_settings(run: Path) -> dict[str, Any]:
+    config = run / "config.json"
+    try:
+        settings = json.loads(config.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{run}: no config.json (not a twotower run directory)") from None
+    except ValueError as error:
+        raise UsageError(f"{config}: unreadable ({error})") from None
+    return dict(settings)
+
+
+def tower_from_run(run: str | os.PathLike[str], checkpoint: str = "latest") -> TowerFiles:
+    """A run's tower at --checkpoint best|latest|step-N: spec from config.json, dim and
+    parameters from the checkpoint, and the run's held-out split settings."""
+    run = Path(run)
+    settings = _run_settings(run)
+    source = checkpoint_path(run, checkpoint)
+    try:
+        meta, state = load_checkpoint(source)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
+    kind = settings.get("tower", "gru")
+    if kind == "gru":
+        dim = int(state["gru.weight_ih_l0"].shape[1])
+    else:
+        dim = int(state["proj.weight"].shape[0])
+    spec = make_spec(
+        kind,
+        dim,
+        int(settings.get("hidden", dim)) if kind == "gru" else dim,
+        int(settings.get("layers", 1)),
+        bool(settings.get("proj", True)),
+        str(settings.get("residual", RESIDUAL_NONE)),
+    )
+    params = {name: state[name] for name in spec.shapes() if name in state}
+    spec.check_state(params)
+    doc = {
+        "data": settings.get("data"),
+        "source": {"run": str(run.resolve()), "checkpoint": checkpoint, "step": meta.get("step")},
+        "split": {key: settings.get(key) for key in ("eval_fraction", "max_eval", "seed")},
+    }
+    return TowerFiles(run, spec, params, doc)
+
+
+def export_tower(
+    run: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    checkpoint: str = "latest",
+    format: str = "safetensors",
+) -> Path:
+    """Export `run`'s checkpoint to directory `out`; returns `out`.
+
+    tower.json and tower.safetensors always; format "torch" adds tower.pt (a torch state
+    dict), "onnx" adds tower.onnx (needs `pip install twotower[onnx]`). The directory is
+    built under a temporary name and renamed into place; an earlier export at `out` is
+    replaced, any other existing path refused.
+    """
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not (out / TOWER_JSON).is_file() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not an exported tower; choose another --out")
+    tower = tower_from_run(run, checkpoint)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    extra_files = {"torch": ["tower.pt"], "onnx": ["tower.onnx"]}.get(format, [])
+    try:
+        write_tower_files(tmp, tower.spec, tower.params, extra_files=extra_files, **tower.doc)
+        if format != "safetensors":
+            from twotower.serve.torch_tower import save_extra
+
+            save_extra(tmp, tower.spec, tower.params, format)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,110 @@
+"""`twotower search`: the top k bank rows for each query row, through the training miners.
+
+Queries are encoded and searched chunk by chunk; ids and scores stream into
+memory maps and then into one .npz (`ids` (N, k) int64, `scores` (N, k)
+float32, best first, -1 / -inf where fewer than k remain; `rows` (N,) the
+dataset rows), written under a temporary name and renamed into place.
+
+With exclude_context, a query's own context items (its context_ids) are never
+returned, except its positive: the miner is asked for k + T and those are
+dropped, so each row still holds k ids unless more than T were dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from twotower.backends import Backend
+from twotower.data import Dataset
+from twotower.errors import UsageError
+from twotower.miners import Miner
+from twotower.serve.encode import chunk_rows, chunks, commit, temporary_beside
+from twotower.serve.progress import RowProgress
+
+RESULT_KEYS = ("ids", "scores", "rows")
+
+
+def drop_context(
+    scores: np.ndarray, ids: np.ndarray, context_ids: np.ndarray, positives: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's context items from its ranked results and keep the first k.
+
+    scores, ids (B, k') best first; context_ids (B, T), -1 padded; positives (B,): a
+    context item equal to the positive stays. Returns (scores (B, k), ids (B, k)), order
+    kept, padded with -inf / -1.
+    """
+    context = np.where(context_ids < 0, -2, context_ids)  # padding never matches a miner's -1
+    seen = (ids[:, :, None] == context[:, None, :]).any(axis=2) & (ids != positives[:, None])
+    order = np.argsort(seen, axis=1, kind="stable")[:, :k]  # kept ones first, in rank order
+    kept_ids = np.take_along_axis(ids, order, axis=1)
+    kept_scores = np.take_along_axis(scores, order, axis=1)
+    dropped = np.take_along_axis(seen, order, axis=1)
+    kept_ids[dropped] = -1
+    kept_scores[dropped] = -np.inf
+    if kept_ids.shape[1] < k:
+        pad = k - kept_ids.shape[1]
+        kept_ids = np.pad(kept_ids, ((0, 0), (0, pad)), constant_values=-1)
+        kept_scores = np.pad(kept_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return kept_scores, kept_ids
+
+
+def search_to_file(
+    encoder: Backend,
+    miner: Miner,
+    dataset: Dataset,
+    rows: np.ndarray,
+    k: int,
+    out: str | os.PathLike[str],
+    exclude_context: bool = False,
+    chunk: int | None = None,
+) -> Path:
+    """Encode `rows`, search `miner` (built over the bank) for the top k of each, and write
+    `out` (.npz: ids, scores, rows); returns `out`."""
+    out = Path(out)
+    if k < 1:
+        raise UsageError(f"--k must be >= 1, got {k}")
+    if exclude_context and dataset.context_ids is None:
+        raise UsageError(
+            f"--exclude-context needs context_ids.npy; {dataset.path} holds context vectors"
+        )
+    if len(rows) == 0:
+        raise UsageError("no rows to search for (--rows selects none)")
+    asked = k + (dataset.seq_len if exclude_context else 0)
+    tmp_ids, tmp_scores, tmp = (
+        temporary_beside(out.with_name(out.name + suffix)) for suffix in (".ids", ".scores", "")
+    )
+    progress = RowProgress(f"search with {miner.name}", len(rows))
+    try:
+        ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(len(rows), k))
+        scores = np.lib.format.open_memmap(
+            tmp_scores, mode="w+", dtype=np.float32, shape=(len(rows), k)
+        )
+        for start, part in chunks(rows, chunk or chunk_rows(dataset)):
+            contexts, lengths, positives = dataset.gather(part)
+            found_scores, found_ids = miner.search(encoder.encode(contexts, lengths), asked)
+            if exclude_context:
+                assert dataset.context_ids is not None
+                context = np.asarray(dataset.context_ids[part], dtype=np.int64)
+                found_scores, found_ids = drop_context(
+                    found_scores, found_ids, context, positives, k
+                )
+            ids[start : start + len(part)] = found_ids[:, :k]
+            scores[start : start + len(part)] = found_scores[:, :k]
+            progress.update(len(part))
+        ids.flush()
+        scores.flush()
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            arrays = (ids, scores, np.asarray(rows, np.int64))
+            for key, array in zip(RESULT_KEYS, arrays, strict=True):
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+        commit(tmp, out, [])
+    finally:
+        for path in (tmp_ids, tmp_scores, tmp):
+            path.unlink(missing_ok=True)
+    progress.finish(f"wrote {out} (ids and scores, {len(rows)} x {k})")
+    return out
