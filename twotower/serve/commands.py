@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twotower import faults, miners
 from twotower.data import Dataset, load_dataset
@@ -61,7 +62,7 @@ def search_command(
     files = open_tower(model, run, checkpoint)
     dataset = _dataset(files, data)
     selected = select_rows(dataset, rows, files.split)
-    options = {"index": faiss_index} if miner == "faiss" else {}
+    options: dict[str, Any] = {"index": faiss_index} if miner == "faiss" else {}
     search = miners.get(miner, fault_phase=None, cache_dir=user_cache_dir() / "index", **options)
     try:
         search.build(dataset.bank, fingerprint=dataset.fingerprint)
