@@ -17,10 +17,11 @@ from twotower.batch import Batch, StepStats
 from twotower.config import TrainConfig
 from twotower.data import Dataset, convert, load_dataset, synthesize
 from twotower.guard.supervisor import supervise
+from twotower.guard.worker_reports import train
 from twotower.serve.load import load_tower
 from twotower.towers import TowerSpec
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.trainer import RunResult, train
+from twotower.training.trainer import RunResult
 
 __all__ = [
     "Batch",

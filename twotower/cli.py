@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from twotower.guard.supervisor import supervise
 
         return supervise(config).exit_code
-    from twotower.training.trainer import train
+    from twotower.guard.worker_reports import train
 
     return train(config).exit_code
 

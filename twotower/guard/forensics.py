@@ -53,7 +53,8 @@ class ChildOutcome:
     faulthandler output it left (crash file, or its stderr). watchdog: set when
     the watchdog killed it for a stall. interrupted: the signal name, when this
     side forwarded SIGINT/SIGTERM to it. oom_kills: the cgroup's OOM-kill
-    counter's growth while it ran (None where unreadable).
+    counter's growth while it ran (None where unreadable). role: which process of
+    the run it was ("trainer", "miner worker").
     """
 
     command: list[str]
@@ -70,6 +71,7 @@ class ChildOutcome:
     watchdog: dict[str, Any] | None = None
     interrupted: str | None = None
     oom_kills: int | None = None
+    role: str = "trainer"  # or "miner worker"
 
     @property
     def crashed(self) -> bool:
@@ -234,7 +236,7 @@ def _native_causes(
                 "(KMP_DUPLICATE_LIB_OK=TRUE silences the check, not the clash)",
             )
         )
-    if phase == "mine":
+    if phase == "mine" and outcome.role == "trainer":
         causes.append(
             Cause(
                 "likely",
@@ -242,6 +244,17 @@ def _native_causes(
                 where + kernel,
                 "--miner-isolation process: a crash then costs a worker restart, not the "
                 "trainer; --miner-fallback names the miners to switch to",
+            )
+        )
+    elif outcome.role != "trainer":
+        causes.append(
+            Cause(
+                "likely",
+                f"the miner's native library ({miner}) crashed in its worker process",
+                where + kernel,
+                "nothing, if it was rare: the isolated worker is restarted once, then "
+                "--miner-fallback takes over, and no step is lost; if it recurs, "
+                "`twotower doctor` checks known-bad faiss/hnswlib versions",
             )
         )
     if backend == "torch-mps" and phase in ("step", "encode"):
@@ -362,7 +375,8 @@ def summary_lines(report: dict[str, Any], stack_lines: int = 12) -> list[str]:
     )
     lines = [f"{report['label']} (pid {report['pid']}) {report['exit']['description']} {place}"]
     if where:
-        lines.append(f"  engines: backend {where['backend']}, miner {where['miner']}")
+        engines = [f"{role} {where[role]}" for role in ("backend", "miner") if where.get(role)]
+        lines.append(f"  engines: {', '.join(engines)}")
     memory = report["memory"]
     peak = memory.get("peak_rss_kb") or memory.get("peak_sampled_kb")
     limit = memory.get("limit_kb")

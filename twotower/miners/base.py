@@ -37,12 +37,16 @@ class Miner(Protocol):
 
 
 class MinerCrashed(TwotowerError):
-    """A miner's worker process died (a signal or an exit) or stopped answering."""
+    """A miner's worker process died (a signal or an exit) or stopped answering.
 
-    def __init__(self, miner: str, how: str):
+    evidence: for a worker that died, what its crash report needs (`worker_death`); else None.
+    """
+
+    def __init__(self, miner: str, how: str, evidence: dict[str, Any] | None = None):
         super().__init__(f"miner {miner} crashed: {how}")
         self.miner = miner
         self.how = how
+        self.evidence = evidence
 
 
 class InProcessMiner:

@@ -10,7 +10,9 @@ that crashes once in a while is restarted each time, one that crashes twice in
 a row is left.
 
 Each crash, restart and switch is reported to `on_event` as a dict for the
-trainer's metrics.jsonl: {"event": "crash", "miner", "step", "how"},
+trainer's metrics.jsonl: {"event": "crash", "miner", "step", "how", "next" (what happens
+now: "restart faiss", "switch to hnswlib", "none: ..."), "worker" (the dead worker's
+evidence for its crash report, `MinerCrashed.evidence`, None if none)},
 {"event": "restart", "miner", "step"}, {"event": "switch", "miner" (the new
 one), "step", "previous", "reason"}; step is `faults.current_step()`.
 """
@@ -87,7 +89,14 @@ class FallbackMiner:
             try:
                 return call(self._current())
             except MinerCrashed as crash:
-                self._report("crash", how=crash.how)
+                if not restarted:
+                    plan = f"restart {self.name}"
+                elif self._position + 1 < len(self.names):
+                    plan = f"switch to {self.names[self._position + 1]}"
+                else:
+                    plan = f"none: {self.name}, the last miner of the chain, crashed twice"
+                crashed = {"how": crash.how, "next": plan}
+                self._report("crash", **crashed, worker=crash.evidence)
                 self.close()  # a crashed worker is killed; its successor is made on the retry
                 if not restarted:
                     restarted = True

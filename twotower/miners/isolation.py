@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -39,10 +40,12 @@ from twotower import faults
 from twotower.errors import UsageError
 from twotower.miners import DEFAULT_TIMEOUT
 from twotower.miners.base import MinerCrashed
+from twotower.miners.worker_death import WorkerRecord
 
 EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MIN_BUFFER_BYTES = 1 << 20
+STACK_DUMP_WAIT = 0.5  # seconds a silent worker gets to write its stacks before SIGKILL
 
 
 def signal_name(number: int) -> str:
@@ -108,7 +111,7 @@ def file_location(bank: np.ndarray) -> dict[str, Any] | None:
 
 
 class _Worker:
-    """One worker process and its two pipes."""
+    """One worker process, its two pipes, and the evidence a crash report needs of it."""
 
     def __init__(self, miner: str, threads: int | None):
         self.miner = miner
@@ -120,6 +123,8 @@ class _Worker:
         if threads is not None:
             env.update({var: str(threads) for var in THREAD_ENV_VARS})
         command = [sys.executable, "-m", "twotower.miners.worker"]
+        self.record = WorkerRecord(miner, command)
+        env.update(self.record.env())
         try:
             self.process = subprocess.Popen(
                 [*command, str(request_read), str(reply_write)],
@@ -130,6 +135,7 @@ class _Worker:
         except OSError:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
+            self.record.discard()
             raise
         os.close(request_read)  # the worker's ends: with them closed here, its death reads as EOF
         os.close(reply_write)
@@ -141,17 +147,27 @@ class _Worker:
         return self.process.pid
 
     def ask(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        """Send one request, return its reply; MinerCrashed if the worker dies or stays silent."""
+        """Send one request, return its reply; MinerCrashed if the worker dies or stays silent.
+
+        The MinerCrashed of a dead worker carries its evidence (`worker_death.WorkerRecord`).
+        """
         try:
             self.requests.send(message)
             if not self.replies.poll(timeout):
+                self._dump_stacks()
                 self.kill()
+                watchdog = {"silent_s": timeout, "timeout": timeout}
                 raise MinerCrashed(
-                    self.miner, f"no answer for {timeout:g} s; worker pid {self.pid} killed"
+                    self.miner,
+                    f"no answer for {timeout:g} s; worker pid {self.pid} killed",
+                    self.record.evidence(self.process, message, watchdog),
                 )
             reply: dict[str, Any] = self.replies.recv()
         except (EOFError, OSError):
-            raise MinerCrashed(self.miner, self._how_it_ended()) from None
+            how = self._how_it_ended()
+            raise MinerCrashed(
+                self.miner, how, self.record.evidence(self.process, message)
+            ) from None
         except BaseException:  # interrupted mid-request: a late reply would answer the next one
             self.kill()
             raise
@@ -159,12 +175,18 @@ class _Worker:
             if reply["usage"]:
                 raise UsageError(reply["message"])
             raise MinerCrashed(self.miner, f"raised {reply['error']}: {reply['message']}")
+        self.record.note_reply(reply)
         return reply
 
+    def _dump_stacks(self) -> None:
+        """Ask a silent worker for every thread's stack (faulthandler's SIGUSR1) before the kill."""
+        if hasattr(signal, "SIGUSR1") and self.process.poll() is None:
+            os.kill(self.pid, signal.SIGUSR1)
+            time.sleep(STACK_DUMP_WAIT)
+
     def _how_it_ended(self) -> str:
-        try:
-            returncode = self.process.wait(EXIT_WAIT)
-        except subprocess.TimeoutExpired:
+        returncode = self.record.reap(self.process, EXIT_WAIT)
+        if returncode is None:
             self.kill()
             return f"worker pid {self.pid} closed its pipe and was killed"
         return describe_exit(returncode, self.pid)
@@ -173,7 +195,7 @@ class _Worker:
         """SIGKILL the worker (if it still runs) and reap it."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait()
+        self.record.reap(self.process, None)
 
     def close(self) -> None:
         """Ask the worker to exit, kill it if it does not within EXIT_WAIT s, close the pipes."""
@@ -186,6 +208,7 @@ class _Worker:
         self.kill()
         self.requests.close()
         self.replies.close()
+        self.record.discard()
 
 
 class _Resources:

@@ -35,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from twotower import faults, miners
+from twotower.crash_dump import enable_crash_dumps
 from twotower.errors import UsageError
 from twotower.memory import process_memory
 from twotower.miners.base import Miner
 from twotower.miners.isolation import result_views
+from twotower.openmp import openmp_runtimes
 
 ORPHAN_CHECK_SECONDS = 1.0
 
@@ -78,7 +80,7 @@ class Server:
     def op_start(self, message: dict[str, Any]) -> dict[str, Any]:
         faults.arm(None)
         self.engine = miners.engine(message["name"], **message["opts"])
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "openmp": openmp_runtimes()}
 
     def op_build(self, message: dict[str, Any]) -> dict[str, Any]:
         bank = message["bank"]
@@ -92,7 +94,7 @@ class Server:
         assert self.engine is not None
         self.engine.build(array, message["fingerprint"])
         self._hold("bank", segment)  # only now has the engine let go of the old bank
-        return {"build_info": getattr(self.engine, "build_info", {})}
+        return {"build_info": getattr(self.engine, "build_info", {}), "openmp": openmp_runtimes()}
 
     def op_search(self, message: dict[str, Any]) -> dict[str, Any]:
         if message["marker_dir"] != self.marker_dir:
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     """Serve requests from fd argv[0], replying on fd argv[1], until told to close. Returns 0."""
     request_fd, reply_fd = (int(arg) for arg in (argv or sys.argv[1:]))
     os.dup2(2, 1)  # library chatter goes to stderr, never into the trainer's stdout
-    faulthandler.enable()  # a native crash prints the Python stack before the signal ends us
+    if enable_crash_dumps() is None:  # the parent names a stack file; by hand: stderr
+        faulthandler.enable()
     threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     requests = Connection(request_fd, writable=False)
     replies = Connection(reply_fd, readable=False)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -48,6 +49,8 @@ from twotower.training.schedule import LRSchedule, planned_steps
 log = logging.getLogger("twotower")
 
 PROGRESS_ENV = "TWOTOWER_PROGRESS"  # "1": show the progress bar even when stderr is a pipe
+# (RUN/crashes, the miner chain's crash event with the worker's evidence) -> the report written
+WorkerDeathReporter = Callable[[Path, dict[str, Any]], Path]
 
 
 @dataclass
@@ -77,8 +80,9 @@ class StopRequested(Exception):
 class Trainer:
     """One training run over a dataset, on one backend (see `train`)."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, on_worker_death: WorkerDeathReporter | None = None):
         self.config = config
+        self.on_worker_death = on_worker_death
         assert config.out is not None  # TrainConfig resolves it
         self.run = RunDir(config.out)
         self.miner: miners.Miner | None = None
@@ -138,9 +142,13 @@ class Trainer:
         return miner
 
     def _miner_event(self, event: dict[str, Any]) -> None:
-        fields = {k: v for k, v in event.items() if k != "event"}
+        """Log a miner chain event; a worker's death also gets its crash report."""
+        fields = {k: v for k, v in event.items() if k not in ("event", "worker")}
+        if event.get("worker") and self.on_worker_death is not None:
+            report = self.on_worker_death(self.run.crashes, event)
+            fields["report"] = str(report.relative_to(self.run.root))
         self.metrics.write(f"miner-{event.get('event', 'event')}", **fields)
-        log.warning("miner: %s", ", ".join(f"{k}={v}" for k, v in event.items()))
+        log.warning("miner: %s", ", ".join(f"{k}={v}" for k, v in fields.items()))
 
     # --- phase points: heartbeat + fault switch -------------------------------------------
 
@@ -443,6 +451,10 @@ class Trainer:
         return stats
 
 
-def train(config: TrainConfig) -> RunResult:
-    """Train in this process. Raises UsageError for bad input before anything is written."""
-    return Trainer(config).run_training()
+def train(config: TrainConfig, on_worker_death: WorkerDeathReporter | None = None) -> RunResult:
+    """Train in this process. Raises UsageError for bad input before anything is written.
+
+    on_worker_death(RUN/crashes, event) writes a dead miner worker's crash report and
+    returns its path (`twotower.train` passes guard's; None: the death is only logged).
+    """
+    return Trainer(config, on_worker_death).run_training()
