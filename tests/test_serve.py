@@ -5,11 +5,9 @@ reference (torch, NumPy and ONNX encoders); `encode` is chunked and never leaves
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

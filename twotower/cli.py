@@ -196,6 +196,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from twotower.diagnose.report import write_report
+
+    print(f"{write_report(args.run_dir, args.out)}: written")
+    return EXIT_OK
+
+
 def add_tower_flags(parser: argparse.ArgumentParser) -> None:
     """--model DIR | --run RUN [--checkpoint], --data, --rows, --backend: which tower on what."""
     which = parser.add_mutually_exclusive_group(required=True)
@@ -330,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--out", required=True, help=".npz file to write (ids, scores, rows)")
     search.set_defaults(run=cmd_search)
+
+    report = sub.add_parser("report", help="draw a run: losses, evaluations, minings, crashes")
+    report.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    report.add_argument("--out", help="report.png or report.html (default RUN/report.png)")
+    report.set_defaults(run=cmd_report)
     return parser
 
 

@@ -95,6 +95,7 @@ class TrainConfig:
     miner_timeout: float = knob(600.0, "seconds without an answer before a miner is killed")
     faiss_index: str = knob("Flat", "faiss index factory string: Flat, HNSW32, IVF4096,Flat, ...")
     eval_miner: str = knob("exact", "miner for evaluation (exact gives the reference numbers)")
+    tensorboard: str | None = knob(None, "also write the scalars here for TensorBoard")
     # schedule
     steps: int | None = knob(None, "total steps (default: --epochs)")
     epochs: float = knob(1.0, "passes over the training samples, when --steps is not given")

@@ -23,8 +23,10 @@ class Heartbeat:
     def __init__(self, path: Path):
         self.path = path
 
-    def beat(self, step: int, phase: str, **engines: Any) -> None:
-        """Record `phase` at `step`; engines: backend=..., miner=... names in use."""
+    def beat(self, step: int, phase: str, **engines: Any) -> dict[str, Any]:
+        """Record `phase` at `step`; engines: backend=..., miner=... names in use.
+
+        Returns the record written."""
         rss = (proc_status() or {}).get("VmRSS", 0)
         record = {
             "pid": os.getpid(),
@@ -36,6 +38,7 @@ class Heartbeat:
             "time": time.time(),
         }
         replace_file(self.path, json.dumps(record))
+        return record
 
 
 def read_heartbeat(path: Path) -> dict[str, Any] | None:

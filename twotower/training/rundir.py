@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -48,14 +49,17 @@ class MetricsLog:
     (even SIGKILL) loses nothing that was logged before it.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, also: Callable[[dict[str, Any]], None] | None = None):
         self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
+        self._also = also  # gets each record too (TensorBoard)
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         """Log {"event": event, "time": unix seconds, **fields}; returns the record."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record, default=_plain) + "\n")
         self._file.flush()
+        if self._also is not None:
+            self._also(record)
         return record
 
     def close(self) -> None:

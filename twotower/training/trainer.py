@@ -45,6 +45,7 @@ from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
+from twotower.training.tensorboard import TensorboardScalars, summary_writer_class
 
 log = logging.getLogger("twotower")
 
@@ -91,6 +92,7 @@ class Trainer:
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
         self.last_metrics: dict[str, float] = {}  # ... and the last evaluation
         self.openmp: list[str] | None = None  # OpenMP runtimes here (None: unknown), for reports
+        self.rss_kb = 0  # resident memory at the last phase point (the heartbeat's reading)
         supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
         self._supervisor_pid = int(supervisor) if supervisor.isdigit() else None
 
@@ -159,9 +161,10 @@ class Trainer:
         where it searches (its worker, when isolated), not here.
         """
         faults.set_step(step)
-        self.heartbeat.beat(
+        beat = self.heartbeat.beat(
             step, phase, backend=self.backend.name, miner=self.miner_name, openmp=self.openmp
         )
+        self.rss_kb = beat["rss_kb"]
         if self._supervisor_pid not in (None, os.getppid()) and self._stop_signal is None:
             log.warning(
                 "the supervisor (pid %s) is gone: stopping after this step", self._supervisor_pid
@@ -285,6 +288,8 @@ class Trainer:
                 "evaluate it with `twotower eval --data DIR --tower meanpool --no-proj`"
             )
         enable_crash_dumps()
+        if c.tensorboard:
+            summary_writer_class()  # refused (exit 2) before anything is written
         self.dataset = self._open_dataset()
         if c.exclude_context:
             self.dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
@@ -294,7 +299,8 @@ class Trainer:
         if stored is None:
             self.run.config.write_text(c.to_json())
         open_log(self.run.log)
-        self.metrics = MetricsLog(self.run.metrics)
+        self.scalars = TensorboardScalars(c.tensorboard) if c.tensorboard else None
+        self.metrics = MetricsLog(self.run.metrics, also=self.scalars)
         self.heartbeat = Heartbeat(self.run.heartbeat)
         faults.arm(self.run.faults)
 
@@ -397,6 +403,8 @@ class Trainer:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
+            if self.scalars is not None:
+                self.scalars.close()
         if metrics_before:
             log.info(
                 "recall@10 before: %.4f, after: %.4f (%d steps)",
@@ -438,6 +446,7 @@ class Trainer:
             lr=lr,
             batch=data.digest,
             ms=round(elapsed * 1e3, 2),
+            rss_kb=self.rss_kb,
         )
         if not stats.applied:
             self.metrics.write("nonfinite", **record)
