@@ -242,17 +242,8 @@ def test_encode_from_the_cli_selects_the_runs_held_out_rows(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "heldout.npy"
-    result = run_twotower(
-        "encode",
-        "--run",
-        str(runs["meanpool"]),
-        "--rows",
-        "heldout",
-        "--backend",
-        "numpy",
-        "--out",
-        str(out),
-    )
+    flags = "--rows heldout --backend numpy".split()
+    result = run_twotower("encode", "--run", str(runs["meanpool"]), *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "rows/s" in result.stderr
     heldout = json.loads((runs["meanpool"] / "metrics.jsonl").read_text().splitlines()[0])["eval"]
@@ -379,21 +370,8 @@ def test_search_from_the_cli_with_an_isolated_miner(
 ) -> None:
     pytest.importorskip("faiss")
     out = tmp_path / "r.npz"
-    result = run_twotower(
-        "search",
-        "--run",
-        str(runs["gru-1"]),
-        "--k",
-        "5",
-        "--miner",
-        "faiss",
-        "--rows",
-        "heldout",
-        "--backend",
-        "numpy",
-        "--out",
-        str(out),
-    )
+    flags = "--k 5 --miner faiss --rows heldout --backend numpy".split()
+    result = run_twotower("search", "--run", str(runs["gru-1"]), *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
     exact = search_command(
         str(tmp_path / "e.npz"), k=5, run=str(runs["gru-1"]), rows="heldout", backend="numpy"

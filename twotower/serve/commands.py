@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from twotower import faults, miners
 from twotower.data import Dataset, load_dataset
 from twotower.errors import UsageError
@@ -12,6 +14,15 @@ from twotower.paths import user_cache_dir
 from twotower.serve.encode import encode_to_file, open_tower, select_rows, tower_backend
 from twotower.serve.search import search_to_file
 from twotower.serve.tower_dir import TowerFiles
+
+
+def _open(
+    model: str | None, run: str | None, checkpoint: str, data: str | None, rows: str
+) -> tuple[TowerFiles, Dataset, np.ndarray]:
+    """The tower, its dataset and the rows selected (see `encode_command`)."""
+    files = open_tower(model, run, checkpoint)
+    dataset = _dataset(files, data)
+    return files, dataset, select_rows(dataset, rows, files.split)
 
 
 def _dataset(files: TowerFiles, data: str | None) -> Dataset:
@@ -37,9 +48,7 @@ def encode_command(
     backend: str = "auto",
 ) -> Path:
     """Encode a dataset's rows with an exported tower or a run's; returns the .npy written."""
-    files = open_tower(model, run, checkpoint)
-    dataset = _dataset(files, data)
-    selected = select_rows(dataset, rows, files.split)
+    files, dataset, selected = _open(model, run, checkpoint, data, rows)
     faults.arm(None)
     return encode_to_file(tower_backend(files, backend), dataset, selected, out)
 
@@ -59,9 +68,7 @@ def search_command(
 ) -> Path:
     """Top-k bank rows for a dataset's rows, through `miner` (isolated like in training,
     its index cached by the bank's fingerprint); returns the .npz written."""
-    files = open_tower(model, run, checkpoint)
-    dataset = _dataset(files, data)
-    selected = select_rows(dataset, rows, files.split)
+    files, dataset, selected = _open(model, run, checkpoint, data, rows)
     options: dict[str, Any] = {"index": faiss_index} if miner == "faiss" else {}
     search = miners.get(miner, fault_phase=None, cache_dir=user_cache_dir() / "index", **options)
     try:
