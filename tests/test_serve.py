@@ -5,6 +5,7 @@ reference (torch, NumPy and ONNX encoders); `encode` is chunked and never leaves
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,18 @@ def test_the_numpy_encoder_never_imports_torch(runs: dict[str, Path], tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_checkpoint_best_reads_run_best(runs: dict[str, Path], tmp_path: Path) -> None:
+    """RUN/best/ holds a checkpoint in the usual format (here: a copy of step 4's)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["gru-1"], run)
+    shutil.copytree(run / "checkpoints" / "step-0000004", run / "best")
+    best = read_tower_files(export_tower(run, tmp_path / "best", checkpoint="best"))
+    step4 = read_tower_files(export_tower(run, tmp_path / "step4", checkpoint="step-4"))
+    assert best.doc["source"]["step"] == 4
+    for name, value in step4.params.items():
+        np.testing.assert_array_equal(best.params[name], value)
 
 
 def test_a_bad_export_directory_is_one_line(tmp_path: Path, runs: dict[str, Path]) -> None:
