@@ -52,8 +52,10 @@ def _line(axis: Any, picture: RunPicture, name: str, **style: Any) -> bool:
 
 
 def _panels(plt: Any, picture: RunPicture) -> Any:
-    figure, axes = plt.subplots(5, 1, figsize=(10, 12), sharex=True)
-    loss, grad, quality, mining, cost = axes
+    figure, axes = plt.subplots(
+        6, 1, figsize=(10, 14), sharex=True, height_ratios=[1.4, 1, 1, 1, 1, 1]
+    )
+    _, loss, grad, quality, mining, cost = axes
     _line(loss, picture, "loss", color="tab:blue", alpha=0.3, linewidth=0.7, label="loss")
     _line(loss, picture, "loss_smooth", color="tab:blue", label="loss (smoothed)")
     loss.set_ylabel("InfoNCE loss")
@@ -129,22 +131,24 @@ def _span(picture: RunPicture) -> int:
 
 
 def _mark(axes: Any, picture: RunPicture) -> None:
-    top = axes[0]
-    for marker in picture.markers:
+    """A vertical line per marker in every panel; the top panel lists them, one row each."""
+    events = axes[0]
+    for row, marker in enumerate(picture.markers):
         colour = MARKER_COLOURS.get(marker.kind, "black")
-        for axis in axes:
+        for axis in axes[1:]:
             axis.axvline(marker.step, color=colour, linestyle="--", linewidth=1, alpha=0.8)
-        top.annotate(
-            f"{marker.kind}: {marker.label}",
-            (marker.step, 1.0),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            fontsize=6,
+        events.plot([marker.step], [row], marker="v", color=colour)
+        events.annotate(
+            f" step {marker.step}: {marker.kind}: {marker.label}",
+            (marker.step, row),
+            fontsize=7,
             color=colour,
-            va="top",
-            ha="right",
+            va="center",
         )
-    for axis in axes:
+    events.set_ylim(len(picture.markers), -1)
+    events.set_yticks([])
+    events.set_ylabel("events")
+    for axis in axes[1:]:
         handles, _ = axis.get_legend_handles_labels()
         if handles:
             axis.legend(fontsize=7, loc="upper right")

@@ -107,8 +107,11 @@ def _crash_markers(run: RunDir, records: list[dict[str, Any]]) -> list[Marker]:
     return markers
 
 
-def _event_marker(record: dict[str, Any]) -> Marker | None:
-    """The marker of a restart, switch, resume or interruption record; None for others."""
+def _event_marker(record: dict[str, Any], crashed_at: int) -> Marker | None:
+    """The marker of a restart, switch, resume or interruption record; None for others.
+
+    crashed_at: the step of the last crash before it (where a supervisor's switch belongs).
+    """
     event, step = record["event"], int(record.get("step") or 0)
     if event == "restart":
         return Marker(
@@ -117,9 +120,8 @@ def _event_marker(record: dict[str, Any]) -> Marker | None:
             f"attempt {record.get('attempt')}: {record.get('backend')}/{record.get('miner')}",
         )
     if event == "switch":
-        return Marker(
-            "switch", step, f"{record.get('role')} {record.get('previous')} -> {record.get('to')}"
-        )
+        what = f"{record.get('role')} {record.get('previous')} -> {record.get('to')}"
+        return Marker("switch", crashed_at, what)
     if event == "miner-switch":
         return Marker(
             "miner-switch", step, f"miner {record.get('previous')} -> {record.get('miner')}"
@@ -155,6 +157,12 @@ def run_picture(run_dir: str | Path) -> RunPicture:
     series["mining:seconds"] = _last_per_step(mined, "seconds")
     series["mining:recall"] = _last_per_step(mined, "recall")
     markers = _crash_markers(run, records)
-    markers += [m for m in map(_event_marker, records) if m is not None]
+    crashed_at = 0
+    for record in records:
+        if record["event"] == "crash":
+            crashed_at = int(record.get("step") or 0)
+        marker = _event_marker(record, crashed_at)
+        if marker is not None:
+            markers.append(marker)
     markers.sort(key=lambda marker: marker.step)
     return RunPicture(run.root, {k: v for k, v in series.items() if v.steps}, markers)
