@@ -34,6 +34,7 @@ DIM, HIDDEN, T = 16, 12, 6
 TOWERS = {
     "gru-1": dict(tower="gru", hidden=HIDDEN, layers=1),
     "gru-2": dict(tower="gru", hidden=HIDDEN, layers=2),
+    "gru-residual": dict(tower="gru", hidden=HIDDEN, layers=2, residual="last"),
     "meanpool": dict(tower="meanpool"),
 }
 HAS_TORCH = "torch-cpu" in backends.available()
@@ -88,6 +89,7 @@ def run_engine(run: Path, name: str) -> backends.Backend:
         dim=DIM,
         hidden=settings["hidden"] if settings["tower"] == "gru" else DIM,
         layers=settings["layers"],
+        residual=settings["residual"],
     )
     engine.load_state(load_checkpoint(run)[1])
     return engine
@@ -108,12 +110,13 @@ def test_an_exported_tower_encodes_like_the_run_and_the_reference(
     }
     kind = TOWERS[tower]["tower"]
     clean = np.where(np.isnan(contexts), 0.0, contexts)
-    expected = reference.encode(kind, params, clean, lengths)
+    residual = TOWERS[tower].get("residual", "none")
+    expected = reference.encode(kind, params, clean, lengths, residual)
     trained = run_engine(run, "numpy").encode(contexts, lengths)
     for format in formats:
         out = export_tower(run, tmp_path / format, format=format)
         doc = json.loads((out / "tower.json").read_text())
-        assert doc["kind"] == kind and doc["dim"] == DIM and doc["residual"] == "none"
+        assert doc["kind"] == kind and doc["dim"] == DIM and doc["residual"] == residual
         assert doc["source"]["step"] == 8
         engines = ["numpy"] + (["torch"] if HAS_TORCH else [])
         for engine in engines:
@@ -156,7 +159,7 @@ def test_the_torch_module_is_an_nn_module_in_eval_mode_with_torch_names(
     assert_agrees(q, expected, np.float32, "module call vs the run's torch-cpu engine")
 
 
-@pytest.mark.parametrize("tower", ["gru-2", "meanpool"])
+@pytest.mark.parametrize("tower", ["gru-2", "gru-residual", "meanpool"])
 def test_onnx_agrees_with_the_reference(runs: dict[str, Path], tower: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     if not HAS_TORCH:
@@ -164,14 +167,15 @@ def test_onnx_agrees_with_the_reference(runs: dict[str, Path], tower: str, tmp_p
     out = export_tower(runs[tower], tmp_path / "onnx", format="onnx")
     _, state = load_checkpoint(runs[tower])
     session = twotower.load_tower(out, engine="onnx")
+    kind, residual = TOWERS[tower]["tower"], TOWERS[tower].get("residual", "none")
     for seed, batch in ((1, 9), (2, 3)):  # dynamic batch; lengths up to T
         contexts, lengths = variable_batch(seed, batch)
         clean = np.where(np.isnan(contexts), 0.0, contexts)
-        expected = reference.encode(TOWERS[tower]["tower"], state, clean, lengths)
+        expected = reference.encode(kind, state, clean, lengths, residual)
         assert_agrees(session.encode(contexts, lengths), expected, np.float32, "onnx")
     longer = np.random.default_rng(3).standard_normal((2, 2 * T, DIM)).astype(np.float32)
     longer_lengths = np.array([2 * T, 5])  # dynamic length: longer than any seen in training
-    expected = reference.encode(TOWERS[tower]["tower"], state, longer, longer_lengths)
+    expected = reference.encode(kind, state, longer, longer_lengths, residual)
     assert_agrees(session.encode(longer, longer_lengths), expected, np.float32, "onnx, T=12")
 
 

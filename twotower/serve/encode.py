@@ -52,6 +52,7 @@ def tower_backend(files: TowerFiles, name: str = "auto") -> Backend:
         hidden=spec.hidden,
         layers=spec.layers,
         proj=spec.proj,
+        residual=spec.residual,
     )
     engine.load_state(files.params)
     return engine

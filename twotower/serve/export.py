@@ -17,9 +17,9 @@ from twotower.serve.tower_dir import (
     RESIDUAL_NONE,
     TOWER_JSON,
     TowerFiles,
-    make_spec,
     write_tower_files,
 )
+from twotower.towers import TowerSpec
 from twotower.training.checkpoint import CheckpointError, load_checkpoint, step_dir_name
 
 FORMATS = ("safetensors", "torch", "onnx")
@@ -78,13 +78,13 @@ def tower_from_run(run: str | os.PathLike[str], checkpoint: str = "latest") -> T
         dim = int(state["gru.weight_ih_l0"].shape[1])
     else:
         dim = int(state["proj.weight"].shape[0])
-    spec = make_spec(
-        kind,
-        dim,
-        int(settings.get("hidden", dim)) if kind == "gru" else dim,
-        int(settings.get("layers", 1)),
-        bool(settings.get("proj", True)),
-        str(settings.get("residual", RESIDUAL_NONE)),
+    spec = TowerSpec(
+        kind=kind,
+        dim=dim,
+        hidden=int(settings.get("hidden", dim)) if kind == "gru" else dim,
+        layers=int(settings.get("layers", 1)),
+        proj=bool(settings.get("proj", True)),
+        residual=str(settings.get("residual", RESIDUAL_NONE)),
     )
     params = {name: state[name] for name in spec.shapes() if name in state}
     spec.check_state(params)

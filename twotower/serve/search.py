@@ -24,25 +24,23 @@ from twotower.errors import UsageError
 from twotower.miners import Miner
 from twotower.serve.encode import chunk_rows, chunks, commit, temporary_beside
 from twotower.serve.progress import RowProgress
+from twotower.training.evaluation import unseen_first
 
 RESULT_KEYS = ("ids", "scores", "rows")
 
 
 def drop_context(
-    scores: np.ndarray, ids: np.ndarray, context_ids: np.ndarray, positives: np.ndarray, k: int
+    scores: np.ndarray, ids: np.ndarray, seen: np.ndarray, positives: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Remove each row's context items from its ranked results and keep the first k.
 
-    scores, ids (B, k') best first; context_ids (B, T), -1 padded; positives (B,): a
-    context item equal to the positive stays. Returns (scores (B, k), ids (B, k)), order
-    kept, padded with -inf / -1.
+    scores, ids (B, k') best first; seen (B, T) the rows' context ids, -1 padded
+    (`Dataset.seen_ids`); positives (B,): a context item equal to the positive stays.
+    Returns (scores (B, k), ids (B, k)), order kept, padded with -inf / -1.
     """
-    context = np.where(context_ids < 0, -2, context_ids)  # padding never matches a miner's -1
-    seen = (ids[:, :, None] == context[:, None, :]).any(axis=2) & (ids != positives[:, None])
-    order = np.argsort(seen, axis=1, kind="stable")[:, :k]  # kept ones first, in rank order
-    kept_ids = np.take_along_axis(ids, order, axis=1)
-    kept_scores = np.take_along_axis(scores, order, axis=1)
-    dropped = np.take_along_axis(seen, order, axis=1)
+    kept, dropped = unseen_first(ids, seen, positives, k)
+    kept_ids = np.take_along_axis(ids, kept, axis=1)
+    kept_scores = np.take_along_axis(scores, kept, axis=1)
     kept_ids[dropped] = -1
     kept_scores[dropped] = -np.inf
     if kept_ids.shape[1] < k:
@@ -67,12 +65,10 @@ def search_to_file(
     out = Path(out)
     if k < 1:
         raise UsageError(f"--k must be >= 1, got {k}")
-    if exclude_context and dataset.context_ids is None:
-        raise UsageError(
-            f"--exclude-context needs context_ids.npy; {dataset.path} holds context vectors"
-        )
     if len(rows) == 0:
         raise UsageError("no rows to search for (--rows selects none)")
+    if exclude_context:
+        dataset.seen_ids(rows[:1])  # UsageError up front for a dataset without context ids
     asked = k + (dataset.seq_len if exclude_context else 0)
     tmp_ids, tmp_scores, tmp = (
         temporary_beside(out.with_name(out.name + suffix)) for suffix in (".ids", ".scores", "")
@@ -87,10 +83,8 @@ def search_to_file(
             contexts, lengths, positives = dataset.gather(part)
             found_scores, found_ids = miner.search(encoder.encode(contexts, lengths), asked)
             if exclude_context:
-                assert dataset.context_ids is not None
-                context = np.asarray(dataset.context_ids[part], dtype=np.int64)
                 found_scores, found_ids = drop_context(
-                    found_scores, found_ids, context, positives, k
+                    found_scores, found_ids, dataset.seen_ids(part), positives, k
                 )
             ids[start : start + len(part)] = found_ids[:, :k]
             scores[start : start + len(part)] = found_scores[:, :k]

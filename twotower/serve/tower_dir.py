@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +48,6 @@ class TowerFiles:
         return dict(split) if isinstance(split, dict) else None
 
 
-def residual_of(spec: TowerSpec) -> str:
-    """The spec's residual mode ("none" where this TowerSpec has no such option)."""
-    return str(getattr(spec, "residual", RESIDUAL_NONE))
-
-
-def make_spec(
-    kind: str, dim: int, hidden: int, layers: int, proj: bool, residual: str
-) -> TowerSpec:
-    """A TowerSpec; UsageError when it asks for a residual form this TowerSpec cannot hold."""
-    options: dict[str, Any] = dict(kind=kind, dim=dim, hidden=hidden, layers=layers, proj=proj)
-    if "residual" in {f.name for f in fields(TowerSpec)}:
-        options["residual"] = residual
-    elif residual != RESIDUAL_NONE:
-        raise UsageError(f"residual tower ({residual!r}) needs a newer twotower to compute it")
-    return TowerSpec(**options)
-
-
 def tower_doc(spec: TowerSpec, **extra: Any) -> dict[str, Any]:
     """tower.json's contents for `spec`; `extra` (source, split, extra_files) added as is."""
     return {
@@ -74,7 +57,7 @@ def tower_doc(spec: TowerSpec, **extra: Any) -> dict[str, Any]:
         "hidden": spec.hidden,
         "layers": spec.layers,
         "proj": spec.proj,
-        "residual": residual_of(spec),
+        "residual": spec.residual,
         "weights": WEIGHTS,
         **extra,
     }
@@ -111,13 +94,13 @@ def read_tower_files(path: str | os.PathLike[str]) -> TowerFiles:
     missing = [key for key in ("kind", "dim", "hidden", "layers", "proj") if key not in doc]
     if missing:
         raise UsageError(f"{doc_path}: missing {', '.join(missing)}")
-    spec = make_spec(
-        doc["kind"],
-        int(doc["dim"]),
-        int(doc["hidden"]),
-        int(doc["layers"]),
-        bool(doc["proj"]),
-        str(doc.get("residual", RESIDUAL_NONE)),
+    spec = TowerSpec(
+        kind=doc["kind"],
+        dim=int(doc["dim"]),
+        hidden=int(doc["hidden"]),
+        layers=int(doc["layers"]),
+        proj=bool(doc["proj"]),
+        residual=str(doc.get("residual", RESIDUAL_NONE)),
     )
     weights = directory / str(doc.get("weights", WEIGHTS))
     if not weights.is_file():

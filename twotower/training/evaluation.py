@@ -56,12 +56,23 @@ def retrieval_metrics(ids: np.ndarray, positives: np.ndarray) -> dict[str, float
     return metrics
 
 
+def unseen_first(
+    ids: np.ndarray, seen: np.ndarray, positives: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seen-item masking of a ranking, as column indices: ids (N, C) best first, seen (N, T)
+    each query's context ids (-1 padded), positives (N,) -> (columns (N, min(k, C)) of the
+    first ids not among the query's context ids, the positive excepted, in rank order;
+    whether each of those columns is a seen one after all (only when fewer than k remain))."""
+    drop = seen_by_query(seen, ids) & (ids != positives[:, None])
+    kept_first = np.argsort(drop, axis=1, kind="stable")[:, :k]  # stable: ranks keep their order
+    return kept_first, np.take_along_axis(drop, kept_first, axis=1)
+
+
 def without_seen(ids: np.ndarray, seen: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
     """Seen-item masking of a ranking: ids (N, k + T) best first, seen (N, T) each query's
     context ids (-1 padded), positives (N,) -> the first k ids (N, k) that are not among
     the query's context ids, the positive excepted (it is never dropped)."""
-    drop = seen_by_query(seen, ids) & (ids != positives[:, None])
-    kept_first = np.argsort(drop, axis=1, kind="stable")[:, :k]  # stable: ranks keep their order
+    kept_first, _ = unseen_first(ids, seen, positives, k)
     return np.take_along_axis(ids, kept_first, axis=1)
 
 
