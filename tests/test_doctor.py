@@ -186,19 +186,32 @@ def test_a_census_child_that_crashes_on_import_is_a_failure(
 
 
 def test_the_macos_clash_is_recognised_from_its_library_paths() -> None:
-    """The paths a Mac shows (torch's and faiss' own libomp): two runtimes, a warning."""
+    """The pools threadpoolctl reports on a Mac (torch's and faiss' own libomp): two
+    runtimes, a warning."""
     site = "/Users/me/.venv/lib/python3.12/site-packages"
-    paths = [
-        f"{site}/torch/lib/libomp.dylib",
-        f"{site}/faiss/.dylibs/libomp.dylib",
-        f"{site}/torch/lib/libtorch_cpu.dylib",
-        "/usr/lib/libSystem.B.dylib",
+    pools = [
+        pool("openmp", "libomp", f"{site}/torch/lib/libomp.dylib"),
+        pool("openmp", "libomp", f"{site}/faiss/.dylibs/libomp.dylib"),
+        pool("blas", "libopenblas", f"{site}/numpy/.dylibs/libopenblas64_.0.dylib"),
     ]
-    openmp, blas = classify(paths, {})
+    openmp, blas = classify(pools)
     assert [(lib.kind, lib.owner) for lib in openmp] == [("libomp", "torch"), ("libomp", "faiss")]
-    assert blas == []
-    census = Census(imported={"torch": "2.5.1", "faiss": "1.9.0"}, libraries=paths, openmp=openmp)
+    assert [(lib.api, lib.owner) for lib in blas] == [("openblas", "numpy")]
+    census = Census(imported={"torch": "2.5.1", "faiss": "1.9.0"}, openmp=openmp)
     [warning] = [f for f in check_census(census) if f.check == "openmp"]
     assert warning.status == "warn" and "faiss issue 4273" in warning.action
-    one = Census(imported={"torch": "2.5.1"}, libraries=paths[:1], openmp=openmp[:1])
+    one = Census(imported={"torch": "2.5.1"}, openmp=openmp[:1])
     assert {f.status for f in check_census(one)} == {"ok"}
+
+
+def pool(user_api: str, prefix: str, path: str, threads: int = 8) -> dict[str, Any]:
+    """One thread pool as `threadpoolctl.threadpool_info()` describes it."""
+    internal = "openmp" if user_api == "openmp" else prefix.removeprefix("lib")
+    return {
+        "user_api": user_api,
+        "internal_api": internal,
+        "prefix": prefix,
+        "filepath": path,
+        "version": None,
+        "num_threads": threads,
+    }

@@ -91,7 +91,12 @@ class TrainConfig:
     miner: str = knob("exact", "hard-negative miner: exact | faiss | hnswlib")
     miner_fallback: list[str] = knob(lambda: ["exact"], "miners to switch to if one crashes")
     miner_isolation: str | None = knob(None, "process | none (default: process for faiss, hnswlib)")
-    miner_threads: int | None = knob(None, "threads of the miner (in its own process)")
+    threads: int | None = knob(
+        None, "threads of the trainer (default: every core; its share when mining overlaps)"
+    )
+    miner_threads: int | None = knob(
+        None, "threads of the miner worker (default: every core; its share when mining overlaps)"
+    )
     miner_timeout: float = knob(600.0, "seconds without an answer before a miner is killed")
     faiss_index: str = knob("Flat", "faiss index factory string: Flat, HNSW32, IVF4096,Flat, ...")
     eval_miner: str = knob("exact", "miner for evaluation (exact gives the reference numbers)")
@@ -152,6 +157,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        for name in ("threads", "miner_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {self.steps}")

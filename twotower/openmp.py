@@ -1,40 +1,84 @@
-"""Which OpenMP runtimes a process has loaded: the files it maps, and which are OpenMP.
+"""Which OpenMP and BLAS thread pools a process has loaded, and with how many threads.
 
-`loaded_libraries` lists a process's mapped files (/proc/PID/maps on Linux, the
-dyld image list through ctypes on macOS); `runtime_of` and `owner_of` say
-which of them is an OpenMP runtime and which package ships it. Shared by the
-trainer (its heartbeat), crash forensics and the doctor's census.
+This process: threadpoolctl's view (`threadpools`, `openmp_runtimes`), on
+Linux, macOS and Windows: each pool's internal API (openmp, openblas, mkl,
+...), file path, version and thread count. Shared by the trainer (it records
+its own into its heartbeat), the miner worker and the doctor's census.
+
+This is the one module that imports threadpoolctl: importing it sets
+KMP_DUPLICATE_LIB_OK=True in the environment (for scikit-learn's sake), which
+would silence Intel's and LLVM's OpenMP duplicate-runtime abort in this
+process and every child it starts. The import here leaves the variable as it was.
+
+Another process (`mapped_openmp_runtimes`): threadpoolctl sees only the process
+it runs in, so `twotower watch`, whose child is not ours to instrument, lists
+the child's mapped files through psutil (Linux and Windows; macOS gives no
+other process's mappings) and picks the OpenMP runtimes by file name.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import os
-import sys
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+
+
+@contextlib.contextmanager
+def _environment_kept(name: str) -> Iterator[None]:
+    """Restore environment variable `name` (set or unset) after the block."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+with _environment_kept("KMP_DUPLICATE_LIB_OK"):
+    from threadpoolctl import threadpool_info, threadpool_limits
 
 # file-name prefixes of Intel's, GNU's, LLVM's and MSVC's OpenMP (libiomp5 tested before libomp)
 OPENMP_RUNTIMES = ("libiomp5", "libgomp", "libomp", "vcomp")
+POOL_FIELDS = ("user_api", "internal_api", "prefix", "filepath", "version", "num_threads")
 
 
-def loaded_libraries(pid: int | None = None) -> list[str] | None:
-    """Paths of every file mapped into a process, sorted; None where that cannot be known.
+def threadpools() -> list[dict[str, Any]]:
+    """threadpoolctl's thread pools of this process, one dict each: user_api ('openmp' or
+    'blas'), internal_api ('openmp', 'openblas', 'mkl', ...), prefix ('libgomp', ...),
+    filepath, version (None where unknown), num_threads, and for BLAS threading_layer."""
+    pools = []
+    for info in threadpool_info():
+        pool = {key: info.get(key) for key in POOL_FIELDS}
+        if "threading_layer" in info:
+            pool["threading_layer"] = info["threading_layer"]
+        pools.append(pool)
+    return pools
 
-    pid None: this process (Linux: /proc/self/maps; macOS: the dyld image list
-    through ctypes). Another pid: Linux only (/proc/PID/maps, if readable).
-    """
-    if os.path.exists("/proc/self/maps"):
-        try:
-            with open(f"/proc/{pid or 'self'}/maps") as maps:
-                fields = [line.split(maxsplit=5) for line in maps]
-        except OSError:
-            return None
-        return sorted({f[5].strip() for f in fields if len(f) == 6 and f[5].startswith("/")})
-    if sys.platform == "darwin" and pid is None:
-        dyld = ctypes.CDLL(None)
-        dyld._dyld_get_image_name.restype = ctypes.c_char_p
-        names = (dyld._dyld_get_image_name(i) for i in range(dyld._dyld_image_count()))
-        return sorted({name.decode(errors="replace") for name in names if name})
-    return None
+
+def limit_pools(count: int) -> None:
+    """Limit every OpenMP and BLAS pool loaded in this process now to `count` threads
+    (threadpoolctl; a library loaded later keeps its own default)."""
+    threadpool_limits(limits=count)
+
+
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes loaded in this process (threadpoolctl), sorted."""
+    return sorted({pool["filepath"] for pool in threadpools() if pool["internal_api"] == "openmp"})
+
+
+def mapped_openmp_runtimes(pid: int) -> list[str] | None:
+    """Paths of the OpenMP runtimes another process maps, sorted, through psutil's
+    memory_maps; None where that cannot be known (macOS, a process gone or not ours)."""
+    try:
+        maps = psutil.Process(pid).memory_maps(grouped=True)
+    except (AttributeError, psutil.Error):  # AttributeError: no memory_maps on this platform
+        return None
+    return sorted({m.path for m in maps if os.path.isabs(m.path) and runtime_of(m.path)})
 
 
 def runtime_of(path: str) -> str | None:
@@ -58,15 +102,3 @@ def owner_of(path: str) -> str:
             top = parts[parts.index(anchor) + 1]
             return top.removesuffix(".libs").removesuffix(".dylibs")
     return "system"
-
-
-def openmp_runtimes(pid: int | None = None) -> list[str] | None:
-    """Paths of the OpenMP runtimes (libgomp, libomp, libiomp5, ...) loaded in a process.
-
-    pid None: this process; another pid: Linux only. None where it cannot be
-    known (see `loaded_libraries`, the census `twotower doctor` takes).
-    """
-    paths = loaded_libraries(pid)
-    if paths is None:
-        return None
-    return [path for path in paths if runtime_of(path)]

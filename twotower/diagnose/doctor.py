@@ -4,7 +4,8 @@ Every check returns `Finding`s that say what was looked at (evidence) and
 what to do. `diagnose(data)` runs them all: Python and library versions
 against known-bad combinations, the OpenMP census of a fresh child process
 (`twotower.diagnose.census`), the environment variables that change threading,
-the engines this machine can run, and, given a dataset, its layout, a
+the thread budget, memory pressure and swap, the engines this machine can run,
+what matters on a Mac (`twotower.diagnose.doctor_platform`), and, given a dataset, its layout, a
 compressed .npz's cost, and memory and disk against a run with the default
 settings (`twotower.diagnose.doctor_data`). Exit code: 0 when nothing fails, 1 when
 something does (`exit_code`).
@@ -15,16 +16,27 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import platform
-import re
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
-from twotower.diagnose.census import MODULES, Census, take_census
+from twotower.diagnose.census import MODULES, Census, Library, take_census
 from twotower.diagnose.doctor_data import check_data
+from twotower.diagnose.doctor_platform import (
+    Platform,
+    check_mac_versions,
+    check_memory_pressure,
+    check_mps,
+    check_mps_fallback,
+    check_rosetta,
+    check_threads,
+    this_platform,
+    version_tuple,
+)
 from twotower.diagnose.findings import STATUSES, Finding
+from twotower.memory import machine_memory
+from twotower.threads import usable_cores
 
 INDENT = " " * 8  # evidence lines after the first, and what to do
 DISTRIBUTIONS = ("numpy", "torch", "faiss-cpu", "faiss-gpu", "hnswlib")
@@ -42,12 +54,6 @@ ISOLATION = (
     "that shares one runtime. KMP_DUPLICATE_LIB_OK=TRUE hides Intel's duplicate-runtime "
     "check but not the problem"
 )
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    """The leading numeric release of a version string: '2.13.0+cpu' -> (2, 13, 0)."""
-    match = re.match(r"\d+(\.\d+)*", text)
-    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
 def installed_versions() -> dict[str, str]:
@@ -151,7 +157,7 @@ def _bridge_finding(census: Census) -> Finding | None:
 
 
 def check_census(census: Census) -> list[Finding]:
-    """Findings of one census: the imports, the torch/numpy bridge, OpenMP runtimes, OpenBLAS."""
+    """Findings of one census: the imports, the torch/numpy bridge, OpenMP runtimes, BLAS."""
     imported = ", ".join(census.imported) or "nothing"
     if census.died is not None:
         return [
@@ -165,41 +171,37 @@ def check_census(census: Census) -> list[Finding]:
             )
         ]
     findings = [bridge] if (bridge := _bridge_finding(census)) else []
-    if census.libraries is None:
-        findings.append(
-            Finding(
-                "openmp",
-                "warn",
-                f"cannot list loaded libraries on {platform.system()} "
-                "(Linux: /proc/self/maps, macOS: dyld)",
-                "run doctor on Linux or macOS",
-            )
-        )
-        return findings
     runtimes = census.distinct_openmp
     details = {"imported": census.imported, "runtimes": [lib.as_dict() for lib in census.openmp]}
-    rows = "".join(f"\n{lib.kind:9s} {lib.owner:10s} {lib.path}" for lib in census.openmp)
+    rows = "".join(f"\n{_library_row(lib)}" for lib in census.openmp)
     plural = "s" * (len(runtimes) != 1)
     head = f"{len(runtimes)} OpenMP runtime{plural} loaded after importing {imported}:"
     if len(runtimes) > 1:
         findings.append(Finding("openmp", "warn", head + rows, f"{CLASH}. {ISOLATION}", details))
     else:
         findings.append(Finding("openmp", "ok", head + rows, "", details))
-    if census.openblas:
+    if census.blas:
         rows = "".join(
-            f"\n{lib.owner:10s} {lib.threading:10s} {lib.path}" for lib in census.openblas
+            f"\n{_library_row(lib)} ({lib.threading or 'threading unknown'})" for lib in census.blas
         )
         findings.append(
             Finding(
-                "openblas",
+                "blas",
                 "ok",
-                f"{len(census.openblas)} OpenBLAS build{'s' * (len(census.openblas) != 1)}, "
+                f"{len(census.blas)} BLAS build{'s' * (len(census.blas) != 1)}, "
                 f"each with its own thread pool:{rows}",
                 "",
-                {"openblas": [lib.as_dict() for lib in census.openblas]},
+                {"blas": [lib.as_dict() for lib in census.blas]},
             )
         )
     return findings
+
+
+def _library_row(library: Library) -> str:
+    """One census line, in columns: 'libgomp  torch  2 threads  /path/libgomp.so.1'."""
+    threads = f"{library.num_threads} thread{'s' * (library.num_threads != 1)}"
+    version = f" {library.version}" if library.version else ""
+    return f"{library.kind:17s} {library.owner:10s} {threads:10s} {library.path}{version}"
 
 
 # --- environment variables and engines -------------------------------------------------
@@ -228,7 +230,8 @@ def _thread_count_finding(name: str, value: str | None, cpus: int) -> Finding:
 
 
 def check_environment(environ: Mapping[str, str], cpus: int) -> list[Finding]:
-    """The variables that change threading or device fallbacks; unset ones are ok."""
+    """The variables that change threading; unset ones are ok (the MPS fallback variable is
+    a macOS check: `doctor_platform.check_mps_fallback`)."""
     findings = []
     duplicate = environ.get("KMP_DUPLICATE_LIB_OK")
     if duplicate is not None and duplicate.strip().lower() in TRUE_WORDS:
@@ -245,31 +248,11 @@ def check_environment(environ: Mapping[str, str], cpus: int) -> list[Finding]:
         shown = "unset" if duplicate is None else f"KMP_DUPLICATE_LIB_OK={duplicate} (not true)"
         findings.append(Finding("KMP_DUPLICATE_LIB_OK", "ok", shown))
     findings += [_thread_count_finding(name, environ.get(name), cpus) for name in THREAD_VARIABLES]
-    fallback = environ.get("PYTORCH_ENABLE_MPS_FALLBACK")
-    if fallback is None:
-        findings.append(Finding("PYTORCH_ENABLE_MPS_FALLBACK", "ok", "unset"))
-    elif fallback == "1":
-        findings.append(
-            Finding(
-                "PYTORCH_ENABLE_MPS_FALLBACK",
-                "ok",
-                "PYTORCH_ENABLE_MPS_FALLBACK=1: operations MPS lacks run on the CPU (slower)",
-            )
-        )
-    else:
-        findings.append(
-            Finding(
-                "PYTORCH_ENABLE_MPS_FALLBACK",
-                "warn",
-                f"PYTORCH_ENABLE_MPS_FALLBACK={fallback!r}: torch reads only '1'",
-                "set it to 1 or unset it",
-            )
-        )
     return findings
 
 
 def check_engines() -> list[Finding]:
-    """MPS availability and which backends and miners this machine can run (registry reasons)."""
+    """Which backends and miners this machine can run (registry reasons)."""
     from twotower import backends, miners
 
     findings = []
@@ -282,22 +265,20 @@ def check_engines() -> list[Finding]:
                 role, "ok", f"available: {usable}" + (f" (not here: {missing})" * bool(missing))
             )
         )
-    mps = next(info for info in backends.describe() if info.name == "torch-mps")
-    apple_silicon = platform.system() == "Darwin" and platform.machine() == "arm64"
-    if mps.available:
-        findings.append(Finding("mps", "ok", "torch.backends.mps is available"))
-    elif apple_silicon:
-        findings.append(
-            Finding(
-                "mps",
-                "warn",
-                f"MPS is not available on this Mac: {mps.reason}",
-                "install a torch build with MPS (pip install torch on macOS 12.3+)",
-            )
-        )
-    else:
-        findings.append(Finding("mps", "ok", f"not applicable here: {mps.reason}"))
     return findings
+
+
+def check_platform(
+    where: Platform, environ: Mapping[str, str], versions: Mapping[str, str]
+) -> list[Finding]:
+    """What matters on a Mac (each "not applicable here" elsewhere): MPS, Rosetta 2,
+    PYTORCH_ENABLE_MPS_FALLBACK, the torch / numpy combination."""
+    return [
+        check_mps(where),
+        check_rosetta(where),
+        check_mps_fallback(where, environ),
+        check_mac_versions(where, versions),
+    ]
 
 
 # --- all checks, and how they are shown --------------------------------------------------
@@ -308,10 +289,15 @@ def diagnose(data: str | None = None, census: Census | None = None) -> list[Find
 
     census: a census already taken (default: take one now, in a fresh child).
     """
-    findings = check_versions(tuple(sys.version_info[:3]), installed_versions())
+    versions = installed_versions()
+    cores = usable_cores()
+    findings = check_versions(tuple(sys.version_info[:3]), versions)
     findings += check_census(census if census is not None else take_census())
-    findings += check_environment(os.environ, os.cpu_count() or 1)
+    findings += check_environment(os.environ, cores)
+    findings.append(check_threads(cores))
+    findings.append(check_memory_pressure(machine_memory()))
     findings += check_engines()
+    findings += check_platform(this_platform(), os.environ, versions)
     if data is not None:
         findings += check_data(data)
     return findings

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,24 +84,9 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(existing_parent(path)).free
 
 
-def available_memory() -> tuple[int | None, str]:
-    """(bytes of memory a run can use, where that number comes from); (None, why) if unknown.
-
-    Linux: MemAvailable of /proc/meminfo; macOS: sysctl hw.memsize (the total:
-    macOS compresses and swaps rather than report what is free).
-    """
-    available = available_bytes()
-    if available is not None:
-        return available, "MemAvailable in /proc/meminfo"
-    if sys.platform == "darwin":
-        try:
-            text = subprocess.run(
-                ["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=10
-            ).stdout
-            return int(text.strip()), "sysctl hw.memsize (total)"
-        except (OSError, ValueError, subprocess.SubprocessError) as error:
-            return None, f"sysctl hw.memsize failed ({error})"
-    return None, f"no /proc/meminfo or sysctl on {sys.platform}"
+def available_memory() -> tuple[int, str]:
+    """(bytes of memory a run can use without swapping, where that number comes from)."""
+    return available_bytes(), "psutil: available without swapping"
 
 
 def _data_finding(layout: DataLayout) -> Finding:
@@ -201,7 +184,7 @@ def _run_sizes(layout: DataLayout, config: TrainConfig) -> dict[str, int]:
     }
 
 
-def _memory_finding(sizes: dict[str, int], memory: tuple[int | None, str]) -> Finding:
+def _memory_finding(sizes: dict[str, int], memory: tuple[int, str]) -> Finding:
     available, source = memory
     bank = sizes["bank"]
     need = bank + sizes["table"] + sizes["queue"]
@@ -211,8 +194,6 @@ def _memory_finding(sizes: dict[str, int], memory: tuple[int | None, str]) -> Fi
         "needed": need,
         "needed_with_ann_worker": need + bank,
     }
-    if available is None:
-        return Finding("memory", "warn", f"available memory unknown: {source}", "", details)
     head = (
         f"bank {gb(bank)} (read in full by every mining pass) + mined table and queue "
         f"{gb(need - bank)} = {gb(need)}; a faiss or hnswlib worker holds another copy of the "

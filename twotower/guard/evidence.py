@@ -1,19 +1,17 @@
 """Evidence about a process, read from outside it: how it ended, its memory, its libraries.
 
 `ExitStatus` (a return code as a signal or an exit code), `MemoryTrend` (RSS
-samples), the memory limit (cgroup or physical), the cgroup's OOM-kill
-counter, the kernel log (segfault and OOM-killer lines), the OpenMP runtimes
-loaded (`openmp.loaded_libraries`), and the tracebacks in a child's stderr.
-`forensics` weighs them into causes.
+samples, read through `twotower.memory`), the memory limit (physical memory
+from psutil, on every platform; the cgroup's limit as a Linux addition), the
+cgroup's OOM-kill counter, the kernel log (segfault and OOM-killer lines), and
+the tracebacks in a child's stderr. `forensics` weighs them into causes.
 
-Everything read from /proc, /sys or dmesg is optional: on macOS, or where a
+The Linux additions (cgroup files, dmesg) are optional: on macOS, or where a
 file is unreadable, that piece of evidence is None and the report says less.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -22,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twotower.memory import proc_status
+from twotower.memory import machine_memory
 
 TAIL_LINES = 40
 SIGNAL_MEANINGS = {
@@ -72,20 +70,7 @@ class ExitStatus:
         return self.returncode if self.returncode >= 0 else 128 - self.returncode
 
 
-# --- memory and libraries -----------------------------------------------------------
-
-
-def process_rss_kb(pid: int) -> int | None:
-    """Resident memory of process `pid` in KiB (Linux: /proc; elsewhere: ps); None if unknown."""
-    if Path("/proc/self/status").exists():
-        return (proc_status(pid) or {}).get("VmRSS")
-    try:
-        out = subprocess.run(
-            ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5
-        )
-        return int(out.stdout.strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
+# --- memory -----------------------------------------------------------------------------
 
 
 class MemoryTrend:
@@ -149,12 +134,10 @@ def size_text(kib: float) -> str:
     return f"{kib / 1024:.0f} MB"
 
 
-def memory_limit_kb() -> tuple[int | None, str]:
+def memory_limit_kb() -> tuple[int, str]:
     """The memory this process tree may use, in KiB, and where that figure comes from:
-    the tighter of the cgroup limit (Linux) and the physical memory."""
-    limits = []
-    with contextlib.suppress(ValueError, OSError, AttributeError):  # sysconf names vary
-        limits.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"))
+    the tighter of the physical memory (psutil) and the cgroup limit (a Linux addition)."""
+    limits = [(machine_memory()["total"], "physical memory")]
     cgroup = _cgroup_dir()
     if cgroup is not None:
         version, leaf, root = cgroup
@@ -165,8 +148,6 @@ def memory_limit_kb() -> tuple[int | None, str]:
                 limits.append((int(value), f"cgroup {directory / name}"))
             if directory == root:
                 break
-    if not limits:
-        return None, "unknown"
     limit, source = min(limits)
     return limit // 1024, source
 

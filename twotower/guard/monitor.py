@@ -27,11 +27,12 @@ from typing import IO, Any
 
 from twotower.errors import UsageError
 from twotower.guard import evidence, forensics
-from twotower.openmp import openmp_runtimes
+from twotower.memory import rss_kb
+from twotower.openmp import mapped_openmp_runtimes
 
 POLL_SECONDS = 0.1  # how often the child is checked (its exit, heartbeat, watchdog)
 RSS_EVERY = 2.0  # seconds between direct RSS samples (a heartbeat brings its own)
-MAPS_EVERY = 5.0  # seconds between OpenMP census samples of /proc/PID/maps
+MAPS_EVERY = 5.0  # seconds between samples of the child's mapped OpenMP runtimes
 STACK_WAIT = 5.0  # seconds the watchdog waits for the stack dump before SIGKILL
 STDERR_WAIT = 2.0  # seconds to wait for the end of a dead child's stderr
 TAIL_BYTES = 64 * 1024
@@ -239,12 +240,12 @@ class WatchedChild:
         step = self.beat.get("step") if self.beat else None
         if now >= self._next_rss:
             self._next_rss = now + RSS_EVERY
-            rss = evidence.process_rss_kb(pid)
+            rss = rss_kb(pid)
             if rss:
                 self.memory.add(seconds, rss, step)
         if now >= self._next_maps:
             self._next_maps = now + MAPS_EVERY
-            self._add_openmp(openmp_runtimes(pid))
+            self._add_openmp(mapped_openmp_runtimes(pid))
 
     def _read_heartbeat(self, pid: int, seconds: float, now: float) -> None:
         if self.heartbeat is None:

@@ -36,7 +36,6 @@ WIDE_BLOCK = 1024  # a tight budget takes fewer queries before it narrows blocks
 BYTES_PER_SCORE = 32
 BYTES_PER_KEPT = 48  # per query and kept neighbour: running top-k and its merge workspace
 DENSE_TILE_FRACTION = 4  # a row with over 1/4 of its tiles worth a look is selected whole
-DEFAULT_BUDGET = 256 << 20  # where /proc/meminfo is missing (macOS)
 MAX_BUDGET = 1 << 30  # larger blocks buy no speed
 ASSUMED_FLOPS = 30e9  # for deciding whether a search is long enough to show progress
 PROGRESS_AFTER_SECONDS = 5.0
@@ -44,10 +43,7 @@ PROGRESS_AFTER_SECONDS = 5.0
 
 def default_memory_budget() -> int:
     """Bytes a search may use for scores and selection: a quarter of what is available, capped."""
-    available = available_bytes()
-    if available is None:
-        return DEFAULT_BUDGET
-    return max(TILE * BYTES_PER_SCORE, min(MAX_BUDGET, available // 4))
+    return max(TILE * BYTES_PER_SCORE, min(MAX_BUDGET, available_bytes() // 4))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -243,8 +243,9 @@ class IsolatedMiner:
     """A miner engine ("faiss", "hnswlib", "exact") running in a worker process.
 
     engine_opts: keyword options for the engine, made in the worker.
-    threads: sets OMP/BLAS thread counts in the worker's environment (engines
-    that take `threads` get it in engine_opts too).
+    threads: the worker's threads: OMP/BLAS thread counts in its environment,
+    then threadpoolctl's limits once its engine is loaded (engines that take
+    `threads` get it in engine_opts too).
     timeout: seconds a search (and the worker's start) may take before the
     worker is killed; build_timeout: the same for build (None: no limit).
     fault_phase: the fault point each search reaches in the worker ("mine"; None: none).
@@ -314,9 +315,17 @@ class IsolatedMiner:
         return scores.copy(), ids.copy()
 
     def stats(self) -> dict[str, int]:
-        """The worker's memory in bytes (`memory.process_memory`): pid, peak_rss, rss_anon, ..."""
+        """The worker's memory in bytes and CPU seconds (`memory.process_memory`): pid, rss,
+        peak_rss, cpu_s and, on Linux, rss_anon, rss_file, rss_shmem."""
         memory: dict[str, int] = self._worker.ask({"op": "stats"}, self.timeout)["memory"]
         return memory
+
+    def threadpools(self) -> list[dict[str, Any]]:
+        """The worker's thread pools as threadpoolctl sees them inside it (`openmp.threadpools`)."""
+        pools: list[dict[str, Any]] = self._worker.ask({"op": "threadpools"}, self.timeout)[
+            "threadpools"
+        ]
+        return pools
 
     def close(self) -> None:
         """Stop the worker and free the shared memory (also done when the miner is collected)."""
@@ -324,7 +333,12 @@ class IsolatedMiner:
 
     def _start(self) -> None:
         self._resources.worker = _Worker(self.name, self.threads)
-        start = {"op": "start", "name": self.name, "opts": self.engine_opts}
+        start = {
+            "op": "start",
+            "name": self.name,
+            "opts": self.engine_opts,
+            "threads": self.threads,
+        }
         self._worker.ask(start, self.timeout)
 
     def _share(self, bank: np.ndarray) -> dict[str, Any]:

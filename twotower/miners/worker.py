@@ -5,11 +5,13 @@ engine's library and twotower's light modules, never torch; it reads the bank
 through its memory map (or the parent's shared-memory copy) and answers one
 request at a time:
 
-    {"op": "start", "name", "opts"}            make the engine
+    {"op": "start", "name", "opts", "threads"} make the engine, then limit this process's
+                                               thread pools to `threads` (None: no limit)
     {"op": "build", "bank", "fingerprint"}     -> {"build_info"}
     {"op": "search", "buffer", "n", "dim", "k", "step", "marker_dir"}
                                                -> {"seconds"}, results in the buffer
     {"op": "stats"}                            -> {"memory"}
+    {"op": "threadpools"}                      -> {"threadpools"}: threadpoolctl's view here
     {"op": "close"}                            exit 0 (so does the parent closing its pipe)
 
 A thread watches the parent: if it dies while a long build runs, the worker exits too.
@@ -40,7 +42,8 @@ from twotower.errors import UsageError
 from twotower.memory import process_memory
 from twotower.miners.base import Miner
 from twotower.miners.isolation import result_views
-from twotower.openmp import openmp_runtimes
+from twotower.openmp import openmp_runtimes, threadpools
+from twotower.threads import limit_threads
 
 ORPHAN_CHECK_SECONDS = 1.0
 
@@ -80,6 +83,8 @@ class Server:
     def op_start(self, message: dict[str, Any]) -> dict[str, Any]:
         faults.arm(None)
         self.engine = miners.engine(message["name"], **message["opts"])
+        if message.get("threads") is not None:
+            limit_threads(message["threads"])  # after the engine has loaded its library
         return {"pid": os.getpid(), "openmp": openmp_runtimes()}
 
     def op_build(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +119,9 @@ class Server:
 
     def op_stats(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"memory": process_memory()}
+
+    def op_threadpools(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"threadpools": threadpools()}
 
     def _attached(self, role: str, name: str) -> SharedMemory:
         """Segment `name`: the one held for `role` if it is that, else newly attached."""

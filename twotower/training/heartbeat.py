@@ -14,27 +14,35 @@ from pathlib import Path
 from typing import Any
 
 from twotower.atomic import replace_file
-from twotower.memory import peak_rss_kb, proc_status
+from twotower.memory import process_memory
 
 
 class Heartbeat:
-    """Writes {pid, step, phase, backend, miner, rss_kb, peak_rss_kb, time} on every beat."""
+    """Writes {pid, step, phase, backend, miner, ..., rss_kb, peak_rss_kb, cpu_s, time} on
+    every beat (memory and CPU seconds from `twotower.memory`), plus `constant`'s fields."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.constant: dict[str, Any] = {}  # what every beat repeats: thread pools, budget
+
+    def describe(self, **fields: Any) -> None:
+        """Add `fields` to every later beat (e.g. threads=..., threadpools=...)."""
+        self.constant.update(fields)
 
     def beat(self, step: int, phase: str, **engines: Any) -> dict[str, Any]:
         """Record `phase` at `step`; engines: backend=..., miner=... names in use.
 
         Returns the record written."""
-        rss = (proc_status() or {}).get("VmRSS", 0)
+        memory = process_memory() or {}
         record = {
             "pid": os.getpid(),
             "step": step,
             "phase": phase,
             **engines,
-            "rss_kb": rss,
-            "peak_rss_kb": peak_rss_kb(),
+            **self.constant,
+            "rss_kb": int(memory.get("rss", 0)) // 1024,
+            "peak_rss_kb": int(memory.get("peak_rss", 0)) // 1024,
+            "cpu_s": memory.get("cpu_s"),
             "time": time.time(),
         }
         replace_file(self.path, json.dumps(record))

@@ -30,6 +30,7 @@ from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
+from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
 from twotower.training.checkpoint import (
     CheckpointError,
@@ -132,6 +133,7 @@ class Trainer:
         c = self.config
         chain = [c.miner] + [m for m in c.miner_fallback if m != c.miner]
         opts = miners.options_for(c, chain, user_cache_dir() / "index")
+        opts["threads"] = self.threads.miner
         miner = miners.chain(chain, on_event=self._miner_event, **opts)
         miner.build(dataset.bank, fingerprint=dataset.fingerprint)
         return miner
@@ -142,6 +144,14 @@ class Trainer:
         miner = miners.get(c.eval_miner, fault_phase=None, **opts)
         miner.build(dataset.bank, fingerprint=dataset.fingerprint)
         return miner
+
+    def _thread_budget(self) -> ThreadBudget:
+        """The budget of `twotower.threads` for this config. Mining blocks the step here,
+        so a worker and the trainer take turns (overlapped=False)."""
+        c = self.config
+        isolation = c.miner_isolation or miners.DEFAULT_ISOLATION[c.miner]
+        in_worker = c.hard_negatives > 0 and isolation == "process"
+        return thread_budget(usable_cores(), c.threads, c.miner_threads, in_worker, False)
 
     def _miner_event(self, event: dict[str, Any]) -> None:
         """Log a miner chain event; a worker's death also gets its crash report."""
@@ -313,9 +323,13 @@ class Trainer:
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
         step, metrics = self._restore()
+        self.threads = self._thread_budget()
         self.eval_miner = self._make_eval_miner(self.dataset)
         self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
+        pools = limit_threads(self.threads.trainer)  # after the engines have loaded theirs
+        self.heartbeat.describe(threads=self.threads.as_dict(), threadpools=pools)
         self.openmp = openmp_runtimes()
+        log.info("threads: %s", self.threads.describe())
         self._phase("load", step)
         if c.lr_schedule != "constant" or self.schedule.warmup:
             log.info(
