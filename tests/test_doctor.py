@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -215,3 +216,36 @@ def pool(user_api: str, prefix: str, path: str, threads: int = 8) -> dict[str, A
         "version": None,
         "num_threads": threads,
     }
+
+
+def shipped_openmp(distribution: str) -> set[str]:
+    """Our own list of the OpenMP runtime files a distribution installed (its RECORD)."""
+    files = importlib.metadata.files(distribution) or []
+    names = ("libgomp", "libomp", "libiomp5", "vcomp")
+    return {
+        os.path.realpath(file.locate())
+        for file in files
+        if file.name.lower().startswith(names) and not file.name.endswith(".py")
+    }
+
+
+@pytest.mark.slow  # two fresh interpreters import torch (and faiss)
+@pytest.mark.skipif(not HAVE_TORCH_AND_FAISS, reason="needs torch and faiss")
+def test_the_census_finds_torchs_and_faiss_openmp_with_their_thread_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each runtime's own default is its core count
+    torch_files, faiss_files = shipped_openmp("torch"), shipped_openmp("faiss-cpu")
+    if not (torch_files and faiss_files):
+        pytest.skip("torch or faiss uses a system OpenMP here (no runtime in its wheel)")
+    both = take_census()
+    assert both.died is None, both.stderr
+    found = {os.path.realpath(lib.path) for lib in both.distinct_openmp}
+    assert len(found) == 2 and found & torch_files and found & faiss_files
+    assert {lib.num_threads for lib in both.openmp} == {1}
+
+    torch_only = take_census(("numpy", "torch"))
+    assert [os.path.realpath(lib.path) for lib in torch_only.distinct_openmp] == sorted(
+        found & torch_files
+    )
+    assert {f.status for f in check_census(torch_only) if f.check == "openmp"} == {"ok"}

@@ -1,0 +1,124 @@
+"""The thread budget: the rule's numbers, a miner worker that holds to its share (read back
+through threadpoolctl inside the worker), a trainer that holds to its share (its heartbeat,
+written from threadpoolctl inside it), and the threadpoolctl import that leaves
+KMP_DUPLICATE_LIB_OK as it was."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.processes import REPO, child_env, train_in_child
+from twotower import backends, miners
+from twotower.data import synthesize
+from twotower.threads import thread_budget, usable_cores
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@pytest.mark.parametrize(
+    ("cores", "worker", "overlapped", "trainer", "miner"),
+    [
+        (2, False, False, 2, None),  # exact in the trainer: mining blocks the step
+        (2, True, False, 2, 2),  # a worker the trainer waits for: they take turns
+        (2, True, True, 1, 1),  # overlapped on 2 cores: 1 + 1
+        (3, True, True, 2, 1),  # the odd core goes to the trainer
+        (8, True, True, 4, 4),
+        (1, True, True, 1, 1),  # one core: oversubscribed, and said so
+    ],
+)
+def test_the_budget_rule(
+    cores: int, worker: bool, overlapped: bool, trainer: int, miner: int | None
+) -> None:
+    budget = thread_budget(cores, miner_in_worker=worker, overlapped=overlapped)
+    assert (budget.trainer, budget.miner, budget.miner_in_worker) == (trainer, miner, worker)
+    assert ("oversubscribe" in budget.rule) == (overlapped and trainer + (miner or 0) > cores)
+
+
+def test_an_overlapped_split_sums_to_the_cores_and_explicit_shares_win() -> None:
+    for cores in range(2, 65):
+        budget = thread_budget(cores, miner_in_worker=True, overlapped=True)
+        assert budget.trainer + (budget.miner or 0) == cores and budget.trainer >= budget.miner
+    mine = thread_budget(8, threads=6, miner_threads=3, miner_in_worker=True, overlapped=True)
+    assert (mine.trainer, mine.miner) == (6, 3) and "oversubscribe 8 cores" in mine.rule
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+WORKER_MINERS = ["exact"] + [m for m in ("faiss",) if m in miners.available()]
+
+
+@pytest.mark.parametrize("name", WORKER_MINERS)
+def test_a_worker_holds_to_its_thread_share(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for variable in THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    pools = {}
+    for threads in (1, None):
+        miner = miners.get(name, isolation="process", threads=threads, cache_dir=tmp_path)
+        try:
+            pools[threads] = miner.threadpools()  # type: ignore[attr-defined]
+        finally:
+            miner.close()
+    apis = {pool["user_api"] for pool in pools[1]}
+    assert "blas" in apis and ("openmp" in apis or name == "exact")
+    assert {pool["num_threads"] for pool in pools[1]} == {1}
+    if (os.cpu_count() or 1) > 1:  # negative control: without a share, a pool has every core
+        assert max(pool["num_threads"] for pool in pools[None]) > 1
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small"
+    synthesize(path, samples=300, bank=200, dim=16, seq_len=6, seed=3)
+    return path
+
+
+@pytest.mark.skipif("torch-cpu" not in backends.available(), reason="needs torch")
+def test_the_trainer_holds_to_its_thread_share(small_data: Path, tmp_path: Path) -> None:
+    """--threads 1: every pool the trainer loaded (torch's OpenMP, numpy's BLAS) has one
+    thread, as threadpoolctl reads them inside the trainer into its heartbeat."""
+    out = tmp_path / "run"
+    args = "--no-supervise --backend torch-cpu --hidden 16 --steps 4 --max-eval 20".split()
+    result = train_in_child(small_data, out, *args, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    beat = json.loads((out / "heartbeat.json").read_text())
+    assert beat["threads"]["trainer"] == 1 and not beat["threads"]["miner_in_worker"]
+    owners = {pool["filepath"] for pool in beat["threadpools"]}
+    assert any("torch" in path for path in owners), owners
+    assert {pool["num_threads"] for pool in beat["threadpools"]} == {1}
+    assert beat["openmp"] == sorted(
+        p["filepath"] for p in beat["threadpools"] if p["user_api"] == "openmp"
+    )
+    assert "threads: trainer 1 thread of" in (out / "log.txt").read_text()
+
+
+PROBE = """
+import os, sys
+import {module}
+print(os.environ.get("KMP_DUPLICATE_LIB_OK"))
+"""
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("threadpoolctl"), reason="needs threadpoolctl")
+def test_reading_thread_pools_leaves_the_duplicate_openmp_check_on() -> None:
+    """threadpoolctl sets KMP_DUPLICATE_LIB_OK=True on import; twotower's import undoes it,
+    so Intel's and LLVM's OpenMP still abort on a second runtime in the trainer's children."""
+    env = {k: v for k, v in child_env().items() if k != "KMP_DUPLICATE_LIB_OK"}
+
+    def seen(module: str) -> str:
+        probe = PROBE.format(module=module)
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert seen("threadpoolctl") == "True"  # the control: the library does set it
+    assert seen("twotower.threads") == "None"
