@@ -387,7 +387,7 @@ def summary_lines(report: dict[str, Any], stack_lines: int = 12) -> list[str]:
     )
     runtimes = report.get("openmp")
     if runtimes is None:
-        lines.append("  OpenMP runtimes loaded: unknown (ended before a sample, or no /proc here)")
+        lines.append("  OpenMP runtimes loaded: unknown (ended before a sample, or unreadable)")
     else:
         lines.append(f"  OpenMP runtimes loaded: {len(runtimes)}")
         lines.extend(f"    {path}" for path in runtimes)

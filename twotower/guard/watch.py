@@ -4,7 +4,8 @@ checkpoints and restarts (the command is not ours to resume).
 The command runs without a shell, unbuffered, with faulthandler on through
 PYTHONFAULTHANDLER (a Python child prints every thread's traceback on a fatal
 signal); its stderr goes through to ours and into OUT/run-N.stderr.txt; its
-RSS and (Linux) OpenMP runtimes are sampled. If it ends abnormally, its exit
+RSS (psutil, every platform) and OpenMP runtimes (psutil's memory maps: not on
+macOS) are sampled. If it ends abnormally, its exit
 is decoded and OUT/run-N.json holds the same report the supervisor writes
 (`forensics.examine`), with the summary on stderr. Its exit code is passed
 through, 128 + N for signal N as a shell reports it.
