@@ -18,11 +18,12 @@ that only starved the miner would not be a gain.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import pytest
@@ -71,44 +72,43 @@ def batch() -> Batch:
     )
 
 
-class Searching:
-    """While entered, a miner worker searches in a loop (driven from a thread here, which
-    only waits on the worker's pipe); `per_second()` is its rate over the block."""
+@dataclass
+class SearchRate:
+    """Searches a worker finished while a block ran, and the block's seconds."""
 
-    def __init__(self, bank: np.ndarray, threads: int | None, cache_dir: Path):
-        self.miner = miners.get(MINER, isolation="process", threads=threads, cache_dir=cache_dir)
-        self.miner.build(bank)
-        self.queries = np.ascontiguousarray(bank[:QUERIES])
-        self.searches = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._seconds = 0.0
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.miner.search(self.queries, TOP)
-            self.searches += 1
-
-    def __enter__(self) -> Searching:
-        self.miner.search(self.queries, TOP)  # warm: the index and the bank's pages
-        self._started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._seconds = time.perf_counter() - self._started
-        self._stop.set()
-        self._thread.join()
-        self.miner.close()
+    searches: int = 0
+    seconds: float = 0.0
 
     def per_second(self) -> float:
-        """Searches finished per second while the block ran."""
-        return self.searches / self._seconds if self._seconds else 0.0
+        """Searches finished per second."""
+        return self.searches / self.seconds if self.seconds else 0.0
+
+
+@contextlib.contextmanager
+def searching(bank: np.ndarray, threads: int | None, cache_dir: Path) -> Iterator[SearchRate]:
+    """While entered, a miner worker searches in a loop, driven from a thread here that
+    only waits on the worker's pipe; the SearchRate yielded is filled in on exit."""
+    miner = miners.get(MINER, isolation="process", threads=threads, cache_dir=cache_dir)
+    miner.build(bank)
+    queries = np.ascontiguousarray(bank[:QUERIES])
+    miner.search(queries, TOP)  # warm: the index and the bank's pages
+    rate, stop = SearchRate(), threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            miner.search(queries, TOP)
+            rate.searches += 1
+
+    thread = threading.Thread(target=loop, daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    try:
+        yield rate
+    finally:
+        rate.seconds = time.perf_counter() - started
+        stop.set()
+        thread.join()
+        miner.close()
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_step_time_while_a_worker_searches(
         report.add(case, benchmark, baseline=baseline, trainer_threads=trainer)
         return
     worker_threads = budget.miner if mode == "split" else None
-    with Searching(bank, worker_threads, tmp_path) as searching:
+    with searching(bank, worker_threads, tmp_path) as rate:
         benchmark.pedantic(lambda: engine.step(batch), rounds=ROUNDS, warmup_rounds=1)
     report.add(
         case,
@@ -157,5 +157,5 @@ def test_step_time_while_a_worker_searches(
         baseline="both busy, no budget" if mode == "split" else "trainer alone, every core",
         trainer_threads=trainer,
         worker_threads=worker_threads or cores,
-        searches_per_s=f"{searching.per_second():.2f}",
+        searches_per_s=f"{rate.per_second():.2f}",
     )
