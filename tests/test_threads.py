@@ -99,6 +99,21 @@ def test_the_trainer_holds_to_its_thread_share(small_data: Path, tmp_path: Path)
     assert "threads: trainer 1 thread of" in (out / "log.txt").read_text()
 
 
+def test_a_crash_report_carries_the_thread_pools_of_the_trainer(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """The supervisor cannot run threadpoolctl in its child: the report's pools and budget
+    are the ones the trainer recorded in its heartbeat before it died."""
+    out = tmp_path / "run"
+    args = "--backend numpy --hidden 16 --steps 6 --max-eval 20 --threads 1".split()
+    result = train_in_child(small_data, out, *args, TWOTOWER_INJECT_FAULT="segv@step:3")
+    assert result.returncode == 0, result.stderr
+    found = json.loads((out / "crashes" / "attempt-1.json").read_text())
+    assert found["exit"]["signal"] == "SIGSEGV"
+    assert found["threads"]["trainer"] == 1
+    assert found["threadpools"] and {p["num_threads"] for p in found["threadpools"]} == {1}
+
+
 PROBE = """
 import os, sys
 import {module}

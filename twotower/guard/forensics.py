@@ -299,7 +299,8 @@ def examine(
     outcome: ChildOutcome, label: str, armed: Sequence[Fault] = (), **extra: Any
 ) -> dict[str, Any]:
     """The crash report of `outcome` as a JSON-ready dict: exit, where (heartbeat), memory,
-    OpenMP runtimes, stacks, traceback, stderr tail, causes; `extra` is added as is."""
+    OpenMP runtimes, the thread pools and thread budget the trainer recorded (threadpoolctl,
+    in its heartbeat), stacks, traceback, stderr tail, causes; `extra` is added as is."""
     limit_kb, limit_source = memory_limit_kb()
     evidence = {
         "limit_kb": limit_kb,
@@ -339,6 +340,8 @@ def examine(
             **outcome.memory.as_dict(),
         },
         "openmp": outcome.openmp,
+        "threadpools": beat.get("threadpools") if beat else None,
+        "threads": beat.get("threads") if beat else None,
         "stacks": outcome.stacks,
         "python_traceback": python_traceback(outcome.stderr_tail),
         "kernel_log": evidence["kernel_log"],
