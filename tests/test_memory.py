@@ -92,6 +92,29 @@ def test_a_child_agrees_with_psutil_and_proc(holder: subprocess.Popen[str]) -> N
         assert reading["cpu_s"] == pytest.approx(proc_cpu_seconds(holder.pid), abs=0.05)
 
 
+def test_a_process_tree_sums_its_descendants() -> None:
+    """A shell that runs the holder: the shell alone is small, its tree holds HELD_MIB."""
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", f"\"{sys.executable}\" -c '{HOLDER}'; true"],  # true: no exec
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert shell.stdout is not None and shell.stdout.readline().strip() == "ready"
+        [holder] = psutil.Process(shell.pid).children(recursive=True)
+        assert memory.process_tree(shell.pid) == [shell.pid, holder.pid]
+        alone, tree = memory.rss_kb(shell.pid), memory.rss_kb(shell.pid, tree=True)
+        assert alone is not None and tree is not None
+        assert alone < HELD_MIB * 1024 <= tree
+        assert tree * 1024 == pytest.approx(
+            sum(psutil.Process(pid).memory_info().rss for pid in (shell.pid, holder.pid)), abs=MIB
+        )
+    finally:
+        shell.communicate("\n", timeout=30)
+    assert memory.process_tree(shell.pid) == []
+
+
 def test_an_exited_process_reads_as_none_not_an_error() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -1,8 +1,9 @@
 """Process and machine memory and CPU time: the one reader every part uses.
 
 psutil answers on Linux, macOS and Windows: a process's resident memory and CPU
-time (`portable_reading`), the machine's total and available memory and swap
-(`machine_memory`). The heartbeat, the supervisor's memory trend, crash reports,
+time (`portable_reading`), the processes it started (`process_tree`), the
+machine's total and available memory and swap (`machine_memory`). The
+heartbeat, the supervisor's memory trend, `twotower watch`, crash reports,
 `doctor --data`, the miner worker's stats and the benchmarks all read here.
 
 Linux addition (`linux_reading`), where psutil has no equivalent and never the
@@ -84,10 +85,24 @@ def process_memory(pid: int | None = None) -> dict[str, int | float] | None:
     return reading
 
 
-def rss_kb(pid: int | None = None) -> int | None:
-    """Resident memory of a process in KiB (pid None: this one); None when it is gone."""
-    reading = portable_reading(pid)
-    return int(reading["rss"]) // 1024 if reading else None
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process it started, directly or not (psutil); [] when it is gone."""
+    try:
+        process = psutil.Process(pid)
+        return [pid] + [child.pid for child in process.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def rss_kb(pid: int | None = None, tree: bool = False) -> int | None:
+    """Resident memory of a process in KiB (pid None: this one); None when it is gone.
+
+    tree: the sum over the process and its descendants (`process_tree`), which counts a
+    page that several of them share once per process.
+    """
+    pids = process_tree(pid or os.getpid()) if tree else [pid]
+    readings = [reading for one in pids if (reading := portable_reading(one))]
+    return sum(int(reading["rss"]) for reading in readings) // 1024 if readings else None
 
 
 def peak_rss_kb(pid: int | None = None) -> int | None:

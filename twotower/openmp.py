@@ -25,6 +25,8 @@ from typing import Any
 
 import psutil
 
+from twotower.memory import process_tree
+
 
 @contextlib.contextmanager
 def _environment_kept(name: str) -> Iterator[None]:
@@ -71,14 +73,19 @@ def openmp_runtimes() -> list[str]:
     return sorted({pool["filepath"] for pool in threadpools() if pool["internal_api"] == "openmp"})
 
 
-def mapped_openmp_runtimes(pid: int) -> list[str] | None:
+def mapped_openmp_runtimes(pid: int, tree: bool = False) -> list[str] | None:
     """Paths of the OpenMP runtimes another process maps, sorted, through psutil's
-    memory_maps; None where that cannot be known (macOS, a process gone or not ours)."""
-    try:
-        maps = psutil.Process(pid).memory_maps(grouped=True)
-    except (AttributeError, psutil.Error):  # AttributeError: no memory_maps on this platform
-        return None
-    return sorted({m.path for m in maps if os.path.isabs(m.path) and runtime_of(m.path)})
+    memory_maps; None where that cannot be known (macOS, a process gone or not ours).
+    tree: those of the process and every process it started, together."""
+    pids = process_tree(pid) if tree else [pid]
+    found: set[str] | None = None
+    for one in pids:
+        try:
+            maps = psutil.Process(one).memory_maps(grouped=True)
+        except (AttributeError, psutil.Error):  # AttributeError: no memory_maps here (macOS)
+            continue
+        found = (found or set()) | {m.path for m in maps if runtime_of(m.path)}
+    return sorted(found) if found is not None else None
 
 
 def runtime_of(path: str) -> str | None:

@@ -147,6 +147,8 @@ class WatchedChild:
     watchdog acts (needs heartbeat). stack_file: where the child's faulthandler
     writes (read after exit; removed if empty). stderr_copy: a file that gets
     the child's whole stderr. signals: the forwarder the caller has entered.
+    tree: sample memory and OpenMP runtimes of the child and every process it
+    starts (a shell script wrapping python), not of the child alone.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class WatchedChild:
         stack_file: Path | None = None,
         stderr_copy: Path | None = None,
         note: Callable[[str], None] = say,
+        tree: bool = False,
     ):
         self.command = list(command)
         self.env = env
@@ -168,6 +171,7 @@ class WatchedChild:
         self.stack_file = stack_file
         self.stderr_copy = stderr_copy
         self.note = note
+        self.tree = tree
         self.memory = evidence.MemoryTrend()
         self.beat: dict[str, Any] | None = None
         self.openmp: set[str] | None = None  # None until a census could be taken
@@ -240,12 +244,12 @@ class WatchedChild:
         step = self.beat.get("step") if self.beat else None
         if now >= self._next_rss:
             self._next_rss = now + RSS_EVERY
-            rss = rss_kb(pid)
+            rss = rss_kb(pid, tree=self.tree)
             if rss:
                 self.memory.add(seconds, rss, step)
         if now >= self._next_maps:
             self._next_maps = now + MAPS_EVERY
-            self._add_openmp(mapped_openmp_runtimes(pid))
+            self._add_openmp(mapped_openmp_runtimes(pid, tree=self.tree))
 
     def _read_heartbeat(self, pid: int, seconds: float, now: float) -> None:
         if self.heartbeat is None:

@@ -3,15 +3,15 @@ checkpoints and restarts (the command is not ours to resume).
 
 The command runs without a shell, unbuffered, with faulthandler on through
 PYTHONFAULTHANDLER (a Python child prints every thread's traceback on a fatal
-signal); its stderr goes through to ours and into OUT/run-N.stderr.txt; its
-RSS (psutil, every platform) and OpenMP runtimes (psutil's memory maps: not on
-macOS) are sampled. If it ends abnormally, its exit
+signal); its stderr goes through to ours and into OUT/run-N.stderr.txt; the RSS
+(psutil, every platform) and OpenMP runtimes (psutil's memory maps: not on
+macOS) of the command and every process it starts are sampled. If it ends abnormally, its exit
 is decoded and OUT/run-N.json holds the same report the supervisor writes
 (`forensics.examine`), with the summary on stderr. Its exit code is passed
 through, 128 + N for signal N as a shell reports it.
 
-Limitation: memory and OpenMP are sampled for the command's own process, not
-its children (a shell script wrapping `python train.py` is measured as the shell).
+Limitation: the sampled RSS is the sum over those processes, so a page they
+share (a fork's copy-on-write pages) counts once per process.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def watch(command: Sequence[str], out: str | Path = DEFAULT_OUT) -> int:
     number = next_number(folder)
     stderr_copy = folder / f"run-{number}.stderr.txt"
     with SignalForwarder() as signals:
-        outcome = WatchedChild(command, child_env(), signals, stderr_copy=stderr_copy).run()
+        child = WatchedChild(command, child_env(), signals, stderr_copy=stderr_copy, tree=True)
+        outcome = child.run()
     if outcome.crashed:
         armed = faults.parse_faults(os.environ.get(faults.ENV_VAR))
         report = forensics.examine(outcome, f"run {number}", armed, stderr_file=str(stderr_copy))
