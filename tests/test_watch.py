@@ -58,3 +58,16 @@ def test_no_command_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "give the command after --" in result.stderr
     missing = run_twotower("watch", "--out", str(tmp_path), "--", "no-such-command-here")
     assert missing.returncode == 2 and "cannot run no-such-command-here" in missing.stderr
+
+
+def test_a_shell_wrapping_python_is_measured_with_its_python(tmp_path: Path) -> None:
+    """The sampled RSS covers the processes the command starts: 64 MiB held by the python
+    that a shell runs shows in the report's trend (the shell alone holds a few MiB:
+    tests/test_memory.py::test_a_process_tree_sums_its_descendants)."""
+    python = "import time; b = bytearray(64 << 20); b[::4096] = b'1' * (len(b) // 4096); "
+    python += "time.sleep(3)"
+    script = f'"{sys.executable}" -c "{python}"; kill -9 $$'
+    result = run_twotower("watch", "--out", str(tmp_path), "--", "/bin/sh", "-c", script)
+    assert result.returncode == 128 + 9, result.stderr
+    found = report(tmp_path)
+    assert found["memory"]["peak_sampled_kb"] >= 64 * 1024, found["memory"]
