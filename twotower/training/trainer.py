@@ -149,7 +149,7 @@ class Trainer:
         """The budget of `twotower.threads` for this config. Mining blocks the step here,
         so a worker and the trainer take turns (overlapped=False)."""
         c = self.config
-        isolation = c.miner_isolation or miners.DEFAULT_ISOLATION[c.miner]
+        isolation = c.miner_isolation or miners.DEFAULT_ISOLATION.get(c.miner, "process")
         in_worker = c.hard_negatives > 0 and isolation == "process"
         return thread_budget(usable_cores(), c.threads, c.miner_threads, in_worker, False)
 
