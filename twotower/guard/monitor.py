@@ -32,7 +32,7 @@ from twotower.openmp import mapped_openmp_runtimes
 
 POLL_SECONDS = 0.1  # how often the child is checked (its exit, heartbeat, watchdog)
 RSS_EVERY = 2.0  # seconds between direct RSS samples (a heartbeat brings its own)
-MAPS_EVERY = 5.0  # seconds between samples of the child's mapped OpenMP runtimes
+MAPS_EVERY = 5.0  # seconds between samples of the child's mapped OpenMP runtimes (psutil smaps)
 STACK_WAIT = 5.0  # seconds the watchdog waits for the stack dump before SIGKILL
 STDERR_WAIT = 2.0  # seconds to wait for the end of a dead child's stderr
 TAIL_BYTES = 64 * 1024
@@ -247,7 +247,8 @@ class WatchedChild:
             rss = rss_kb(pid, tree=self.tree)
             if rss:
                 self.memory.add(seconds, rss, step)
-        if now >= self._next_maps:
+        recorded = self.beat is not None and self.beat.get("openmp") is not None
+        if now >= self._next_maps and not recorded:  # a trainer's own record is exact and free
             self._next_maps = now + MAPS_EVERY
             self._add_openmp(mapped_openmp_runtimes(pid, tree=self.tree))
 
