@@ -22,7 +22,7 @@ from twotower import Batch
 from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
 from twotower.training.batching import StepPlan
-from twotower.training.evaluation import held_out_split
+from twotower.training.heldout import held_out_split
 from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 

@@ -19,7 +19,7 @@ from tests.processes import train_in_child
 from twotower import backends
 from twotower.data import synthesize
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.evaluation import held_out_split
+from twotower.training.heldout import held_out_split
 from twotower.training.rundir import read_metrics
 
 STEPS = 30

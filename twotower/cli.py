@@ -104,9 +104,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from twotower.training.evaluation import evaluate_run
+    from twotower.training.eval_command import evaluate_run
 
-    metrics = evaluate_run(
+    report = evaluate_run(
         run=args.run_dir,
         data=args.data,
         tower=args.tower,
@@ -116,9 +116,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_eval=args.max_eval,
         exclude_context=True if args.exclude_context else None,
+        checkpoint=args.checkpoint,
+        rows=args.rows,
     )
-    for name, value in metrics.items():
-        print(f"{name:12s} {value:.4f}")
+    print("\n".join(report.lines()))
     return EXIT_OK
 
 
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=cmd_convert)
 
     ev = sub.add_parser(
-        "eval", help="recall@1/10/100 and MRR of a run, or of the mean-pool baseline"
+        "eval", help="recall@1/10/100 and MRR of a run beside the parameter-free baselines"
     )
     ev.add_argument(
         "--run",
@@ -270,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-context",
         action="store_true",
         help="rank without each query's own context items (default: as the run trained)",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        choices=("latest", "best"),
+        default="latest",
+        help="with --run: the newest checkpoint, or best/ (the best held-out metric)",
+    )
+    ev.add_argument(
+        "--rows",
+        choices=("held-out", "all"),
+        default="held-out",
+        help="the run's held-out rows of the data, or every row (a test set of your own)",
     )
     ev.set_defaults(run=cmd_eval)
 

@@ -53,7 +53,13 @@ NUMERIC_FIELDS = (
     "seed",
     "eval_fraction",
     "max_eval",
+    "eval_split",
+    "eval_data",
 )
+CUTOFFS = (1, 10, 100)  # evaluation: recall@c for each, MRR over the first max(CUTOFFS)
+METRICS = (*(f"recall@{c}" for c in CUTOFFS), f"mrr@{max(CUTOFFS)}")
+EVAL_SPLITS = ("auto", "random", "group")
+
 # Fields a decaying schedule (or a warm-up share) reads through the planned total S: with
 # those, a resume with another --steps or --epochs changes the rate of every step after it.
 PLAN_FIELDS = ("steps", "epochs")
@@ -129,9 +135,19 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = knob(200, "steps between checkpoints")
     keep_checkpoints: int = knob(3, "checkpoints kept (oldest pruned after a commit)")
-    eval_every: int = knob(0, "steps between evaluations (0: at the start and the end only)")
+    eval_every: int | None = knob(
+        None,
+        "steps between evaluations (0: at the start and the end only; default: auto, at a "
+        "cost of about 4 percent of the training compute, at most 4 times an epoch)",
+    )
     eval_fraction: float = knob(0.05, "held-out share of the samples")
     max_eval: int = knob(2000, "at most this many held-out queries")
+    eval_split: str = knob(
+        "auto", "held-out rows: random | group (whole groups.npy groups) | auto (group if any)"
+    )
+    eval_data: str | None = knob(None, "a validation set (dataset) to evaluate on instead")
+    select_metric: str = knob("mrr@100", f"held-out metric best/ keeps: {' | '.join(METRICS)}")
+    patience: int = knob(0, "stop after this many evaluations without improvement (0: never)")
     # supervision
     max_restarts: int = knob(3, "restarts after crashes before giving up (exit code 3)")
     hang_timeout: float | None = knob(None, "seconds without a heartbeat before the watchdog kills")
@@ -152,7 +168,7 @@ class TrainConfig:
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        non_negative = ("hard_negatives", "mine_skip", "queue_size", "eval_every", "max_restarts")
+        non_negative = ("hard_negatives", "mine_skip", "queue_size", "max_restarts", "patience")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(
@@ -163,6 +179,16 @@ class TrainConfig:
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        if self.eval_every is not None and self.eval_every < 0:
+            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise UsageError(
+                f"--eval-split must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}"
+            )
+        if self.select_metric not in METRICS:
+            raise UsageError(
+                f"--select-metric must be one of {', '.join(METRICS)}, got {self.select_metric!r}"
+            )
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs <= 0:

@@ -78,6 +78,7 @@ class Dataset:
     manifest: dict[str, Any]
     manifest_path: Path | None = None
     sources: dict[str, Source] = field(default_factory=dict)
+    groups: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return (
@@ -336,6 +337,7 @@ def _open(
         manifest=manifest,
         manifest_path=manifest_path,
         sources=dict(sources),
+        groups=arrays.get("groups"),
     )
     if manifest != before:
         dataset.save_manifest()
@@ -412,3 +414,39 @@ def holdout_split(
     rng = np.random.default_rng(np.random.SeedSequence([seed, HOLDOUT_PURPOSE]))
     order = rng.permutation(num_samples)
     return np.sort(order[num_eval:]), np.sort(order[:num_eval])
+
+
+def group_holdout_split(
+    groups: np.ndarray, eval_fraction: float, max_eval: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split samples by group: (train_rows, eval_rows), int64, sorted, disjoint, and no group
+    with rows on both sides.
+
+    groups (N,): each sample's group id (read whole: one integer per sample). Whole groups,
+    in an order seeded by `seed` alone, are held out until they hold at least
+    min(max_eval, floor(N * eval_fraction)) rows; at least one group stays for training.
+    When the held-out groups hold more than max_eval rows, eval_rows is a seeded sample of
+    max_eval of them; the rest of those groups is used by neither side.
+    """
+    groups = np.asarray(groups)
+    num_samples = len(groups)
+    if num_samples < 1:
+        raise UsageError(f"cannot split {num_samples} samples; the dataset is empty")
+    names, group_of_row = np.unique(groups, return_inverse=True)
+    if len(names) < 2:
+        raise UsageError(
+            f"groups.npy holds a single group ({names[0]}): a split by group needs two or more; "
+            "use --eval-split random"
+        )
+    target = max(1, min(max_eval, int(num_samples * eval_fraction)))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, HOLDOUT_PURPOSE, 1]))
+    order = rng.permutation(len(names))
+    sizes = np.bincount(group_of_row, minlength=len(names))[order]
+    taken = min(int(np.searchsorted(np.cumsum(sizes), target)) + 1, len(names) - 1)
+    held = np.zeros(len(names), dtype=bool)
+    held[order[:taken]] = True
+    is_held = held[group_of_row]
+    eval_rows = np.flatnonzero(is_held)
+    if len(eval_rows) > max_eval:
+        eval_rows = np.sort(rng.choice(eval_rows, size=max_eval, replace=False))
+    return np.flatnonzero(~is_held).astype(np.int64), eval_rows.astype(np.int64)

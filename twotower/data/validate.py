@@ -16,9 +16,10 @@ import numpy as np
 from twotower.data.chunks import row_ranges
 from twotower.data.npy import Header, Source, data_error
 
-KEYS = ("bank", "contexts", "context_ids", "lengths", "positives")
+KEYS = ("bank", "contexts", "context_ids", "lengths", "positives", "groups")
 CONTEXT_KEYS = ("contexts", "context_ids")
 REQUIRED_KEYS = ("bank", "lengths", "positives")
+OPTIONAL_KEYS = ("groups",)  # the source (document, user, session) of each sample
 CHECKS_VERSION = 1  # bump when check_values checks more, so cached results are redone
 
 # key -> (dimensions, what they are, float32 vectors (True) or integers (False))
@@ -28,12 +29,14 @@ LAYOUT = {
     "context_ids": (2, "(N, T)", False),
     "lengths": (1, "(N,)", False),
     "positives": (1, "(N,)", False),
+    "groups": (1, "(N,)", False),
 }
 FIX = "fix the file or regenerate it"
 
 
 def dataset_keys(present: set[str], label: str, missing: Callable[[str], str]) -> list[str]:
-    """The keys a dataset with arrays `present` uses: the required ones and one context key.
+    """The keys a dataset with arrays `present` uses: the required ones, one context key and
+    the optional ones present.
 
     missing(key) says how to add a missing array; raises DataError when one is
     missing or when both context layouts are there.
@@ -50,7 +53,7 @@ def dataset_keys(present: set[str], label: str, missing: Callable[[str], str]) -
             raise data_error(label, missing(key))
     if not contexts:
         raise data_error(label, missing("context_ids"))
-    return [*REQUIRED_KEYS, contexts[0]]
+    return [*REQUIRED_KEYS, contexts[0], *(key for key in OPTIONAL_KEYS if key in present)]
 
 
 def check_layout(sources: Mapping[str, Source], headers: Mapping[str, Header]) -> None:
@@ -60,7 +63,7 @@ def check_layout(sources: Mapping[str, Source], headers: Mapping[str, Header]) -
     bank = headers["bank"]
     context_key = "contexts" if "contexts" in headers else "context_ids"
     num_samples = headers["positives"].shape[0]
-    for key in ("lengths", context_key):
+    for key in ("lengths", context_key, *(key for key in OPTIONAL_KEYS if key in headers)):
         rows = headers[key].shape[0]
         if rows != num_samples:
             raise data_error(

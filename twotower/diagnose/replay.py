@@ -49,7 +49,8 @@ from twotower.training.checkpoint import (
     load_checkpoint,
     step_dir_name,
 )
-from twotower.training.evaluation import encode_rows, held_out_split
+from twotower.training.evaluation import encode_rows
+from twotower.training.heldout import held_out
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import RunDir, read_metrics
@@ -165,9 +166,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     settings.update({"resume": False, **({"data": data} if data else {})})
     config = TrainConfig.from_dict(settings, source=str(run_dir.config))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
-    train_rows, _ = held_out_split(
-        dataset.num_samples, config.eval_fraction, config.max_eval, config.seed
-    )
+    train_rows = held_out(config, dataset).train_rows
     records = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []
     plan = StepPlan(train_rows, config.batch_size, config.seed)
     return RunView(run_dir, config, dataset, train_rows, plan, records)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from twotower import backends, faults, miners
-from twotower.config import TrainConfig
+from twotower.config import METRICS, TrainConfig
 from twotower.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
 from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from twotower.guard import evidence, forensics
@@ -42,7 +42,6 @@ from twotower.training.trainer import PROGRESS_ENV, RunResult
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 ATTEMPT_FILE = re.compile(r"^(?:attempt|run)-(\d+)\.")
-METRIC_SKIP = ("event", "time", "step", "queries")
 
 
 def trainer_env(stack_file: Path | None = None, **extra: str) -> dict[str, str]:
@@ -365,6 +364,7 @@ class Supervisor:
         evals_at_0 = [r for r in records if r["event"] == "eval" and r["step"] == 0]
         steps = ends[-1]["step"] if ends else self._newest_step() if code != EXIT_USAGE else 0
         done = [r for r in ends if r["event"] == "done"]
+        bests = [r for r in records if r["event"] == "best"]
         return RunResult(
             run_dir=self.run_dir.root,
             exit_code=code,
@@ -373,12 +373,16 @@ class Supervisor:
             miner=starts[-1]["miner"] if starts else config.miner,
             metrics=_metric_values(done[-1]) if done else {},
             metrics_before=_metric_values(evals_at_0[0]) if evals_at_0 else {},
+            best_step=bests[-1]["step"] if bests else None,
+            best_metrics=_metric_values(bests[-1]) if bests else {},
+            stopped_early=any(r["event"] == "early-stop" for r in records),
             attempts=self.attempts,
         )
 
 
 def _metric_values(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k not in METRIC_SKIP}
+    """The retrieval metrics (recall@c, mrr@100) of an eval, best or done record."""
+    return {name: record[name] for name in METRICS if name in record}
 
 
 def supervise(config: TrainConfig) -> RunResult:

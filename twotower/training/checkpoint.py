@@ -8,6 +8,11 @@ by `checkpoints/LATEST` and followed by pruning. Loading verifies every
 checksum and falls back, with a warning, to the newest earlier checkpoint that
 passes. One writer per run directory is assumed: a save removes every
 temporary leftover it finds, whoever left it.
+
+`RUN/best/` (the parameters of the evaluation with the best held-out metric) is a
+store of the same kind holding one checkpoint: `best/step-NNNNNNN/` and `best/LATEST`,
+written by the same code, so a crash while a new best is written leaves the previous
+one loadable. `load_checkpoint(run, which="best")` reads it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from twotower.errors import TwotowerError
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+STORES = {"latest": CHECKPOINTS_DIR, "best": BEST_DIR}  # load_checkpoint's `which`
 LATEST = "LATEST"
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
@@ -134,8 +141,10 @@ def save_checkpoint(
     meta: Mapping[str, Any],
     keep: int,
     before_commit: Callable[[], None] | None = None,
+    store: str = CHECKPOINTS_DIR,
 ) -> Path:
-    """Commit `arrays` as `run_dir/checkpoints/step-NNNNNNN/`; return that directory.
+    """Commit `arrays` as `run_dir/checkpoints/step-NNNNNNN/` (`store`: another folder of
+    the run, e.g. BEST_DIR); return that directory.
 
     `arrays` maps file-name-safe names (dots allowed) to arrays of any shape
     and any dtype but object, 0-d included. `meta` (JSON values: epoch,
@@ -153,7 +162,7 @@ def save_checkpoint(
         raise ValueError(f"keep must be >= 1, got {keep}")
     _check_inputs(step, arrays, meta)
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / CHECKPOINTS_DIR
+    ckpt_dir = run_dir / store
     if not ckpt_dir.is_dir():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         fsync_dir(run_dir)
@@ -190,7 +199,7 @@ def save_checkpoint(
 
     if replaced is not None:
         _remove(replaced)
-    others = [path for path in list_checkpoints(run_dir) if path.name != name]
+    others = [path for path in _committed(ckpt_dir) if path.name != name]
     older = [path for path in others if _step_of(path) < step]
     newer = [path for path in others if _step_of(path) > step]
     for path in older[: max(len(older) - (keep - 1), 0)] + newer:
@@ -257,45 +266,50 @@ def _read_arrays(ckpt: Path, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return state
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+def list_checkpoints(run_dir: str | os.PathLike[str], store: str = CHECKPOINTS_DIR) -> list[Path]:
     """Committed checkpoint directories of `run_dir`, oldest (lowest step) first; [] if none."""
-    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
+    return _committed(Path(run_dir) / store)
+
+
+def _committed(ckpt_dir: Path) -> list[Path]:
+    """Committed checkpoint directories in a store folder, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = [path for path in ckpt_dir.iterdir() if _STEP_DIR.fullmatch(path.name)]
     return sorted((path for path in found if path.is_dir()), key=_step_of)
 
 
-def _candidates(run_dir: Path) -> list[Path]:
-    """Where to look, in order: LATEST's checkpoint, then the earlier ones, newest first.
-
-    Without a usable LATEST: every checkpoint, newest first.
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    """Where to look in a store folder, in order: LATEST's checkpoint, then the earlier ones,
+    newest first. Without a usable LATEST: every checkpoint, newest first.
     """
-    committed = list_checkpoints(run_dir)
+    committed = _committed(ckpt_dir)
     try:
-        named = (run_dir / CHECKPOINTS_DIR / LATEST).read_text().strip()
+        named = (ckpt_dir / LATEST).read_text().strip()
     except OSError:
         named = ""
     if not _STEP_DIR.fullmatch(named):
         return committed[::-1]
-    latest = run_dir / CHECKPOINTS_DIR / named
+    latest = ckpt_dir / named
     return [latest] + [path for path in committed[::-1] if _step_of(path) < _step_of(latest)]
 
 
-def _no_checkpoint(run_dir: Path, problems: list[str]) -> CheckpointError:
+def _no_checkpoint(ckpt_dir: Path, problems: list[str]) -> CheckpointError:
+    run_dir = ckpt_dir.parent
     if not run_dir.exists():
         return CheckpointError(f"no checkpoint: run directory {run_dir} does not exist")
     if not problems:
         return CheckpointError(
-            f"no checkpoint in {run_dir}: {CHECKPOINTS_DIR}/ holds no step-NNNNNNN directory"
+            f"no checkpoint in {run_dir}: {ckpt_dir.name}/ holds no step-NNNNNNN directory"
         )
-    return CheckpointError(f"no valid checkpoint in {run_dir}: {'; '.join(problems)}")
+    return CheckpointError(f"no valid checkpoint in {ckpt_dir}: {'; '.join(problems)}")
 
 
-def _first_valid(run_dir: Path, read: bool) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
-    """The first candidate that verifies (and its arrays when `read`); warns of those skipped."""
+def _first_valid(ckpt_dir: Path, read: bool) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """The first candidate of a store folder that verifies (and its arrays when `read`);
+    warns of those skipped."""
     problems: list[str] = []
-    for ckpt in _candidates(run_dir):
+    for ckpt in _candidates(ckpt_dir):
         try:
             meta = _verify(ckpt)
             state = _read_arrays(ckpt, meta) if read else {}
@@ -304,12 +318,11 @@ def _first_valid(run_dir: Path, read: bool) -> tuple[Path, dict[str, Any], dict[
             continue
         for problem in problems:
             warnings.warn(
-                f"skipped checkpoint {run_dir / CHECKPOINTS_DIR}/{problem}; "
-                f"falling back to {ckpt.name}",
+                f"skipped checkpoint {ckpt_dir}/{problem}; falling back to {ckpt.name}",
                 stacklevel=3,
             )
         return ckpt, meta, state
-    raise _no_checkpoint(run_dir, problems)
+    raise _no_checkpoint(ckpt_dir, problems)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -319,21 +332,27 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     checksums but does not load the arrays.
     """
     try:
-        return _first_valid(Path(run_dir), read=False)[0]
+        return _first_valid(Path(run_dir) / CHECKPOINTS_DIR, read=False)[0]
     except CheckpointError:
         return None
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Load and verify a checkpoint: `path` is a run directory or one checkpoint directory.
+def load_checkpoint(
+    path: str | os.PathLike[str], which: str = "latest"
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Load and verify a checkpoint: `path` is a run directory, one of its store folders
+    (`checkpoints/`, `best/`) or one checkpoint directory.
 
-    A run directory gives the checkpoint LATEST names or, if it fails
-    verification, the newest earlier one that passes (a warning names each
-    one skipped and why); without a usable LATEST, the newest that passes. A
-    checkpoint directory is verified with no fallback. Returns (meta.json as a
-    dict, {array name: array with its saved shape and dtype}). Raises
-    CheckpointError, one line naming the directory and each candidate's fault.
+    A run directory gives, with which="latest", the checkpoint checkpoints/LATEST names or,
+    if it fails verification, the newest earlier one that passes (a warning names each one
+    skipped and why), without a usable LATEST the newest that passes; with which="best", the
+    same from `best/`. A store folder is read the same way; a checkpoint directory is verified
+    with no fallback. Returns (meta.json as a dict, {array name: array with its saved shape
+    and dtype}). Raises CheckpointError, one line naming the directory and each candidate's
+    fault; ValueError for another `which`.
     """
+    if which not in STORES:
+        raise ValueError(f"which must be one of {', '.join(STORES)}, got {which!r}")
     path = Path(path)
     if (path / META).exists() or _STEP_DIR.fullmatch(path.name):
         try:
@@ -341,5 +360,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             return meta, _read_arrays(path, meta)
         except _Invalid as why:
             raise CheckpointError(f"checkpoint {path} is not valid: {why}") from None
-    _, meta, state = _first_valid(path, read=True)
+    is_store = path.name in STORES.values() and not (path / CHECKPOINTS_DIR).is_dir()
+    _, meta, state = _first_valid(path if is_store else path / STORES[which], read=True)
     return meta, state

@@ -1,26 +1,43 @@
-"""Encoding many queries in chunks, and retrieval quality: recall@1/10/100 and MRR@100."""
+"""Retrieval quality: recall@1/10/100 and MRR@100 of a query tower, and of the parameter-free
+baselines (the last context item, the mean of the context) on the same rows, with the lift.
+
+Rows are ranked against the whole bank in blocks (encode, search, score, next block), so any
+number of rows fits in memory. With seen-item masking the search asks for T more ids and
+drops each query's own context items, the positive excepted, before cutting to 100.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
 
-from twotower import miners
-from twotower.backends import Backend, make_backend
+from twotower.backends import Backend
 from twotower.batch import seen_by_query
-from twotower.config import TrainConfig
-from twotower.data import holdout_split, load_dataset
+from twotower.config import CUTOFFS, METRICS
+from twotower.data import Dataset
 from twotower.miners import Miner
-from twotower.paths import user_cache_dir
-from twotower.seeds import EVAL_SPLIT
-from twotower.training.checkpoint import load_checkpoint
 
-CUTOFFS = (1, 10, 100)
+__all__ = [
+    "BASELINES",
+    "CUTOFFS",
+    "Comparison",
+    "baseline_queries",
+    "encode_rows",
+    "evaluate",
+    "evaluate_baselines",
+    "rank_rows",
+    "retrieval_metrics",
+    "without_seen",
+]
+
 Gather = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (contexts, lengths) -> (B, D)
+BLOCK = 1024  # rows encoded and searched at a time
+BASELINES = ("last item", "context mean")
 
 
 def encode_rows(
@@ -76,78 +93,116 @@ def without_seen(ids: np.ndarray, seen: np.ndarray, positives: np.ndarray, k: in
     return np.take_along_axis(ids, kept_first, axis=1)
 
 
+def rank_rows(
+    encode: Encode,
+    dataset: Dataset,
+    rows: np.ndarray,
+    miner: Miner,
+    exclude_context: bool = False,
+    label: str = "eval",
+) -> dict[str, float]:
+    """Metrics of the queries encode(contexts, lengths) gives for `dataset`'s rows (n,),
+    ranked by `miner` over the dataset's bank, BLOCK rows at a time (means over all rows)."""
+    k = max(CUTOFFS)
+    totals = dict.fromkeys(METRICS, 0.0)
+    for start in tqdm(
+        range(0, len(rows), BLOCK), desc=label, unit="block", leave=False, disable=None
+    ):
+        block = rows[start : start + BLOCK]
+        contexts, lengths, positives = dataset.gather(block)
+        queries = encode(contexts, lengths)
+        if exclude_context:
+            seen = dataset.seen_ids(block)
+            _, ids = miner.search(queries, k + seen.shape[1])
+            ids = without_seen(ids, seen, positives, k)
+        else:
+            _, ids = miner.search(queries, k)
+        for name, value in retrieval_metrics(ids, positives).items():
+            totals[name] += value * len(block)
+    return {name: total / max(len(rows), 1) for name, total in totals.items()}
+
+
 def evaluate(
     backend: Backend,
-    gather: Gather,
+    dataset: Dataset,
     rows: np.ndarray,
-    positives: np.ndarray,
     miner: Miner,
-    seen: np.ndarray | None = None,
+    exclude_context: bool = False,
 ) -> dict[str, float]:
-    """Encode the held-out rows and search the whole bank: recall@1/10/100, MRR@100.
+    """The backend's query tower on `dataset`'s rows (n,) against its whole bank:
+    recall@1/10/100 and MRR@100."""
+    return rank_rows(backend.encode, dataset, rows, miner, exclude_context)
 
-    seen (N, T): the rows' context ids, -1 padded, for seen-item masking (None: off); the
-    search then asks for T more ids and drops the seen ones before cutting to 100.
-    """
-    queries = encode_rows(backend, gather, rows, label="eval")
-    k = max(CUTOFFS)
-    if seen is None:
-        _, ids = miner.search(queries, k)
+
+def baseline_queries(name: str, contexts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Parameter-free queries (B, D) float32 for contexts (B, T, D), zero past lengths (B,):
+    'last item' = normalize(x[length - 1]), 'context mean' = normalize(mean of x[:length])."""
+    if name == "last item":
+        vectors = contexts[np.arange(len(lengths)), np.asarray(lengths) - 1]
+    elif name == "context mean":
+        vectors = contexts.sum(axis=1) / np.asarray(lengths, dtype=np.float32)[:, None]
     else:
-        _, ids = miner.search(queries, k + seen.shape[1])
-        ids = without_seen(ids, seen, positives, k)
-    return retrieval_metrics(ids, positives)
+        raise ValueError(f"no baseline {name!r}; the baselines are {', '.join(BASELINES)}")
+    norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return np.asarray(vectors / norms, dtype=np.float32)
 
 
-def held_out_split(
-    num_samples: int, eval_fraction: float, max_eval: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows) of a run: the same split for training and `twotower eval`."""
-    return holdout_split(num_samples, eval_fraction, max_eval, seed * 1000 + EVAL_SPLIT)
+def evaluate_baselines(
+    dataset: Dataset, rows: np.ndarray, miner: Miner, exclude_context: bool = False
+) -> dict[str, dict[str, float]]:
+    """{baseline name: metrics} of every parameter-free baseline on the same rows and rules."""
+    return {
+        name: rank_rows(
+            partial(baseline_queries, name), dataset, rows, miner, exclude_context, f"{name}"
+        )
+        for name in BASELINES
+    }
 
 
-def evaluate_run(
-    run: str | None = None,
-    data: str | None = None,
-    tower: str | None = None,
-    proj: bool = True,
-    backend: str = "auto",
-    miner: str = "exact",
-    seed: int | None = None,
-    max_eval: int | None = None,
-    exclude_context: bool | None = None,
-) -> dict[str, float]:
-    """Retrieval metrics of a run's newest checkpoint (or a checkpoint directory) on its
-    held-out split; without `run`, of a freshly initialised tower (meanpool with
-    proj=False is the parameter-free baseline). exclude_context: seen-item masking of the
-    ranking (None: as the run's config says)."""
-    settings: dict[str, Any] = {}
-    state = None
-    if run is not None:
-        _, state = load_checkpoint(run)
-        run_dir = Path(run) if (Path(run) / "config.json").exists() else Path(run).parent.parent
-        settings = TrainConfig.read_file(run_dir / "config.json")
-    config = TrainConfig.from_dict(
-        {
-            **settings,
-            **({"data": data} if data else {}),
-            **({"tower": tower} if tower else {}),
-            **({"seed": seed} if seed is not None else {}),
-            **({"max_eval": max_eval} if max_eval is not None else {}),
-            **({"exclude_context": exclude_context} if exclude_context is not None else {}),
-            "proj": proj and settings.get("proj", True),
-            "backend": backend,
-            "resume": False,
-        }
-    )
-    dataset = load_dataset(config.data)  # type: ignore[arg-type]
-    cache = user_cache_dir() / "index"
-    engine = make_backend(config, dataset.dim)
-    if state is not None:
-        engine.load_state(state)
-    split = held_out_split(dataset.num_samples, config.eval_fraction, config.max_eval, config.seed)
-    rows = split[1]
-    search = miners.get(miner, fault_phase=None, **miners.options_for(config, [miner], cache))
-    search.build(dataset.bank, fingerprint=dataset.fingerprint)
-    seen = dataset.seen_ids(rows) if config.exclude_context else None
-    return evaluate(engine, dataset.gather, rows, dataset.positives[rows], search, seen)
+@dataclass
+class Comparison:
+    """A tower's metrics beside the baselines' on the same rows; `metric` is the one the
+    lift is computed on (the run's --select-metric)."""
+
+    model: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    metric: str
+
+    @property
+    def best_baseline(self) -> str:
+        """The baseline scoring highest on `metric`."""
+        return max(self.baselines, key=lambda name: self.baselines[name][self.metric])
+
+    @property
+    def lift(self) -> float:
+        """model / best baseline - 1 on `metric` (+0.25: 25% better; inf over a zero)."""
+        base = self.baselines[self.best_baseline][self.metric]
+        model = self.model[self.metric]
+        return model / base - 1 if base > 0 else (0.0 if model == 0 else float("inf"))
+
+    def verdict(self) -> str:
+        """One line: the lift, and a warning when a baseline beats the tower."""
+        best = self.best_baseline
+        line = (
+            f"{self.metric} {self.model[self.metric]:.4f} vs {best} (the best baseline) "
+            f"{self.baselines[best][self.metric]:.4f}: lift {100 * self.lift:+.1f}%"
+        )
+        if self.lift < 0:
+            line += f"; the parameter-free {best} baseline beats the tower"
+        return line
+
+    def table(self, label: str = "tower") -> list[str]:
+        """Rows of metric | tower | each baseline, then the verdict."""
+        names = list(self.baselines)
+        widths = [max(len(label), 8)] + [max(len(n), 8) for n in names]
+        head = f"{'metric':12s} " + " ".join(
+            f"{n:>{w}s}" for n, w in zip([label, *names], widths, strict=True)
+        )
+        lines = [head]
+        for metric in self.model:
+            values = [self.model[metric]] + [self.baselines[n][metric] for n in names]
+            lines.append(
+                f"{metric:12s} "
+                + " ".join(f"{v:>{w}.4f}" for v, w in zip(values, widths, strict=True))
+            )
+        return [*lines, self.verdict()]

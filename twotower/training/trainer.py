@@ -32,7 +32,9 @@ from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
 from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
+from twotower.training.cadence import auto_eval_every
 from twotower.training.checkpoint import (
+    BEST_DIR,
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
@@ -40,13 +42,16 @@ from twotower.training.checkpoint import (
     step_dir_name,
 )
 from twotower.training.demo import demo_dataset
-from twotower.training.evaluation import encode_rows, evaluate, held_out_split
+from twotower.training.evaluation import encode_rows
 from twotower.training.heartbeat import Heartbeat
+from twotower.training.heldout import HeldOut, held_out
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
+from twotower.training.selection import Selection
 from twotower.training.tensorboard import TensorboardScalars, summary_writer_class
+from twotower.training.validation import Validator
 
 log = logging.getLogger("twotower")
 
@@ -59,10 +64,12 @@ WorkerDeathReporter = Callable[[Path, dict[str, Any]], Path]
 class RunResult:
     """How a run ended.
 
-    exit_code: 0 done, 130 interrupted (a checkpoint was written), 3 gave up
-    (supervisor). steps: steps completed. metrics: the last evaluation;
-    metrics_before: the evaluation before the first step of a fresh run.
-    attempts: one summary per child process (supervised runs only).
+    exit_code: 0 done (early stop included), 130 interrupted (a checkpoint was
+    written), 3 gave up (supervisor). steps: steps completed. metrics: the last
+    evaluation; metrics_before: the evaluation before the first step of a fresh run.
+    best_step, best_metrics: the evaluation RUN/best/ holds (None, {}: none yet).
+    stopped_early: --patience ended the run. attempts: one summary per child process
+    (supervised runs only).
     """
 
     run_dir: Path
@@ -72,6 +79,9 @@ class RunResult:
     miner: str
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_before: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -92,6 +102,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
         self.last_metrics: dict[str, float] = {}  # ... and the last evaluation
+        self.stopped_early = False  # --patience ended the run
         self.openmp: list[str] | None = None  # OpenMP runtimes here (None: unknown), for reports
         self.rss_kb = 0  # resident memory at the last phase point (the heartbeat's reading)
         supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
@@ -139,6 +150,7 @@ class Trainer:
         return miner
 
     def _make_eval_miner(self, dataset: Dataset) -> miners.Miner:
+        """The evaluation's search engine over `dataset`'s bank (the held-out rows' data)."""
         c = self.config
         opts = miners.options_for(c, [c.eval_miner], user_cache_dir() / "index")
         miner = miners.get(c.eval_miner, fault_phase=None, **opts)
@@ -208,16 +220,35 @@ class Trainer:
         )
         log.info("step %d: mined hard negatives with %s in %.1f s", step, self.miner.name, seconds)
 
-    def _evaluate(self, step: int) -> dict[str, float]:
+    def _evaluate(self, step: int, report: bool = False) -> dict[str, float]:
+        """Evaluate on the held-out rows; keep RUN/best/ when the selection metric improves.
+        report: log the tower beside the baselines (the first and the last evaluation)."""
         self._phase("encode", step)
-        positives = self.dataset.positives[self.eval_rows]
-        seen = self.dataset.seen_ids(self.eval_rows) if self.config.exclude_context else None
-        metrics = evaluate(
-            self.backend, self.dataset.gather, self.eval_rows, positives, self.eval_miner, seen
-        )
-        self.metrics.write("eval", step=step, queries=len(self.eval_rows), **metrics)
-        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        metrics, improved = self.validator.evaluate(step, self.backend)
+        if improved:
+            self._save_best(step, metrics)
+        if report:
+            for line in self.validator.compare(metrics).table(f"step {step}"):
+                log.info("%s", line)
         return metrics
+
+    def _save_best(self, step: int, metrics: dict[str, float]) -> None:
+        """Commit the parameters of this evaluation as RUN/best/ (the checkpoint format; no
+        optimizer or queue: best/ is for evaluation and export, resume uses checkpoints/)."""
+        params = {k: v for k, v in self.backend.state().items() if not k.startswith("opt.")}
+        meta = {
+            "epoch": self.plan.epoch_of(step),
+            "backend": self.backend.name,
+            "config_hash": self.config.numeric_hash(),
+            "metrics": metrics,
+            "select_metric": self.config.select_metric,
+        }
+
+        def before_commit() -> None:  # the checkpoint fault point covers this writer too
+            self._phase("checkpoint", step)
+
+        save_checkpoint(self.run.root, step, params, meta, 1, before_commit, store=BEST_DIR)
+        self.metrics.write("best", step=step, metric=self.config.select_metric, **metrics)
 
     def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         arrays = {**self.backend.state(), **self.queue.state()}
@@ -228,6 +259,7 @@ class Trainer:
             "config_hash": self.config.numeric_hash(),
             "mined_table": self.table_path.name if self.table_path else None,
             "metrics": metrics,
+            "selection": self.validator.selection.state(),
         }
 
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
@@ -253,10 +285,12 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------
 
-    def _restore(self) -> tuple[int, dict[str, float]]:
-        """Load the newest verified checkpoint; (0, {}) when there is none to resume."""
+    def _restore(self) -> tuple[int, dict[str, float], Selection]:
+        """Load the newest verified checkpoint: (step, its metrics, its model selection);
+        (0, {}, a fresh selection) when there is none to resume."""
+        fresh = Selection(self.config.select_metric)
         if not (self.config.resume and list_checkpoints(self.run.root)):
-            return 0, {}
+            return 0, {}, fresh
         try:
             meta, state = load_checkpoint(self.run.root)
         except CheckpointError as error:
@@ -270,7 +304,8 @@ class Trainer:
         log.info(
             "resumed from %s (step %d, made on %s)", step_dir_name(step), step, meta.get("backend")
         )
-        return step, dict(meta.get("metrics") or {})
+        selection = Selection.restore(self.config.select_metric, meta.get("selection"))
+        return step, dict(meta.get("metrics") or {}), selection
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -314,17 +349,19 @@ class Trainer:
         self.heartbeat = Heartbeat(self.run.heartbeat)
         faults.arm(self.run.faults)
 
-        self.train_rows, self.eval_rows = held_out_split(
-            self.dataset.num_samples, c.eval_fraction, c.max_eval, c.seed
-        )
+        split = held_out(c, self.dataset)
+        self.train_rows = split.train_rows
         self.plan = StepPlan(self.train_rows, c.batch_size, c.seed)
         total = planned_steps(c, self.plan.batches_per_epoch)
         self.schedule = LRSchedule.of(c, total)
+        self.eval_every = self._eval_cadence(split)
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
-        step, metrics = self._restore()
+        step, metrics, selection = self._restore()
         self.threads = self._thread_budget()
-        self.eval_miner = self._make_eval_miner(self.dataset)
+        eval_miner = self._make_eval_miner(split.eval_dataset)
+        self.validator = Validator(c, split, eval_miner, self.metrics, selection)
+        log.info("%s", split.describe())
         self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
         pools = limit_threads(self.threads.trainer)  # after the engines have loaded theirs
         self.heartbeat.describe(threads=self.threads.as_dict(), threadpools=pools)
@@ -347,12 +384,34 @@ class Trainer:
             miner=self.miner_name,
             samples=self.dataset.num_samples,
             train=len(self.train_rows),
-            eval=len(self.eval_rows),
+            eval=len(split.eval_rows),
+            split=split.kind,
+            eval_every=self.eval_every,
             lr_schedule=c.lr_schedule,
             warmup_steps=self.schedule.warmup,
             pid=os.getpid(),
         )
         return step, total, metrics
+
+    def _eval_cadence(self, split: HeldOut) -> int:
+        """--eval-every, or the automatic cadence (cadence.py), logged either way."""
+        c = self.config
+        if c.eval_every is not None:
+            every = c.eval_every
+            how = "as --eval-every says" if every else "only at the start and the end"
+        else:
+            every = auto_eval_every(
+                c,
+                self.dataset.dim,
+                self.dataset.seq_len,
+                len(split.eval_rows),
+                split.eval_dataset.bank_size,
+                self.plan.batches_per_epoch,
+            )
+            how = "auto: about 4% of the training compute, at most 4 times an epoch"
+        if every:
+            log.info("evaluating every %d steps (%s)", every, how)
+        return every
 
     def _loop(
         self, step: int, total: int, metrics: dict[str, float]
@@ -379,24 +438,45 @@ class Trainer:
                 progress.update(1)
                 recall = f"{metrics.get('recall@10', 0):.3f}"
                 progress.set_postfix(loss=f"{stats.loss:.4f}", **{"R@10": recall})
-                if c.eval_every and step % c.eval_every == 0 and step < total:
+                if self.eval_every and step % self.eval_every == 0 and step < total:
                     metrics = self._evaluate(step)
+                    self.stopped_early = self.validator.selection.exhausted(c.patience)
                 self.last_metrics = metrics
                 if self._stop_signal is not None:
                     raise StopRequested
+                if self.stopped_early:
+                    break
                 if step % c.checkpoint_every == 0 and step < total:
                     self._checkpoint(step, metrics)
         finally:
             progress.close()  # the final lines print below the finished bar
             prefetch.close()
-        metrics = self._evaluate(step)
+        if self.stopped_early:
+            selection = self.validator.selection
+            self.metrics.write(
+                "early-stop", step=step, best_step=selection.best_step, patience=c.patience
+            )
+            log.info(
+                "step %d: stopping early: %s has not improved in %d evaluations (best %.4f at "
+                "step %s)",
+                step,
+                c.select_metric,
+                c.patience,
+                selection.best_value,
+                selection.best_step,
+            )
+            for line in self.validator.compare(metrics).table(f"step {step}"):
+                log.info("%s", line)
+        else:
+            metrics = self._evaluate(step, report=True)
         self._checkpoint(step, metrics)
         self.metrics.write("done", step=step, **metrics)
         return step, metrics
 
     def run_training(self) -> RunResult:
         step, total, metrics = self._open()
-        metrics_before = self._evaluate(0) if step == 0 else {}
+        started = time.perf_counter()
+        metrics_before = self._evaluate(0, report=True) if step == 0 else {}
         self.steps_done, self.last_metrics = step, metrics_before or metrics
         previous_handlers = self._install_signal_handlers()
         exit_code = EXIT_OK
@@ -426,6 +506,7 @@ class Trainer:
                 metrics.get("recall@10", 0.0),
                 step,
             )
+        best = self._report_best_and_cost(time.perf_counter() - started)
         return RunResult(
             run_dir=self.run.root,
             exit_code=exit_code,
@@ -434,7 +515,40 @@ class Trainer:
             miner=self.miner_name,
             metrics=metrics,
             metrics_before=metrics_before,
+            best_step=best[0],
+            best_metrics=best[1],
+            stopped_early=self.stopped_early,
         )
+
+    def _report_best_and_cost(self, seconds: float) -> tuple[int | None, dict[str, float]]:
+        """Log where best/ stands and the share of this attempt's time spent evaluating;
+        returns (best step, its metrics) as best/ records them."""
+        v = self.validator
+        share = v.seconds / seconds if seconds > 0 else 0.0
+        self.metrics.write(
+            "eval-cost", evaluations=v.count, seconds=round(v.seconds, 3), share=round(share, 4)
+        )
+        log.info(
+            "evaluation: %d evaluations took %.1f s, %.1f%% of this attempt's %.1f s",
+            v.count,
+            v.seconds,
+            100 * share,
+            seconds,
+        )
+        if v.selection.best_step is None:
+            return None, {}
+        try:
+            meta, _ = load_checkpoint(self.run.root, which="best")
+        except CheckpointError:
+            return None, {}
+        log.info(
+            "best: %s %.4f at step %d, in %s",
+            self.config.select_metric,
+            meta["metrics"][self.config.select_metric],
+            meta["step"],
+            self.run.root / BEST_DIR,
+        )
+        return int(meta["step"]), dict(meta["metrics"])
 
     def _train_step(self, step: int, data: StepData) -> StepStats:
         batch = assemble_batch(

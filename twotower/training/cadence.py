@@ -1,0 +1,67 @@
+"""How often a run evaluates when --eval-every is not given: as often as about 4% of the
+training compute allows, and at most 4 times an epoch.
+
+The cost model counts multiply-adds, so the cadence is a pure function of the config and
+the data's sizes (the same on every machine and every resume, which keeps patience and
+best/ deterministic). An evaluation encodes the held-out queries (a forward pass) and
+scores them against every bank row (exact search); a step runs forward and backward
+(about 3 forward passes) over B queries and their B + K + Q candidates. Mining is not
+counted as training, so the real share is lower when the run mines; the trainer measures
+and logs the share it actually spent.
+"""
+
+from __future__ import annotations
+
+import math
+
+from twotower.config import TrainConfig
+
+EVAL_BUDGET = 0.04  # evaluation compute / training compute
+EVALS_PER_EPOCH = 4  # at most, however cheap an evaluation is
+
+
+def encode_flops(config: TrainConfig, dim: int, seq_len: int) -> float:
+    """Multiply-add FLOPs of encoding one query of `seq_len` vectors of size `dim`."""
+    if config.tower == "meanpool":
+        return seq_len * dim + 2.0 * dim * dim
+    hidden, per_token = config.hidden, 0.0
+    for layer in range(config.layers):
+        inputs = dim if layer == 0 else hidden
+        per_token += 2.0 * 3 * hidden * (inputs + hidden)
+    return seq_len * per_token + 2.0 * dim * hidden
+
+
+def step_flops(config: TrainConfig, dim: int, seq_len: int) -> float:
+    """FLOPs of one training step: forward + backward of B queries and their scores."""
+    candidates = config.batch_size + config.hard_negatives + config.queue_size
+    forward = config.batch_size * (encode_flops(config, dim, seq_len) + 2.0 * candidates * dim)
+    return 3 * forward
+
+
+def eval_flops(config: TrainConfig, dim: int, seq_len: int, queries: int, bank_rows: int) -> float:
+    """FLOPs of one evaluation: encode `queries` and score them against `bank_rows` rows."""
+    return queries * (encode_flops(config, dim, seq_len) + 2.0 * bank_rows * dim)
+
+
+def round_up(value: float) -> int:
+    """`value` rounded up to two significant digits: 8371.2 -> 8400, 94.1 -> 95, 0.3 -> 1."""
+    if value <= 1:
+        return 1
+    unit = 10 ** max(math.floor(math.log10(value)) - 1, 0)
+    return int(math.ceil(value / unit - 1e-9) * unit)
+
+
+def auto_eval_every(
+    config: TrainConfig,
+    dim: int,
+    seq_len: int,
+    queries: int,
+    bank_rows: int,
+    batches_per_epoch: int,
+) -> int:
+    """Steps between evaluations: the cost floor (an evaluation's FLOPs over EVAL_BUDGET of
+    a step's) or a quarter epoch, whichever is longer, rounded up to 1, 2 or 5 x 10^k."""
+    floor = eval_flops(config, dim, seq_len, queries, bank_rows) / (
+        EVAL_BUDGET * step_flops(config, dim, seq_len)
+    )
+    return round_up(max(floor, batches_per_epoch / EVALS_PER_EPOCH))

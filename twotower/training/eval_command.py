@@ -1,0 +1,116 @@
+"""`twotower eval`: a run's tower (its newest or its best checkpoint), or an untrained one,
+beside the parameter-free baselines on the run's held-out rows or on every row of a dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twotower import miners
+from twotower.backends import make_backend
+from twotower.config import TrainConfig
+from twotower.data import load_dataset
+from twotower.errors import UsageError
+from twotower.paths import user_cache_dir
+from twotower.training.checkpoint import CheckpointError, load_checkpoint
+from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
+from twotower.training.heldout import held_out
+
+ROWS = ("held-out", "all")
+
+
+@dataclass
+class EvalReport:
+    """What `twotower eval` found: the comparison, how many rows of which data, which split
+    ('all' for every row), and the checkpoint's step (None: an untrained tower)."""
+
+    comparison: Comparison
+    rows: int
+    data: str
+    split: str
+    step: int | None
+
+    def lines(self) -> list[str]:
+        """The printed report: where the numbers come from, the table, the verdict."""
+        where = f"step {self.step}" if self.step is not None else "untrained"
+        header = f"{self.rows} queries of {self.data} ({self.split}); tower: {where}"
+        return [header, *self.comparison.table()]
+
+
+def _run_settings(run: str) -> dict[str, Any]:
+    """The config.json of the run that `run` (a run, store or checkpoint directory) belongs to."""
+    path = Path(run)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "config.json").is_file():
+            return TrainConfig.read_file(candidate / "config.json")
+    raise UsageError(f"{run}: no config.json here or above; give a run directory (--out of a run)")
+
+
+def evaluate_run(
+    run: str | None = None,
+    data: str | None = None,
+    tower: str | None = None,
+    proj: bool = True,
+    backend: str = "auto",
+    miner: str = "exact",
+    seed: int | None = None,
+    max_eval: int | None = None,
+    exclude_context: bool | None = None,
+    checkpoint: str = "latest",
+    rows: str = "held-out",
+) -> EvalReport:
+    """Evaluate a run's checkpoint (`checkpoint`: latest | best), or without `run` a freshly
+    initialised tower (meanpool with proj=False is the mean-of-context baseline itself), next
+    to the baselines on the same rows. rows: 'held-out' (the run's split of the data, or of
+    `data`) or 'all' (every row of `data`: a test set of the user's own). exclude_context:
+    seen-item masking of the ranking (None: as the run trained). Raises UsageError."""
+    if rows not in ROWS:
+        raise UsageError(f"--rows must be one of {', '.join(ROWS)}, got {rows!r}")
+    settings: dict[str, Any] = {}
+    state = None
+    step = None
+    if run is not None:
+        settings = _run_settings(run)
+        try:
+            meta, state = load_checkpoint(run, which=checkpoint)
+        except CheckpointError as error:
+            raise UsageError(str(error)) from None
+        step = int(meta["step"])
+    config = TrainConfig.from_dict(
+        {
+            **settings,
+            **({"data": data} if data else {}),
+            **({"tower": tower} if tower else {}),
+            **({"seed": seed} if seed is not None else {}),
+            **({"max_eval": max_eval} if max_eval is not None else {}),
+            **({"exclude_context": exclude_context} if exclude_context is not None else {}),
+            **({"eval_data": None, "eval_split": "auto"} if data else {}),
+            "proj": proj and settings.get("proj", True),
+            "backend": backend,
+            "resume": False,
+        }
+    )
+    dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
+    if rows == "all":
+        eval_dataset, eval_rows, split = dataset, np.arange(dataset.num_samples), "every row"
+    else:
+        split_of = held_out(config, dataset)
+        eval_dataset, eval_rows, split = split_of.eval_dataset, split_of.eval_rows, split_of.kind
+        split = f"held-out, {split} split" if split != "eval-data" else "the run's --eval-data"
+    engine = make_backend(config, eval_dataset.dim)
+    if state is not None:
+        engine.load_state(state)
+    options = miners.options_for(config, [miner], user_cache_dir() / "index")
+    search = miners.get(miner, fault_phase=None, **options)
+    search.build(eval_dataset.bank, fingerprint=eval_dataset.fingerprint)
+    masking = config.exclude_context
+    comparison = Comparison(
+        evaluate(engine, eval_dataset, eval_rows, search, masking),
+        evaluate_baselines(eval_dataset, eval_rows, search, masking),
+        config.select_metric,
+    )
+    return EvalReport(comparison, len(eval_rows), str(eval_dataset.path), split, step)
