@@ -85,6 +85,15 @@ def _broken_dir(layout: str, key: str, change: Callable[[np.ndarray], np.ndarray
     return make
 
 
+def _groups(groups: np.ndarray):
+    """A valid ids dataset plus groups.npy holding `groups`."""
+
+    def make(tmp: Path) -> Path:
+        return write_dir(tmp / "data", {**small_arrays("ids"), "groups": groups})
+
+    return make
+
+
 def _set(index: tuple, value, *more: tuple) -> Callable[[np.ndarray], np.ndarray]:
     """change(): set array[index] = value (and array[i] = value for each further index)."""
 
@@ -285,6 +294,16 @@ BROKEN_DATASETS: list[tuple[str, Callable[[Path], Path], str]] = [
         "lengths-2d",
         _broken_dir("ids", "lengths", lambda a: a[:, None]),
         "lengths.npy: lengths has shape (60, 1), but lengths must be (N,)",
+    ),
+    (
+        "groups-other-rows",
+        _groups(np.zeros(N - 1, dtype=np.int64)),
+        "groups.npy: groups has 59 rows, but positives has 60",
+    ),
+    (
+        "groups-float",
+        _groups(np.zeros(N, dtype=np.float32)),
+        "groups.npy: groups has dtype float32, but groups must be integers",
     ),
     # files
     ("truncated-npy", _truncated_bank, "bank.npy: bank is truncated"),

@@ -205,9 +205,19 @@ def test_a_mine_fault_does_not_fire_in_evaluation(small_data: Path, tmp_path: Pa
     assert not any((out / "faults").glob("*"))
 
 
-def independent_recall(q: np.ndarray, bank: np.ndarray, positives: np.ndarray) -> dict[str, float]:
-    """recall@1/10/100 and MRR@100 by a float64 brute-force search written here."""
+def independent_recall(
+    q: np.ndarray,
+    bank: np.ndarray,
+    positives: np.ndarray,
+    seen: np.ndarray | None = None,
+) -> dict[str, float]:
+    """recall@1/10/100 and MRR@100 by a float64 brute-force search written here; with seen
+    (N, T) context ids (-1 padded), those bank rows score -inf unless they are the positive."""
     scores = q @ np.asarray(bank, dtype=np.float64).T
+    if seen is not None:
+        for i, ids in enumerate(seen):
+            masked = [j for j in ids if j >= 0 and j != positives[i]]
+            scores[i, masked] = -np.inf
     positive_scores = scores[np.arange(len(q)), positives]
     rank = (scores > positive_scores[:, None]).sum(axis=1)  # 0 = first
     metrics = {f"recall@{c}": float(np.mean(rank < c)) for c in (1, 10, 100)}
@@ -215,8 +225,33 @@ def independent_recall(q: np.ndarray, bank: np.ndarray, positives: np.ndarray) -
     return metrics
 
 
-def printed_metrics(out: str) -> dict[str, float]:
-    return {name: float(value) for name, value in (line.split() for line in out.splitlines())}
+def independent_baselines(contexts: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The parameter-free queries in float64: the last real context vector, the context mean."""
+    x = contexts.astype(np.float64)
+    last = x[np.arange(len(x)), lengths - 1]
+    mean = np.stack([x[i, : lengths[i]].mean(axis=0) for i in range(len(x))])
+    return {
+        "last item": last / np.linalg.norm(last, axis=1, keepdims=True),
+        "context mean": mean / np.linalg.norm(mean, axis=1, keepdims=True),
+    }
+
+
+def printed_table(out: str) -> dict[str, dict[str, float]]:
+    """`twotower eval`'s table: {column (tower, last item, context mean): {metric: value}}."""
+    columns = ("tower", "last item", "context mean")
+    table: dict[str, dict[str, float]] = {column: {} for column in columns}
+    for line in out.splitlines():
+        name, *values = line.split()
+        if name.startswith(("recall@", "mrr@")) and len(values) == 3:
+            for column, value in zip(columns, values, strict=True):
+                table[column][name] = float(value)
+    return table
+
+
+def assert_reports(reported: dict[str, float], expected: dict[str, float], rows: int) -> None:
+    assert set(reported) == set(expected)
+    for name, value in expected.items():  # float32 vs float64 may swap a near-tie: one query
+        assert abs(reported[name] - value) <= 1 / rows + 1e-4, name
 
 
 @pytest.mark.parametrize("tower", ["gru", "meanpool-no-proj"])
@@ -253,10 +288,62 @@ def test_eval_reports_what_an_independent_search_finds(
         args = ["eval", "--data", str(small_data), "--tower", "meanpool", "--no-proj"]
     capsys.readouterr()
     assert main(args) == 0
-    reported = printed_metrics(capsys.readouterr().out)
-    expected = independent_recall(q, dataset.bank, positives)
-    assert set(reported) == set(expected)
-    for name, value in expected.items():  # float32 vs float64 may swap a near-tie: one query
-        assert abs(reported[name] - value) <= 1 / len(rows) + 1e-4, name
+    printed = capsys.readouterr().out
+    reported = printed_table(printed)
+    assert_reports(reported["tower"], independent_recall(q, dataset.bank, positives), len(rows))
+    for name, baseline in independent_baselines(contexts, lengths).items():
+        found = independent_recall(baseline, dataset.bank, positives)
+        assert_reports(reported[name], found, len(rows))
     if tower == "gru":
-        assert reported["recall@10"] > 0.3  # trained: the comparison is not between zeros
+        assert reported["tower"]["recall@10"] > 0.3  # trained: the comparison is not between zeros
+        assert reported["tower"]["mrr@100"] > reported["last item"]["mrr@100"]
+        assert "lift +" in printed and "beats the tower" not in printed
+    else:  # the tower is the context-mean baseline itself
+        assert reported["tower"] == reported["context mean"]
+
+
+def test_eval_ranks_every_row_of_a_test_set_without_its_context(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--rows all on another dataset with --exclude-context: every row, each query's own
+    context items masked out of the ranking (the positive excepted) for tower and baselines."""
+    import reference
+    from twotower.cli import main
+
+    out = tmp_path / "run"
+    config = TrainConfig(
+        data=str(small_data), out=str(out), backend="numpy", hidden=16, steps=60, supervise=False
+    )
+    train(config)
+    test = synthesize(tmp_path / "test", samples=120, bank=400, dim=16, seq_len=6, seed=7)
+    assert test.context_ids is not None
+    rows = np.arange(test.num_samples)
+    contexts, lengths, positives = test.gather(rows)
+    seen = np.where(np.arange(6)[None, :] < lengths[:, None], test.context_ids[rows], -1)
+    # the positive: the bank row nearest the last item but for the context items themselves
+    # (so only masking lets the last-item baseline find it first) ...
+    scores = contexts[np.arange(len(rows)), lengths - 1] @ test.bank.T
+    for i, ids in enumerate(seen):
+        scores[i, ids[ids >= 0]] = -np.inf
+    positives = scores.argmax(axis=1)
+    positives[:5] = seen[:5, 0]  # ... or, for 5 rows, one inside its own context: never masked
+    np.save(test.path / "positives.npy", positives)
+    _, state = load_checkpoint(out, which="best")
+    q = reference.encode("gru", state, contexts, lengths)
+    args = ["eval", "--run", str(out), "--checkpoint", "best", "--backend", "numpy"]
+    capsys.readouterr()
+    assert main([*args, "--data", str(test.path), "--rows", "all", "--exclude-context"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(rows)} queries of {test.path} (every row)" in printed
+    reported = printed_table(printed)
+    assert_reports(reported["tower"], independent_recall(q, test.bank, positives, seen), len(rows))
+    unmasked = {}
+    for name, baseline in independent_baselines(contexts, lengths).items():
+        assert_reports(
+            reported[name], independent_recall(baseline, test.bank, positives, seen), len(rows)
+        )
+        unmasked[name] = independent_recall(baseline, test.bank, positives)
+    # masked, the last item finds every positive first; unmasked it finds itself (the
+    # negative control: what is reported is the masked ranking)
+    assert reported["last item"]["recall@1"] >= 0.95
+    assert unmasked["last item"]["recall@1"] <= 5 / len(rows)

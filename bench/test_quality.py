@@ -1,0 +1,188 @@
+"""Quality benchmark: next-paragraph retrieval over real MiniLM embeddings of man pages
+(bench/quality/build_dataset.py), test sequences from pages no training row comes from,
+every test row ranked against the whole bank. Opt-in (minutes of CPU per case):
+
+    TWOTOWER_BENCH_QUALITY=1 python -m pytest bench/test_quality.py -s [-k CASE]
+
+Rows: the parameter-free baselines (last context item, context mean), a plain hand-written
+PyTorch GRU loop with in-batch negatives (bench/quality/plain_loop.py), and twotower with the
+recipe options switched on one after another, then hard negatives off / on / on with the
+false-negative filters. Every trained row runs the same number of epochs. Columns: test
+recall@10 and MRR@100 of the parameters in RUN/best/ and of the final ones, the held-out
+MRR@100 training selected on, and wall seconds (the machine may be shared: compare within
+one run only). Every test ranking drops the query's own context items (the positive
+excepted), so a baseline cannot score its own last item. The table is printed and saved to
+.benchmarks/quality.json and .benchmarks/quality.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench.quality.build_dataset import build, default_out
+from twotower import miners
+from twotower.config import TrainConfig
+from twotower.data import Dataset, load_dataset
+from twotower.training.eval_command import evaluate_run
+from twotower.training.evaluation import BASELINES, baseline_queries, rank_rows
+from twotower.training.trainer import train
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TWOTOWER_BENCH_QUALITY") != "1",
+    reason="the quality benchmark is opt-in: TWOTOWER_BENCH_QUALITY=1",
+)
+
+EPOCHS = int(os.environ.get("TWOTOWER_BENCH_QUALITY_EPOCHS", "6"))
+OLD = {  # the recipe before the options existed: the issue's starting point
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "residual": "none",
+    "exclude_context": False,
+    "hard_negatives": 8,
+}
+SCHEDULE = {"lr_schedule": "cosine", "warmup_steps": None, "warmup_share": 0.05}
+RESIDUAL = {"residual": "last"}
+EXCLUDE = {"exclude_context": True}
+FULL = {**OLD, **SCHEDULE, **RESIDUAL, **EXCLUDE}
+CASES: dict[str, dict[str, Any]] = {
+    "old recipe (constant lr, GRU, K=8, Q=4096)": OLD,
+    "+ linear decay, 5% warm-up": {**OLD, **SCHEDULE, "lr_schedule": "linear"},
+    "+ cosine decay, 5% warm-up": {**OLD, **SCHEDULE},
+    "+ cosine + residual last": {**OLD, **SCHEDULE, **RESIDUAL},
+    "+ cosine + residual + exclude-context (K=8)": FULL,
+    "full, hard negatives off (K=0)": {**FULL, "hard_negatives": 0},
+    "full, K=8 skip 10 + relative margin 0.05": {
+        **FULL,
+        "mine_skip": 10,
+        "relative_margin": 0.05,
+    },
+    "full, random split (leaky held-out)": {**FULL, "eval_split": "random"},
+    "defaults (--data --epochs only)": {},
+}
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Dataset, Dataset]:
+    """(train, test) of the benchmark dataset, built first if it is not in the cache."""
+    root = default_out()
+    if not (root / "build.json").is_file():
+        build(root, items=16000, seq_len=5)
+    return load_dataset(root / "train"), load_dataset(root / "test")
+
+
+@pytest.fixture(scope="module")
+def table(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, Any]]]:
+    """Rows by case; printed and saved when the module ends."""
+    rows: dict[str, dict[str, Any]] = {}
+    yield rows
+    lines = [
+        f"epochs: {EPOCHS}; test: every row of unseen pages, ranked over the full bank",
+        "",
+        "| case | test R@10 (best/) | test MRR@100 (best/) | test MRR@100 (final) "
+        "| held-out MRR@100 (best) | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, row in rows.items():
+        cells = [
+            row.get("r10_best", row.get("r10")),
+            row.get("mrr_best", row.get("mrr")),
+            row.get("mrr_final"),
+            row.get("heldout_best"),
+            row.get("seconds"),
+        ]
+        text = ["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells]
+        lines.append(f"| {case} | " + " | ".join(text) + " |")
+    plugins = request.config.pluginmanager
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        terminal = plugins.get_plugin("terminalreporter")
+        for line in ["", *lines]:
+            terminal.write_line(line)
+    out = Path(".benchmarks")
+    out.mkdir(exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"epochs": EPOCHS, "rows": rows}, indent=2))
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def exact(dataset: Dataset) -> miners.Miner:
+    miner = miners.get("exact", fault_phase=None)
+    miner.build(dataset.bank, fingerprint=dataset.fingerprint)
+    return miner
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline(name: str, data: tuple[Dataset, Dataset], table: dict) -> None:
+    _, test = data
+    rows = np.arange(test.num_samples)
+    metrics = rank_rows(
+        lambda c, n: baseline_queries(name, c, n), test, rows, exact(test), exclude_context=True
+    )
+    table[name] = {"r10": metrics["recall@10"], "mrr": metrics["mrr@100"]}
+
+
+def test_plain_gru_loop(data: tuple[Dataset, Dataset], table: dict) -> None:
+    from bench.quality.plain_loop import encoder, train_plain_gru
+
+    train_data, test = data
+    assert train_data.context_ids is not None
+    started = time.perf_counter()
+    model = train_plain_gru(
+        np.asarray(train_data.bank),
+        np.asarray(train_data.context_ids),
+        np.asarray(train_data.lengths),
+        np.asarray(train_data.positives),
+        epochs=EPOCHS,
+    )
+    seconds = time.perf_counter() - started
+    rows = np.arange(test.num_samples)
+    metrics = rank_rows(encoder(model), test, rows, exact(test), exclude_context=True)
+    table["plain PyTorch GRU loop (in-batch only)"] = {
+        "r10": metrics["recall@10"],
+        "mrr_final": metrics["mrr@100"],
+        "seconds": round(seconds),
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_twotower(case: str, data: tuple[Dataset, Dataset], table: dict, tmp_path: Path) -> None:
+    train_data, test = data
+    out = tmp_path / "run"
+    config = TrainConfig(
+        data=str(train_data.path),
+        out=str(out),
+        epochs=EPOCHS,
+        backend="torch-cpu",
+        supervise=False,
+        **CASES[case],
+    )
+    started = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 0
+    on_test = {
+        which: evaluate_run(
+            run=str(out),
+            data=str(test.path),
+            rows="all",
+            checkpoint=which,
+            exclude_context=True,
+            backend="torch-cpu",
+        ).comparison.model
+        for which in ("best", "latest")
+    }
+    table[case] = {
+        "r10_best": on_test["best"]["recall@10"],
+        "mrr_best": on_test["best"]["mrr@100"],
+        "mrr_final": on_test["latest"]["mrr@100"],
+        "heldout_best": result.best_metrics.get("mrr@100"),
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "seconds": round(seconds),
+    }
