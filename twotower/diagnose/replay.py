@@ -179,11 +179,13 @@ def checkpoint_step(ckpt: Path) -> int:
 
 def last_step(view: RunView) -> int:
     """The highest step replay can rebuild: the one in flight when the run stopped, or,
-    for a run that finished, its last update (a finished run's records end with "done")."""
+    for a run that finished, its last update (its last attempt logged "done")."""
     logged = [int(r["step"]) for r in view.records if r.get("event") in STEP_EVENTS]
     saved = [checkpoint_step(path) for path in list_checkpoints(view.run.root)]
     done = max(logged + saved + [0])
-    finished = bool(view.records) and view.records[-1].get("event") == "done"
+    starts = [i for i, r in enumerate(view.records) if r.get("event") == "start"]
+    last_attempt = view.records[starts[-1] if starts else 0 :]
+    finished = any(r.get("event") == "done" for r in last_attempt)
     return done - 1 if finished else done
 
 

@@ -4,6 +4,8 @@ beside the parameter-free baselines on the run's held-out rows or on every row o
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,17 @@ from twotower.training.evaluation import Comparison, evaluate, evaluate_baseline
 from twotower.training.heldout import held_out
 
 ROWS = ("held-out", "all")
+
+
+def log_to_stderr() -> None:
+    """Send the 'twotower' logger's progress lines to stderr (the CLI has no run directory)."""
+    logger = logging.getLogger("twotower")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("twotower: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 @dataclass

@@ -8,6 +8,8 @@ drops each query's own context items, the positive excepted, before cutting to 1
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +41,8 @@ __all__ = [
 Gather = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (contexts, lengths) -> (B, D)
 BLOCK = 1024  # rows encoded and searched at a time
+PROGRESS_SECONDS = 30.0  # a long ranking logs how far it got this often, terminal or not
+log = logging.getLogger("twotower")
 BASELINES = ("last item", "context mean")
 
 
@@ -107,6 +111,7 @@ def rank_rows(
     ranked by `miner` over the dataset's bank, BLOCK rows at a time (means over all rows)."""
     k = max(CUTOFFS)
     totals = dict.fromkeys(METRICS, 0.0)
+    last_report = time.monotonic()
     for start in tqdm(
         range(0, len(rows), BLOCK), desc=label, unit="block", leave=False, disable=None
     ):
@@ -121,6 +126,9 @@ def rank_rows(
             _, ids = miner.search(queries, k)
         for name, value in retrieval_metrics(ids, positives).items():
             totals[name] += value * len(block)
+        if time.monotonic() - last_report >= PROGRESS_SECONDS:
+            last_report = time.monotonic()
+            log.info("%s: %d of %d queries ranked", label, start + len(block), len(rows))
     return {name: total / max(len(rows), 1) for name, total in totals.items()}
 
 
@@ -182,12 +190,18 @@ class Comparison:
         model = self.model[self.metric]
         return model / base - 1 if base > 0 else (0.0 if model == 0 else float("inf"))
 
+    def lift_text(self) -> str:
+        """The lift in words: '+15.4%', or '52x' once the tower is 10 times the baseline."""
+        if self.lift >= 9:
+            return f"{self.lift + 1:.0f}x" if self.lift != float("inf") else "inf"
+        return f"{100 * self.lift:+.1f}%"
+
     def verdict(self) -> str:
         """One line: the lift, and a warning when a baseline beats the tower."""
         best = self.best_baseline
         line = (
             f"{self.metric} {self.model[self.metric]:.4f} vs {best} (the best baseline) "
-            f"{self.baselines[best][self.metric]:.4f}: lift {100 * self.lift:+.1f}%"
+            f"{self.baselines[best][self.metric]:.4f}: lift {self.lift_text()}"
         )
         if self.lift < 0:
             line += f"; the parameter-free {best} baseline beats the tower"

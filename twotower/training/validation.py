@@ -80,10 +80,10 @@ class Validator:
             **metrics,
         )
         log.info(
-            "step %d: %s (lift %+.1f%% over %s)%s",
+            "step %d: %s (lift %s over %s)%s",
             step,
             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            100 * comparison.lift,
+            comparison.lift_text(),
             comparison.best_baseline,
             ", best so far" if improved else "",
         )
