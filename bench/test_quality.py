@@ -61,6 +61,7 @@ CASES: dict[str, dict[str, Any]] = {
     "old recipe (constant lr, GRU, K=8, Q=4096)": OLD,
     "+ linear decay, 5% warm-up": {**OLD, **SCHEDULE, "lr_schedule": "linear"},
     "+ cosine decay, 5% warm-up": {**OLD, **SCHEDULE},
+    "+ cosine + exclude-context (no residual)": {**OLD, **SCHEDULE, **EXCLUDE},
     "+ cosine + residual last": {**OLD, **SCHEDULE, **RESIDUAL},
     "+ cosine + residual + exclude-context (K=8)": FULL,
     "full, hard negatives off (K=0)": {**FULL, "hard_negatives": 0},

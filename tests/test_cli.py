@@ -91,10 +91,10 @@ def test_a_fresh_run_will_not_overwrite_an_earlier_one(earlier_run: Path, capsys
 
 CHANGED = {
     "lr": (["--lr", "0.5"], "lr: 0.001 -> 0.5"),
-    "schedule": (["--lr-schedule", "cosine"], "lr_schedule: 'constant' -> 'cosine'"),
+    "schedule": (["--lr-schedule", "constant"], "lr_schedule: 'cosine' -> 'constant'"),
     "warmup": (["--warmup-steps", "5"], "warmup_steps: None -> 5"),
-    "share": (["--warmup-share", "0.1"], "warmup_share: 0.0 -> 0.1"),
-    "masking": (["--exclude-context"], "exclude_context: False -> True"),
+    "share": (["--warmup-share", "0.1"], "warmup_share: 0.05 -> 0.1"),
+    "masking": (["--no-exclude-context"], "exclude_context: True -> False"),
     "residual": (["--residual", "last"], "residual: 'none' -> 'last'"),
 }
 

@@ -63,7 +63,8 @@ def test_warmup_steps_win_over_the_share_and_a_share_rounds_up() -> None:
     assert warmup(warmup_share=0.07) == 7  # 0.07 * 100 is 7.000000000000001 in floats
     assert warmup(warmup_share=0.001) == 1
     assert warmup(warmup_share=0.05, warmup_steps=3) == 3
-    assert warmup() == 0
+    assert warmup(warmup_share=0.0) == 0
+    assert warmup() == 5  # the default: 5% of the planned steps
 
 
 # --- seen-item masking ----------------------------------------------------------------------
@@ -197,9 +198,13 @@ def test_a_decaying_schedule_makes_the_planned_length_part_of_the_numbers() -> N
     assert TrainConfig(data="d", lr_schedule="cosine", steps=200).numeric_differences(stored) == [
         "steps: 100 -> 200"
     ]
+    constant = {"lr_schedule": "constant", "warmup_share": 0.0}
+    stored = TrainConfig(data="d", steps=100, **constant).to_dict()
+    assert TrainConfig(data="d", steps=200, **constant).numeric_differences(stored) == []
+    stored = TrainConfig(data="d", warmup_share=0.1, epochs=2, lr_schedule="constant").to_dict()
+    assert TrainConfig(
+        data="d", warmup_share=0.1, epochs=3, lr_schedule="constant"
+    ).numeric_differences(stored) == ["epochs: 2 -> 3"]
+    # the default (cosine, 5% warm-up) decays: the planned length is part of the numbers
     stored = TrainConfig(data="d", steps=100).to_dict()
-    assert TrainConfig(data="d", steps=200).numeric_differences(stored) == []
-    stored = TrainConfig(data="d", warmup_share=0.1, epochs=2).to_dict()
-    assert TrainConfig(data="d", warmup_share=0.1, epochs=3).numeric_differences(stored) == [
-        "epochs: 2 -> 3"
-    ]
+    assert TrainConfig(data="d", steps=200).numeric_differences(stored) == ["steps: 100 -> 200"]

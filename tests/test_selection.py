@@ -43,6 +43,10 @@ def settings(data: Path, out: Path, **more: object) -> TrainConfig:
         queue_size=64,
         max_eval=60,
         supervise=False,
+        # the plain recipe: the independent checks below encode a plain GRU and rank unmasked
+        lr_schedule="constant",
+        residual="none",
+        exclude_context=False,
     )
     return TrainConfig(**{**values, **more})
 
@@ -132,7 +136,8 @@ def test_a_kill_while_best_is_written_leaves_the_previous_best(data: Path, tmp_p
     args = (
         "--no-supervise --backend numpy --hidden 16 --batch-size 16 --hard-negatives 0 "
         "--queue-size 64 --max-eval 60 --steps 30 --lr 3e-3 --eval-every 5 "
-        "--checkpoint-every 5 --keep-checkpoints 10"
+        "--checkpoint-every 5 --keep-checkpoints 10 --lr-schedule constant --residual none "
+        "--no-exclude-context"
     ).split()
     killed = train_in_child(data, out, *args, TWOTOWER_INJECT_FAULT="kill@checkpoint:10")
     assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -276,6 +276,8 @@ def test_eval_reports_what_an_independent_search_finds(
                 hidden=16,
                 steps=300,
                 lr=3e-3,
+                residual="none",  # the plain GRU the test encodes with, ranked unmasked
+                exclude_context=False,
                 supervise=False,
             )
         )
@@ -286,6 +288,7 @@ def test_eval_reports_what_an_independent_search_finds(
     else:
         q = reference.encode("meanpool", {}, contexts, lengths)
         args = ["eval", "--data", str(small_data), "--tower", "meanpool", "--no-proj"]
+        args.append("--no-exclude-context")  # the data has ids: masking would be the default
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -312,7 +315,13 @@ def test_eval_ranks_every_row_of_a_test_set_without_its_context(
 
     out = tmp_path / "run"
     config = TrainConfig(
-        data=str(small_data), out=str(out), backend="numpy", hidden=16, steps=60, supervise=False
+        data=str(small_data),
+        out=str(out),
+        backend="numpy",
+        hidden=16,
+        steps=60,
+        residual="none",  # the plain GRU the test encodes with
+        supervise=False,
     )
     train(config)
     test = synthesize(tmp_path / "test", samples=120, bank=400, dim=16, seq_len=6, seed=7)

@@ -31,7 +31,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.type == "bool":
+        if f.type == "bool | None":  # default None: decided from the data; both flags exist
+            parser.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
+            parser.add_argument(
+                "--no-" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help="do not: " + help_text.split(" (default")[0],
+            )
+        elif f.type == "bool":
             if f.default is True:
                 parser.add_argument(
                     "--no-" + f.name.replace("_", "-"),
@@ -117,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         miner=args.miner,
         seed=args.seed,
         max_eval=args.max_eval,
-        exclude_context=True if args.exclude_context else None,
+        exclude_context=args.exclude_context,
         checkpoint=args.checkpoint,
         rows=args.rows,
     )
@@ -272,7 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--exclude-context",
         action="store_true",
-        help="rank without each query's own context items (default: as the run trained)",
+        default=None,
+        help="rank without each query's own context items (default: as the run trained; "
+        "without --run, on when the data has context ids)",
+    )
+    ev.add_argument(
+        "--no-exclude-context",
+        dest="exclude_context",
+        action="store_false",
+        help="rank with them",
     )
     ev.add_argument(
         "--checkpoint",

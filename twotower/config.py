@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,15 @@ NUMERIC_FIELDS = (
     "eval_split",
     "eval_data",
 )
+# What a config.json written before a field existed means by leaving it out, where that differs
+# from today's default: such a run trained with a constant rate and split at random.
+ABSENT_MEANS: dict[str, Any] = {
+    "lr_schedule": "constant",
+    "warmup_share": 0.0,
+    "eval_split": "random",
+    "exclude_context": False,
+}
+
 CUTOFFS = (1, 10, 100)  # evaluation: recall@c for each, MRR over the first max(CUTOFFS)
 METRICS = (*(f"recall@{c}" for c in CUTOFFS), f"mrr@{max(CUTOFFS)}")
 EVAL_SPLITS = ("auto", "random", "group")
@@ -120,15 +129,17 @@ class TrainConfig:
     relative_margin: float | None = knob(None, "drop candidates above (1 - margin) * positive")
     max_score: float | None = knob(None, "drop candidates scoring above this")
     queue_size: int = knob(4096, "memory-bank queue size Q; 0 turns it off")
-    exclude_context: bool = knob(
-        False, "mask a query's own context items out of its negatives and its evaluation ranking"
+    exclude_context: bool | None = knob(
+        None,
+        "mask a query's own context items out of its negatives and its evaluation ranking "
+        "(default: on when the data has context_ids.npy)",
     )
     # loss and optimizer
     temperature: float = knob(0.05, "InfoNCE temperature tau")
     lr: float = knob(1e-3, "AdamW learning rate (the peak, with a schedule)")
-    lr_schedule: str = knob("constant", "after warm-up: constant | linear | cosine (decay to 0)")
+    lr_schedule: str = knob("cosine", "after warm-up: constant | linear | cosine (decay to 0)")
     warmup_steps: int | None = knob(None, "linear warm-up steps W (wins over --warmup-share)")
-    warmup_share: float = knob(0.0, "warm-up as a share of the planned steps, rounded up")
+    warmup_share: float = knob(0.05, "warm-up as a share of the planned steps, rounded up")
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay")
     max_grad_norm: float = knob(1.0, "global gradient-norm clip")
     seed: int = knob(0, "seed of init, batch order and sampling")
@@ -218,6 +229,13 @@ class TrainConfig:
         if self.data is None and not self.demo:
             raise UsageError("no data: give --data DIR|FILE.npz, or --demo for built-in demo data")
 
+    def for_data(self, has_context_ids: bool) -> TrainConfig:
+        """This config with its data-dependent default made concrete: exclude_context None ->
+        whether the data has context ids (seen-item masking needs them)."""
+        if self.exclude_context is not None:
+            return self
+        return replace(self, exclude_context=has_context_ids)
+
     # --- in and out ----------------------------------------------------------------
 
     @classmethod
@@ -272,9 +290,10 @@ class TrainConfig:
     def numeric_differences(self, other: dict[str, Any]) -> list[str]:
         """'name: theirs -> ours' for each numeric field that differs from `other`.
 
-        A field `other` lacks (a run made before that option existed) counts as its default.
+        A field `other` lacks (a run made before that option existed) counts as what such a
+        run did (ABSENT_MEANS), else as its default.
         """
-        defaults = {f.name: f.default for f in fields(self)}
+        defaults = {f.name: f.default for f in fields(self)} | ABSENT_MEANS
         return [
             f"{name}: {other.get(name, defaults[name])!r} -> {getattr(self, name)!r}"
             for name in self.numeric_fields()

@@ -17,8 +17,8 @@ paragraph j, for every j >= 1. The bank is every item. A seeded 15% of the pages
 Writes DIR/train/ (bank.npy, context_ids.npy, lengths.npy, positives.npy, groups.npy =
 page index, manifest.json), DIR/test/ (the same arrays of the test pages; bank.npy is a
 hard link to the training one), DIR/items.jsonl (text and page of each bank row) and
-DIR/build.json (what was read, sizes, seconds). Embedding 10k items takes about 3 minutes on
-two idle cores (15 on a busy shared machine); progress is printed every 30 s.
+DIR/build.json (what was read, sizes, seconds). The default 10k items took 607 s here, on a
+busy shared 2-core machine (rendering 60 s, embedding 561 s); progress is printed every 30 s.
 """
 
 from __future__ import annotations

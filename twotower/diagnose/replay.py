@@ -166,6 +166,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     settings.update({"resume": False, **({"data": data} if data else {})})
     config = TrainConfig.from_dict(settings, source=str(run_dir.config))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
+    config = config.for_data(dataset.context_ids is not None)
     train_rows = held_out(config, dataset).train_rows
     records = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []
     plan = StepPlan(train_rows, config.batch_size, config.seed)
@@ -294,7 +295,7 @@ def rebuild(view: RunView, step: int, notes: list[str]) -> tuple[State, Batch, s
         if c.hard_negatives and state.step > 0 and state.step % c.mine_every == 0:
             state.table = _mined_table(view, state, notes)
         rows = view.plan.rows_for(state.step)
-        data = gather_step(view.dataset, state.step, rows, c.exclude_context)
+        data = gather_step(view.dataset, state.step, rows, bool(c.exclude_context))
         batch = assemble_batch(
             data, state.table, state.queue, view.dataset.bank, c.hard_negatives, c.seed
         )

@@ -108,6 +108,7 @@ def evaluate_run(
         }
     )
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
+    config = config.for_data(dataset.context_ids is not None)
     if rows == "all":
         eval_dataset, eval_rows, split = dataset, np.arange(dataset.num_samples), "every row"
     else:
@@ -120,7 +121,7 @@ def evaluate_run(
     options = miners.options_for(config, [miner], user_cache_dir() / "index")
     search = miners.get(miner, fault_phase=None, **options)
     search.build(eval_dataset.bank, fingerprint=eval_dataset.fingerprint)
-    masking = config.exclude_context
+    masking = bool(config.exclude_context)
     comparison = Comparison(
         evaluate(engine, eval_dataset, eval_rows, search, masking),
         evaluate_baselines(eval_dataset, eval_rows, search, masking),

@@ -336,6 +336,7 @@ class Trainer:
         if c.tensorboard:
             summary_writer_class()  # refused (exit 2) before anything is written
         self.dataset = self._open_dataset()
+        self.config = c = c.for_data(self.dataset.context_ids is not None)
         if c.exclude_context:
             self.dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
         stored = self._check_run_dir()
@@ -419,7 +420,7 @@ class Trainer:
         """Train from `step` to `total`: mine, step, evaluate and checkpoint when due; a final
         evaluation and checkpoint. Raises StopRequested after a SIGINT/SIGTERM."""
         c = self.config
-        prefetch = Prefetcher(self.dataset, self.plan, c.exclude_context)
+        prefetch = Prefetcher(self.dataset, self.plan, bool(c.exclude_context))
         progress = tqdm(
             total=total,
             initial=step,

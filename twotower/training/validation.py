@@ -56,7 +56,7 @@ class Validator:
     @property
     def masking(self) -> bool:
         """Whether the ranking drops each query's own context items (--exclude-context)."""
-        return self.config.exclude_context
+        return bool(self.config.exclude_context)
 
     def evaluate(self, step: int, backend: Backend) -> tuple[dict[str, float], bool]:
         """(metrics, improved): the tower now, and whether it beats every earlier evaluation
