@@ -1,0 +1,52 @@
+"""Defaults that depend on the data resolve from it and are recorded; a config.json written
+before an option existed is read as what that run did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.datasets import small_arrays, write_dir
+from twotower.config import TrainConfig
+from twotower.training.trainer import train
+
+
+@pytest.mark.parametrize(("layout", "masking"), [("ids", True), ("contexts", False)])
+def test_masking_is_on_by_default_exactly_when_the_data_has_context_ids(
+    tmp_path: Path, layout: str, masking: bool
+) -> None:
+    data = write_dir(tmp_path / "data", small_arrays(layout))
+    out = tmp_path / "run"
+    config = TrainConfig(
+        data=str(data), out=str(out), backend="numpy", hidden=8, steps=2, supervise=False
+    )
+    assert config.exclude_context is None  # decided by the data
+    train(config)
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["exclude_context"] is masking
+    assert stored["lr_schedule"] == "cosine" and stored["warmup_share"] == 0.05
+    assert TrainConfig(data="d", exclude_context=False).for_data(True).exclude_context is False
+
+
+def test_a_config_from_before_the_options_reads_as_the_old_recipe() -> None:
+    """Keys a config.json lacks mean what such a run did: a constant rate, a random split, no
+    masking; so resuming it under today's defaults is refused, not silently changed."""
+    old = TrainConfig(data="d", steps=10).to_dict()
+    for key in ("lr_schedule", "warmup_share", "eval_split", "exclude_context"):
+        del old[key]
+    today = TrainConfig(data="d", steps=10).for_data(True)
+    differences = today.numeric_differences(old)
+    assert "lr_schedule: 'constant' -> 'cosine'" in differences
+    assert "eval_split: 'random' -> 'auto'" in differences
+    assert "exclude_context: False -> True" in differences
+    plain = TrainConfig(
+        data="d",
+        steps=10,
+        lr_schedule="constant",
+        warmup_share=0.0,
+        eval_split="random",
+        exclude_context=False,
+    )
+    assert plain.numeric_differences(old) == []
