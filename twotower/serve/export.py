@@ -20,17 +20,22 @@ from twotower.serve.tower_dir import (
     write_tower_files,
 )
 from twotower.towers import TowerSpec
-from twotower.training.checkpoint import CheckpointError, load_checkpoint, step_dir_name
+from twotower.training.checkpoint import (
+    BEST_DIR,
+    CheckpointError,
+    load_checkpoint,
+    step_dir_name,
+)
 
 FORMATS = ("safetensors", "torch", "onnx")
-BEST_DIR = "best"
 _STEP = re.compile(r"step-(\d+)")
 
 
 def checkpoint_path(run: Path, which: str) -> Path:
     """What `load_checkpoint` should read for --checkpoint best|latest|step-N of `run`.
 
-    latest: the run directory (LATEST, with its fallback); best: RUN/best/; step-N:
+    latest: the run directory (LATEST, with its fallback); best: RUN/best/ (a one-checkpoint
+    store, read like the run's LATEST); step-N:
     RUN/checkpoints/step-NNNNNNN/. UsageError for another word or a missing checkpoint.
     """
     if which == "latest":
