@@ -32,7 +32,7 @@ from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
 from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
-from twotower.training.cadence import auto_eval_every
+from twotower.training.cadence import EVAL_BUDGET, EVALS_PER_EPOCH, auto_eval_every
 from twotower.training.checkpoint import (
     BEST_DIR,
     CheckpointError,
@@ -409,7 +409,10 @@ class Trainer:
                 split.eval_dataset.bank_size,
                 self.plan.batches_per_epoch,
             )
-            how = "auto: about 4% of the training compute, at most 4 times an epoch"
+            how = (
+                f"auto: about {EVAL_BUDGET:.0%} of the training compute, "
+                f"at most {EVALS_PER_EPOCH} times an epoch"
+            )
         if every:
             log.info("evaluating every %d steps (%s)", every, how)
         return every
