@@ -12,8 +12,10 @@ faulthandler writing to `crashes/attempt-N.stacks.txt`, its heartbeat followed
                (`forensics.examine`), then a restart from the newest checkpoint
 
 If the same engine crashes twice at the same phase and step, the next attempt
-moves down --fallback (the backend: every phase but mine) or --miner-fallback
-(the mine phase, where the miner runs in-process). After --max-restarts
+moves down --fallback (the backend: every phase but the miner's) or
+--miner-fallback (the miner's phases, `MINER_PHASES`: its build, its index
+load, its search, where it runs in-process; an isolated miner's crash never
+ends the trainer, its chain restarts or replaces it). After --max-restarts
 restarts it gives up with exit code 3 and a summary of every attempt. Restarts,
 switches and crashes are appended to metrics.jsonl (while no child runs) and
 log.txt. Attempt numbers continue across supervised sessions of one run.
@@ -206,13 +208,16 @@ class Supervisor:
         """
         beat = outcome.heartbeat or {}
         phase = beat.get("phase", "start-up")
-        role = "miner" if phase == "mine" else "backend"
+        role = "miner" if phase in forensics.MINER_PHASES else "backend"
         engine = beat.get(role) or getattr(config, role)
         point = (role, engine, phase, beat.get("step"))
         repeated = point in self.crash_points
         self.crash_points.append(point)
-        # restarts keep the engines the child resolved ("auto" -> torch-cpu)
+        # restarts keep the engines the child resolved ("auto" -> torch-cpu), except a miner
+        # "auto" chose: its settings (the index) are the child's, which chooses again the same
         resolved = {key: beat[key] for key in ("backend", "miner") if beat.get(key)}
+        if config.miner == "auto":
+            resolved.pop("miner", None)
         following = dataclasses.replace(config, resume=True, **resolved)
         if not repeated:
             return following, None

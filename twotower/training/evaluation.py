@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twotower import miners
+from twotower import miners, progress
 from twotower.backends import Backend, make_backend
 from twotower.batch import seen_by_query
 from twotower.config import TrainConfig
@@ -29,16 +29,20 @@ def encode_rows(
     """Unit query vectors (len(rows), D) float32 for dataset rows, `chunk` at a time.
 
     gather(rows) -> (contexts (B, T, D), lengths (B,), positive ids (B,)), as Dataset.gather.
+    The work is the "encode" progress task (`twotower.progress`).
     """
     out: np.ndarray | None = None
-    for start in tqdm(
-        range(0, len(rows), chunk), desc=label, unit="chunk", leave=False, disable=None
-    ):
-        contexts, lengths, _ = gather(rows[start : start + chunk])
-        q = backend.encode(contexts, lengths)
-        if out is None:
-            out = np.empty((len(rows), q.shape[1]), dtype=np.float32)
-        out[start : start + len(q)] = q
+    what = f"{label}: {len(rows):,} queries on {backend.name}"
+    with progress.task("encode", what, len(rows), "queries") as task:
+        for start in tqdm(
+            range(0, len(rows), chunk), desc=label, unit="chunk", leave=False, disable=None
+        ):
+            contexts, lengths, _ = gather(rows[start : start + chunk])
+            q = backend.encode(contexts, lengths)
+            if out is None:
+                out = np.empty((len(rows), q.shape[1]), dtype=np.float32)
+            out[start : start + len(q)] = q
+            task.advance(len(q))
     assert out is not None, "encode_rows needs at least one row"
     return out
 
@@ -88,14 +92,16 @@ def evaluate(
 
     seen (N, T): the rows' context ids, -1 padded, for seen-item masking (None: off); the
     search then asks for T more ids and drops the seen ones before cutting to 100.
+    The work is the "evaluate" progress task (`twotower.progress`).
     """
-    queries = encode_rows(backend, gather, rows, label="eval")
-    k = max(CUTOFFS)
-    if seen is None:
-        _, ids = miner.search(queries, k)
-    else:
-        _, ids = miner.search(queries, k + seen.shape[1])
-        ids = without_seen(ids, seen, positives, k)
+    with progress.task("evaluate", f"{len(rows):,} held-out queries with {miner.name}"):
+        queries = encode_rows(backend, gather, rows, label="eval")
+        k = max(CUTOFFS)
+        if seen is None:
+            _, ids = miner.search(queries, k)
+        else:
+            _, ids = miner.search(queries, k + seen.shape[1])
+            ids = without_seen(ids, seen, positives, k)
     return retrieval_metrics(ids, positives)
 
 
@@ -147,7 +153,7 @@ def evaluate_run(
         engine.load_state(state)
     split = held_out_split(dataset.num_samples, config.eval_fraction, config.max_eval, config.seed)
     rows = split[1]
-    search = miners.get(miner, fault_phase=None, **miners.options_for(config, [miner], cache))
+    search = miners.get_for(config, miner, cache, fault_phase=None)
     search.build(dataset.bank, fingerprint=dataset.fingerprint)
     seen = dataset.seen_ids(rows) if config.exclude_context else None
     return evaluate(engine, dataset.gather, rows, dataset.positives[rows], search, seen)

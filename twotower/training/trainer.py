@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twotower import backends, faults, miners
+from twotower import backends, faults, miners, progress
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
 from twotower.crash_dump import SUPERVISOR_PID_ENV, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.openmp import openmp_runtimes
-from twotower.paths import user_cache_dir
 from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
 from twotower.training.checkpoint import (
@@ -42,7 +41,9 @@ from twotower.training.checkpoint import (
 from twotower.training.demo import demo_dataset
 from twotower.training.evaluation import encode_rows, evaluate, held_out_split
 from twotower.training.heartbeat import Heartbeat
+from twotower.training.miner_setup import MinerSetup
 from twotower.training.mining import HardNegativeTable
+from twotower.training.phases import PhaseReporter
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
@@ -129,22 +130,6 @@ class Trainer:
             )
         return stored
 
-    def _make_miner(self, dataset: Dataset) -> miners.Miner:
-        c = self.config
-        chain = [c.miner] + [m for m in c.miner_fallback if m != c.miner]
-        opts = miners.options_for(c, chain, user_cache_dir() / "index")
-        opts["threads"] = self.threads.miner
-        miner = miners.chain(chain, on_event=self._miner_event, **opts)
-        miner.build(dataset.bank, fingerprint=dataset.fingerprint)
-        return miner
-
-    def _make_eval_miner(self, dataset: Dataset) -> miners.Miner:
-        c = self.config
-        opts = miners.options_for(c, [c.eval_miner], user_cache_dir() / "index")
-        miner = miners.get(c.eval_miner, fault_phase=None, **opts)
-        miner.build(dataset.bank, fingerprint=dataset.fingerprint)
-        return miner
-
     def _thread_budget(self) -> ThreadBudget:
         """The budget of `twotower.threads` for this config. Mining blocks the step here,
         so a worker and the trainer take turns (overlapped=False)."""
@@ -156,6 +141,9 @@ class Trainer:
     def _miner_event(self, event: dict[str, Any]) -> None:
         """Log a miner chain event; a worker's death also gets its crash report."""
         fields = {k: v for k, v in event.items() if k not in ("event", "worker")}
+        if not hasattr(self, "metrics"):  # before the run directory is accepted: log only
+            log.warning("miner: %s", ", ".join(f"{k}={v}" for k, v in fields.items()))
+            return
         if event.get("worker") and self.on_worker_death is not None:
             report = self.on_worker_death(self.run.crashes, event)
             fields["report"] = str(report.relative_to(self.run.root))
@@ -171,10 +159,7 @@ class Trainer:
         where it searches (its worker, when isolated), not here.
         """
         faults.set_step(step)
-        beat = self.heartbeat.beat(
-            step, phase, backend=self.backend.name, miner=self.miner_name, openmp=self.openmp
-        )
-        self.rss_kb = beat["rss_kb"]
+        self.phases.enter(phase)
         if self._supervisor_pid not in (None, os.getppid()) and self._stop_signal is None:
             log.warning(
                 "the supervisor (pid %s) is gone: stopping after this step", self._supervisor_pid
@@ -183,6 +168,18 @@ class Trainer:
         if phase == "mine":
             return False
         return faults.point(phase, [self.backend.name, self.miner_name])
+
+    def _beat(self, phase: str, fields: dict[str, Any]) -> None:
+        """Write the heartbeat: `phase` at the current step, the engines, `fields` (progress)."""
+        beat = self.heartbeat.beat(
+            faults.current_step(),
+            phase,
+            backend=self.backend.name,
+            miner=self.miner_name,
+            openmp=self.openmp,
+            **fields,
+        )
+        self.rss_kb = beat["rss_kb"]
 
     @property
     def miner_name(self) -> str:
@@ -233,9 +230,11 @@ class Trainer:
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
             self._phase("checkpoint", step)
 
-        path = save_checkpoint(
-            self.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
-        )
+        size = sum(array.nbytes for array in arrays.values())
+        with progress.task("checkpoint", f"step {step}: {size / 2**20:,.1f} MiB", size, "bytes"):
+            path = save_checkpoint(
+                self.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
+            )
         self.metrics.write("checkpoint", step=step, path=str(path.relative_to(self.run.root)))
         self._prune_mined_tables()
 
@@ -305,6 +304,12 @@ class Trainer:
             self.dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
+        self.train_rows, self.eval_rows = held_out_split(
+            self.dataset.num_samples, c.eval_fraction, c.max_eval, c.seed
+        )
+        self.miners = MinerSetup(c, self.dataset, len(self.train_rows), self._miner_event)
+        self.threads = self._thread_budget()  # after --miner auto is resolved
+        self.miners.make(self.threads.miner)  # options checked against the bank: may refuse
         self.run.prepare()
         if stored is None:
             self.run.config.write_text(c.to_json())
@@ -312,20 +317,22 @@ class Trainer:
         self.scalars = TensorboardScalars(c.tensorboard) if c.tensorboard else None
         self.metrics = MetricsLog(self.run.metrics, also=self.scalars)
         self.heartbeat = Heartbeat(self.run.heartbeat)
+        self.phases = PhaseReporter(self._beat, log)
+        progress.install(self.phases)
         faults.arm(self.run.faults)
+        self.phases.enter("load")
+        self.miners.log_choice()
 
-        self.train_rows, self.eval_rows = held_out_split(
-            self.dataset.num_samples, c.eval_fraction, c.max_eval, c.seed
-        )
         self.plan = StepPlan(self.train_rows, c.batch_size, c.seed)
         total = planned_steps(c, self.plan.batches_per_epoch)
         self.schedule = LRSchedule.of(c, total)
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
         step, metrics = self._restore()
-        self.threads = self._thread_budget()
-        self.eval_miner = self._make_eval_miner(self.dataset)
-        self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
+        faults.set_step(step)
+        self.phases.enter("build-index")  # a worker's load-index or build-index refines it
+        self.miners.build()
+        self.eval_miner, self.miner = self.miners.eval_miner, self.miners.miner
         pools = limit_threads(self.threads.trainer)  # after the engines have loaded theirs
         self.heartbeat.describe(threads=self.threads.as_dict(), threadpools=pools)
         self.openmp = openmp_runtimes()
@@ -345,6 +352,7 @@ class Trainer:
             total_steps=total,
             backend=self.backend.name,
             miner=self.miner_name,
+            miner_build=dict(getattr(self.miner, "build_info", {})),
             samples=self.dataset.num_samples,
             train=len(self.train_rows),
             eval=len(self.eval_rows),
@@ -395,6 +403,14 @@ class Trainer:
         return step, metrics
 
     def run_training(self) -> RunResult:
+        try:
+            return self._run_training()
+        finally:
+            if hasattr(self, "phases"):
+                progress.install(None)
+                self.phases.close()
+
+    def _run_training(self) -> RunResult:
         step, total, metrics = self._open()
         metrics_before = self._evaluate(0) if step == 0 else {}
         self.steps_done, self.last_metrics = step, metrics_before or metrics
