@@ -69,6 +69,11 @@ class Task:
             text += f": {self.done:,} / {self.total:,} {self.unit}{share}"
         return text + f", {self.seconds:.1f} s"
 
+    def summary(self) -> dict[str, Any]:
+        """What a heartbeat shows of it: name, what, done, total, unit, seconds."""
+        keep = ("name", "what", "done", "total", "unit")
+        return {**{key: getattr(self, key) for key in keep}, "seconds": round(self.seconds, 1)}
+
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain data (what a worker sends and a heartbeat holds), with seconds."""
         record = asdict(self)

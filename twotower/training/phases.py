@@ -112,7 +112,7 @@ class PhaseReporter:
         with self._lock:
             fields: dict[str, Any] = {}
             if self.tasks:
-                fields["progress"] = self.tasks[-1].as_dict()
+                fields["progress"] = self.tasks[-1].summary()
             if cpu is not None:
                 fields["waiting_on"] = cpu
             phase = self.phase()
@@ -123,7 +123,8 @@ class PhaseReporter:
         self.log.info("%s", line)
 
     def _tick(self) -> None:
-        while not self._stop.wait(1.0):
+        every = min(1.0, self.first_line_after, self.line_every) / 2
+        while not self._stop.wait(every):
             with self._lock:
                 if not self.tasks:
                     continue
