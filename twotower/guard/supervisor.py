@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -90,6 +91,7 @@ class Supervisor:
         """Run attempts until one finishes, input is refused, a stop is asked for, or the
         restarts are used up."""
         self._check_engine_names()
+        fresh = not self.run_dir.root.exists()
         metrics_before = self._metrics_count()
         number = next_number(self.folder, self.run_dir.crashes)
         attempt = dataclasses.replace(self.config, supervise=False)
@@ -100,6 +102,8 @@ class Supervisor:
                 outcome = self._attempt(number, attempt, signals)
                 code = outcome.exit.returncode
                 if code in (EXIT_OK, EXIT_USAGE) and outcome.interrupted is None:
+                    if code == EXIT_USAGE and fresh and not self.attempts:
+                        shutil.rmtree(self.run_dir.root)  # refused: leave nothing behind
                     self.attempts.append(self._summary(number, attempt, outcome, None, None))
                     return self._result(code, metrics_before, attempt)
                 if outcome.interrupted is not None or code == EXIT_INTERRUPTED:

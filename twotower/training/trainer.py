@@ -329,6 +329,8 @@ class Trainer:
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
         step, metrics = self._restore()
+        mirror = getattr(self.backend, "queue_mirror", None)  # the ring on the backend's device
+        self.queue.attach(mirror(self.queue.ids, self.queue.vecs) if mirror else None)
         faults.set_step(step)
         self.phases.enter("build-index")  # a worker's load-index or build-index refines it
         self.miners.build()
