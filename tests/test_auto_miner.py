@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import twotower
+from tests.test_setup_phases import tiny_config
 from twotower import miners
 from twotower.data import synthesize
 from twotower.miners import auto
@@ -52,17 +53,7 @@ def test_auto_is_resolved_logged_and_kept_in_config_json(
     monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
     synthesize(data, samples=300, bank=3000, dim=16, seq_len=5, seed=4)
-    config = twotower.TrainConfig(
-        data=str(data),
-        out=str(tmp_path / "run"),
-        backend="numpy",
-        steps=2,
-        batch_size=8,
-        hidden=8,
-        max_eval=20,
-        miner="auto",
-    )
-    result = twotower.train(config)
+    result = twotower.train(tiny_config(data, tmp_path / "run", miner="auto"))
     assert (result.exit_code, result.miner) == (0, "faiss")
     stored = json.loads((result.run_dir / "config.json").read_text())
     assert (stored["miner"], stored["faiss_index"]) == ("faiss", "IVF64,Flat")

@@ -36,6 +36,20 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def tiny_config(data: Path, out: Path, **settings) -> twotower.TrainConfig:
+    """Two numpy steps over `data`, mining set up but not run: what a miner's build needs."""
+    return twotower.TrainConfig(
+        data=str(data),
+        out=str(out),
+        backend="numpy",
+        steps=2,
+        batch_size=8,
+        hidden=8,
+        max_eval=20,
+        **settings,
+    )
+
+
 def train(data: Path, out: Path, *args: str, **env: str):
     """`twotower train` (supervised unless args say otherwise) with its own index cache."""
     env.setdefault("TWOTOWER_CACHE", str(out.parent / "cache"))
@@ -207,18 +221,7 @@ def test_tuning_flags_reach_the_index_in_the_worker(
     if miner not in miners.available():
         pytest.skip(f"{miner} is not installed")
     monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
-    config = twotower.TrainConfig(
-        data=str(small),
-        out=str(tmp_path / "run"),
-        backend="numpy",
-        steps=2,
-        batch_size=8,
-        hidden=8,
-        max_eval=20,
-        miner=miner,
-        **settings,
-    )
-    result = twotower.train(config)
+    result = twotower.train(tiny_config(small, tmp_path / "run", miner=miner, **settings))
     assert result.exit_code == 0
     (start,) = events(result.run_dir, "start")
     assert start["miner_build"]["params"] == expected

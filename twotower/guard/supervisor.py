@@ -258,7 +258,7 @@ class Supervisor:
             "returncode": outcome.exit.returncode,
             "exit": outcome.exit.describe(),
             "signal": outcome.exit.signal,
-            "phase": beat.get("phase"),
+            "phase": beat.get("phase", "start-up"),
             "step": beat.get("step"),
             "seconds": round(outcome.seconds, 2),
             "peak_rss_kb": outcome.peak_rss_kb,

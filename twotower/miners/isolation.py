@@ -337,7 +337,9 @@ class IsolatedMiner:
         query_view[...] = queries
         request = {"op": "search", "buffer": segment.name, "n": n, "dim": dim, "k": k}
         request.update(self._fault_fields(self.fault_phase))
-        self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
+        what = f"{self.name} top-{k} of {n:,} queries in worker pid {self.pid}"
+        with progress.task("search", what, phase=False):  # a detail of the caller's phase
+            self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
         return scores.copy(), ids.copy()
 
     @staticmethod
