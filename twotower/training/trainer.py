@@ -230,11 +230,9 @@ class Trainer:
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
             self._phase("checkpoint", step)
 
-        size = sum(array.nbytes for array in arrays.values())
-        with progress.task("checkpoint", f"step {step}: {size / 2**20:,.1f} MiB", size, "bytes"):
-            path = save_checkpoint(
-                self.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
-            )
+        path = save_checkpoint(
+            self.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
+        )
         self.metrics.write("checkpoint", step=step, path=str(path.relative_to(self.run.root)))
         self._prune_mined_tables()
 
