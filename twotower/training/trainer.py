@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twotower import backends, faults, miners, progress
+from twotower import backends, faults, miners
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
 from twotower.crash_dump import SUPERVISOR_PID_ENV, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.openmp import openmp_runtimes
+from twotower.progress import install as install_progress_sink
 from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
 from twotower.training.checkpoint import (
@@ -316,7 +317,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run.metrics, also=self.scalars)
         self.heartbeat = Heartbeat(self.run.heartbeat)
         self.phases = PhaseReporter(self._beat, log)
-        progress.install(self.phases)
+        install_progress_sink(self.phases)
         faults.arm(self.run.faults)
         self.phases.enter("load")
         self.miners.log_choice()
@@ -407,7 +408,7 @@ class Trainer:
             return self._run_training()
         finally:
             if hasattr(self, "phases"):
-                progress.install(None)
+                install_progress_sink(None)
                 self.phases.close()
 
     def _run_training(self) -> RunResult:
