@@ -43,18 +43,22 @@ def test_cpu_keeps_no_copy_by_default() -> None:
     assert torch_cpu().queue_mirror(np.zeros(3, np.int64), np.zeros((3, 12), np.float32)) is None
 
 
-def test_steps_on_the_device_ring_equal_steps_sent_the_ring() -> None:
+@pytest.mark.parametrize("seen", [False, True], ids=["plain", "seen-item-masking"])
+def test_steps_on_the_device_ring_equal_steps_sent_the_ring(seen: bool) -> None:
     rng = np.random.default_rng(1)
     mirrored, sent = torch_cpu(mirror_queue=True), torch_cpu()
     queues = [MemoryQueue(7, 12), MemoryQueue(7, 12)]
     queues[0].attach(mirrored.queue_mirror(queues[0].ids, queues[0].vecs))
+    masked_seen = 0
     for _ in range(5):
-        batch = make_batch(rng, queue=0)
+        batch = make_batch(rng, context_ids=seen)  # its own queue is replaced by the ring
         for backend, queue in zip((mirrored, sent), queues, strict=True):
             with_queue = dataclasses.replace(batch, queue_ids=queue.ids, queue_vecs=queue.vecs)
             backend.step(with_queue)
             queue.push(batch.positive_ids, batch.positive_vecs)
+            masked_seen += int(np.sum(with_queue.seen_in_queue())) if seen else 0
     assert (queues[0].ids >= 0).all()  # the ring was full and in use
+    assert masked_seen > 0 or not seen  # seen-item masking hid queue entries
     for name, value in sent.state().items():
         np.testing.assert_array_equal(mirrored.state()[name], value, err_msg=name)
 
