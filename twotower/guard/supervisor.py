@@ -6,7 +6,8 @@ faulthandler writing to `crashes/attempt-N.stacks.txt`, its heartbeat followed
 (and, with --hang-timeout, watched). How the child ends decides what happens:
 
     0          done
-    2          bad input: final, passed through at once
+    2          bad input: final, passed through at once (a run directory this session
+               made, refused before the trainer wrote to it, is removed again)
     130        interrupted (SIGINT/SIGTERM here are forwarded; the child checkpoints)
     otherwise  a crash: `crashes/attempt-N.json` and a summary on stderr
                (`forensics.examine`), then a restart from the newest checkpoint
@@ -102,8 +103,8 @@ class Supervisor:
                 outcome = self._attempt(number, attempt, signals)
                 code = outcome.exit.returncode
                 if code in (EXIT_OK, EXIT_USAGE) and outcome.interrupted is None:
-                    if code == EXIT_USAGE and fresh and not self.attempts:
-                        shutil.rmtree(self.run_dir.root)  # refused: leave nothing behind
+                    if code == EXIT_USAGE and fresh and not self.run_dir.metrics.exists():
+                        shutil.rmtree(self.run_dir.root)  # refused up front: leave nothing
                     self.attempts.append(self._summary(number, attempt, outcome, None, None))
                     return self._result(code, metrics_before, attempt)
                 if outcome.interrupted is not None or code == EXIT_INTERRUPTED:
