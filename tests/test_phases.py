@@ -79,12 +79,17 @@ def test_only_progress_or_cpu_time_beats(sink) -> None:
 def test_a_long_task_gets_lines_without_a_terminal_while_nothing_advances(sink) -> None:
     """The ticker writes the lines, so they come while the main thread sits in one call."""
     reporter, _, recorder = sink
+
+    def shown() -> list[str]:
+        return [line for line in recorder.lines if line.startswith("encode: mine: 5,000")]
+
     with progress.task("encode", "mine: 5,000 queries on numpy", 5000, "queries") as task:
         task.advance(1000)
-        time.sleep(1.0)  # a first line after 0.2 s, then one every 0.3 s
-    shown = [line for line in recorder.lines if line.startswith("encode: mine: 5,000")]
-    assert len(shown) >= 2
-    assert "1,000 / 5,000 queries (20%)" in shown[0]
+        deadline = time.monotonic() + 30  # a first line after 0.2 s, then one every 0.3 s
+        while len(shown()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(shown()) >= 2
+    assert "1,000 / 5,000 queries (20%)" in shown()[0]
     assert recorder.lines[-1].startswith("encode: done in ")
 
 
