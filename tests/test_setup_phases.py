@@ -8,7 +8,6 @@ without PYTHONUNBUFFERED and without a terminal, as a user's would be.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -66,27 +65,23 @@ def reports(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_build_longer_than_the_hang_timeout_is_not_a_hang(tmp_path: Path) -> None:
-    """faiss k-means of 1,024 lists over 40,000 x 64 rows on one thread, one native call with
-    no progress of its own (about 130 GFLOP), under a 1.5 s watchdog: the worker's CPU time
+    """A real faiss IVF build (k-means, one native call with no progress of its own), kept
+    busy in the worker for at least 6 s (TWOTOWER_TEST_MIN_BUILD_SECONDS: CPU work and no
+    progress messages, as on a slower machine), under a 1.5 s watchdog: the worker's CPU time
     keeps the trainer's heartbeat moving, so the build completes and the run exits 0."""
     data = tmp_path / "data"
-    synthesize(data, samples=200, bank=40_000, dim=64, seq_len=4, seed=3)
+    synthesize(data, samples=200, bank=20_000, dim=32, seq_len=4, seed=3)
     out = tmp_path / "run"
-    timeout = 1.5
-    args = ("--miner", "faiss", "--faiss-index", "IVF1024,Flat", "--faiss-nprobe", "8")
-    result = train(data, out, *args, "--miner-threads", "1", "--hang-timeout", str(timeout))
+    args = ("--miner", "faiss", "--faiss-index", "IVF256,Flat", "--faiss-nprobe", "8")
+    result = train(data, out, *args, "--hang-timeout", "1.5", TWOTOWER_TEST_MIN_BUILD_SECONDS="6")
     assert result.returncode == 0, result.stderr
     assert not reports(out) and not events(out, "restart")
     log = (out / "log.txt").read_text()
-    announced = "build-index: faiss IVF1024,Flat over 40,000 x 64 bank rows"
+    announced = "build-index: faiss IVF256,Flat over 20,000 x 32 bank rows"
     assert announced in log and announced in result.stderr  # stderr without a terminal
-    assert "train-index: k-means of IVF1024,Flat on 40,000 sampled rows" in log
-    built = re.search(r"mining miner faiss: index built in ([\d.]+) s", log)
-    assert built is not None, log
-    # the test means something only if the build outlasted the watchdog's limit
-    assert float(built.group(1)) > timeout, "the build was too short to test the watchdog"
+    assert "train-index: k-means of IVF256,Flat on 10,240 sampled rows" in log  # 40 per list
     (start,) = events(out, "start")
-    assert start["miner_build"]["params"] == {"nlist": 1024, "nprobe": 8}
+    assert start["miner_build"]["params"] == {"nlist": 256, "nprobe": 8}
 
 
 @pytest.mark.slow
