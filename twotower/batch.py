@@ -55,16 +55,29 @@ class Batch:
         positive's id (a duplicate), the id -1 (an empty slot) or, with
         `context_ids`, one of the query's context ids (an item it has seen).
         """
+        in_batch, hard = self.batch_masks()
+        positives = self.positive_ids[:, None]
+        queue = (self.queue_ids[None, :] == positives) | (self.queue_ids[None, :] == -1)
+        seen = self.seen_in_queue()
+        return in_batch, hard, queue if seen is None else queue | seen
+
+    def batch_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """The in-batch (B, B) and hard (B, K) parts of `candidate_masks` (an engine that
+        holds the queue elsewhere masks that part itself, by the same rule)."""
         positives = self.positive_ids[:, None]
         in_batch = positives == self.positive_ids[None, :]
         hard = (self.hard_ids == positives) | (self.hard_ids == -1)
-        queue = (self.queue_ids[None, :] == positives) | (self.queue_ids[None, :] == -1)
         if self.context_ids is not None:
             in_batch |= seen_by_query(self.context_ids, self.positive_ids[None, :])
             hard |= seen_by_query(self.context_ids, self.hard_ids)
-            queue |= seen_by_query(self.context_ids, self.queue_ids[None, :])
         np.fill_diagonal(in_batch, False)
-        return in_batch, hard, queue
+        return in_batch, hard
+
+    def seen_in_queue(self) -> np.ndarray | None:
+        """(B, Q) bool: queue entries among each query's context ids; None without them."""
+        if self.context_ids is None:
+            return None
+        return seen_by_query(self.context_ids, self.queue_ids[None, :])
 
 
 def seen_by_query(context_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

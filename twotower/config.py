@@ -73,6 +73,25 @@ EVAL_SPLITS = ("auto", "random", "group")
 # those, a resume with another --steps or --epochs changes the rate of every step after it.
 PLAN_FIELDS = ("steps", "epochs")
 
+# Each engine's own knobs: TrainConfig field -> the engine's keyword option.
+MINER_SETTINGS = {
+    "faiss": {
+        "faiss_index": "index",
+        "faiss_nprobe": "nprobe",
+        "faiss_ef_search": "ef_search",
+        "faiss_ef_construction": "ef_construction",
+        "faiss_train_rows": "train_rows",
+        "faiss_target_recall": "target_recall",
+    },
+    "hnswlib": {"hnswlib_m": "M", "hnswlib_ef_construction": "ef_construction", "hnswlib_ef": "ef"},
+}
+MINER_KNOBS = tuple(  # the whole-number ones, each >= 1 when given
+    name
+    for fields in MINER_SETTINGS.values()
+    for name in fields
+    if name not in ("faiss_index", "faiss_target_recall")
+)
+
 
 def knob(default: Any, help: str) -> Any:
     """A config field with its --help text; a callable default makes a fresh value each time."""
@@ -103,7 +122,9 @@ class TrainConfig:
         lambda: ["numpy"], "backends to switch to, in order, if one keeps crashing"
     )
     gru_path: str | None = knob(None, "torch GRU: packed | masked (default: masked on MPS)")
-    miner: str = knob("exact", "hard-negative miner: exact | faiss | hnswlib")
+    miner: str = knob(
+        "exact", "hard-negative miner: exact | faiss | hnswlib | auto (by bank and refresh size)"
+    )
     miner_fallback: list[str] = knob(lambda: ["exact"], "miners to switch to if one crashes")
     miner_isolation: str | None = knob(None, "process | none (default: process for faiss, hnswlib)")
     threads: int | None = knob(
@@ -114,6 +135,18 @@ class TrainConfig:
     )
     miner_timeout: float = knob(600.0, "seconds without an answer before a miner is killed")
     faiss_index: str = knob("Flat", "faiss index factory string: Flat, HNSW32, IVF4096,Flat, ...")
+    faiss_nprobe: int | None = knob(None, "faiss IVF lists searched per query (default 32)")
+    faiss_ef_search: int | None = knob(None, "faiss HNSW efSearch (default 128)")
+    faiss_ef_construction: int | None = knob(None, "faiss HNSW efConstruction (default 40)")
+    faiss_train_rows: int | None = knob(
+        None, "faiss: bank rows sampled to train an IVF/PQ index (default max(10k, 40/list))"
+    )
+    faiss_target_recall: float | None = knob(
+        None, "faiss IVF without --faiss-nprobe: pick nprobe reaching this recall@32 vs exact"
+    )
+    hnswlib_m: int | None = knob(None, "hnswlib graph degree M (default 16)")
+    hnswlib_ef_construction: int | None = knob(None, "hnswlib ef_construction (default 200)")
+    hnswlib_ef: int | None = knob(None, "hnswlib search ef (default 128)")
     eval_miner: str = knob("exact", "miner for evaluation (exact gives the reference numbers)")
     tensorboard: str | None = knob(None, "also write the scalars here for TensorBoard")
     # schedule
@@ -200,6 +233,13 @@ class TrainConfig:
             raise UsageError(
                 f"--select-metric must be one of {', '.join(METRICS)}, got {self.select_metric!r}"
             )
+        for name in MINER_KNOBS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        recall = self.faiss_target_recall
+        if recall is not None and not 0 < recall <= 1:
+            raise UsageError(f"--faiss-target-recall must be in (0, 1], got {recall}")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs <= 0:

@@ -3,7 +3,9 @@
 Real faults for rehearsing crashes: segv (a real segmentation fault through
 ctypes), abort (os.abort), kill (SIGKILL to this process), hang (a stall that
 only a watchdog ends), raise (a Python exception), nan (the step's loss
-becomes NaN). PHASE is one of load, encode, mine, step, checkpoint; STEP is
+becomes NaN). PHASE is one of load, build-index, encode, mine, step,
+checkpoint (build-index is reached by a miner's build, in its worker when
+isolated, like mine by its search); STEP is
 the number of training steps completed when the phase is reached (so
 `segv@step:15` crashes the 16th update).
 
@@ -30,7 +32,7 @@ from twotower.errors import UsageError
 
 ENV_VAR = "TWOTOWER_INJECT_FAULT"
 KINDS = ("segv", "abort", "kill", "hang", "raise", "nan")
-PHASES = ("load", "encode", "mine", "step", "checkpoint")
+PHASES = ("load", "build-index", "encode", "mine", "step", "checkpoint")
 
 
 class InjectedFault(RuntimeError):

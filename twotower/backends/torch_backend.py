@@ -7,6 +7,11 @@ gradients come from autograd, the update from `clip_grad_norm_` and
 - "packed": `pack_padded_sequence` + cuDNN/oneDNN `nn.GRU` (the default on CPU and CUDA);
 - "masked": an explicit time loop whose update is skipped past each length
   (the default on MPS, where packed sequences have known bugs).
+
+On an accelerator (MPS, CUDA) the memory-bank queue lives on the device too
+(`DeviceQueue`, made by `queue_mirror` and kept current by the trainer's
+MemoryQueue), so a step sends only the batch's own vectors, not Q x D. On the
+CPU, torch reads the NumPy ring in place, so nothing is mirrored.
 """
 
 from __future__ import annotations
@@ -80,17 +85,66 @@ class QueryTower(nn.Module):
         return F.normalize(y, dim=1, eps=1e-12)
 
 
-def infonce(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
-    """Masked InfoNCE of DESIGN.md; the positive of row i is in-batch column i."""
+class DeviceQueue:
+    """A copy of the memory-bank ring on the backend's device: ids (Q,) int64, vecs (Q, D).
+
+    host_vecs: the NumPy ring it mirrors (a Batch whose queue_vecs is that array
+    is served from here). The owner calls `write` after each push and `load`
+    after a restore, so the copy never differs from the ring.
+    """
+
+    def __init__(self, host_ids: np.ndarray, host_vecs: np.ndarray, device: torch.device):
+        self.host_vecs = host_vecs
+        self.ids = torch.empty(host_ids.shape, dtype=torch.int64, device=device)
+        self.vecs = torch.empty(host_vecs.shape, dtype=torch.float32, device=device)
+        self.load(host_ids, host_vecs)
+
+    def load(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Copy the whole ring: ids (Q,), vecs (Q, D)."""
+        self.ids.copy_(torch.from_numpy(np.ascontiguousarray(ids)))
+        self.vecs.copy_(torch.from_numpy(np.ascontiguousarray(vecs)))
+
+    def write(self, start: int, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Copy ids (n,) and vecs (n, D) into slots [start, start + n)."""
+        stop = start + len(ids)
+        self.ids[start:stop].copy_(torch.from_numpy(np.ascontiguousarray(ids)))
+        self.vecs[start:stop].copy_(torch.from_numpy(np.ascontiguousarray(vecs)))
+
+
+def infonce(
+    q: torch.Tensor, batch: Batch, temperature: float, queue: DeviceQueue | None = None
+) -> torch.Tensor:
+    """Masked InfoNCE of DESIGN.md; the positive of row i is in-batch column i.
+
+    queue: the ring on the device, used when it mirrors batch.queue_vecs (else it is sent).
+    """
     device = q.device
     positives = torch.as_tensor(batch.positive_vecs, device=device)
     hard = torch.as_tensor(batch.hard_vecs, device=device)
-    queue = torch.as_tensor(batch.queue_vecs, device=device)
+    in_batch, hard_masked = batch.batch_masks()
+    if queue is not None and batch.queue_vecs is queue.host_vecs:
+        queue_vecs, queue_ids = queue.vecs, queue.ids
+    else:
+        queue_vecs = torch.as_tensor(batch.queue_vecs, device=device)
+        queue_ids = torch.as_tensor(batch.queue_ids, device=device)
+    positive_ids = torch.as_tensor(batch.positive_ids, device=device)[:, None]
+    queue_masked = (queue_ids[None, :] == positive_ids) | (queue_ids[None, :] == -1)
+    seen = batch.seen_in_queue()  # (B, Q) from the host ring's ids, with seen-item masking only
+    if seen is not None:
+        queue_masked |= torch.as_tensor(seen, device=device)
     logits = (
-        torch.cat([q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue.T], dim=1)
+        torch.cat(
+            [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue_vecs.T], dim=1
+        )
         / temperature
     )
-    masked = torch.as_tensor(np.concatenate(batch.candidate_masks(), axis=1), device=device)
+    masked = torch.cat(
+        [
+            torch.as_tensor(np.concatenate([in_batch, hard_masked], axis=1), device=device),
+            queue_masked,
+        ],
+        dim=1,
+    )
     logits = logits.masked_fill(masked, float("-inf"))
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=device))
 
@@ -106,6 +160,7 @@ class TorchBackend:
         device: str = "cpu",
         gru_path: str | None = None,
         deterministic: bool = False,
+        mirror_queue: bool | None = None,
     ):
         if gru_path is None:
             gru_path = "masked" if device == "mps" else "packed"
@@ -118,6 +173,8 @@ class TorchBackend:
         self.settings = settings
         self.device = torch.device(device)
         self.gru_path = gru_path
+        self.mirror_queue = device != "cpu" if mirror_queue is None else mirror_queue
+        self.queue: DeviceQueue | None = None
         self.model = QueryTower(spec).to(self.device)
         self._named = dict(self.model.named_parameters())
         self.optimizer: torch.optim.AdamW | None  # None: a tower without parameters
@@ -162,6 +219,13 @@ class TorchBackend:
                 moments[name] = (np.zeros(p.shape, np.float32), np.zeros(p.shape, np.float32))
         return join_state(params, moments, step)
 
+    def queue_mirror(self, ids: np.ndarray, vecs: np.ndarray) -> DeviceQueue | None:
+        """A device copy of the memory-bank ring ids (Q,), vecs (Q, D) that steps read
+        instead of sending vecs each time; None where torch reads the ring in place (CPU,
+        unless mirror_queue=True). The caller keeps it current (`MemoryQueue.attach`)."""
+        self.queue = DeviceQueue(ids, vecs, self.device) if self.mirror_queue else None
+        return self.queue
+
     def _queries(self, contexts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(contexts, dtype=np.float32), device=self.device)
         return self.model(x, torch.as_tensor(np.asarray(lengths, dtype=np.int64)), self.gru_path)
@@ -173,7 +237,10 @@ class TorchBackend:
     def _backward(self, batch: Batch) -> float:
         self.model.zero_grad(set_to_none=True)
         loss = infonce(
-            self._queries(batch.contexts, batch.lengths), batch, self.settings.temperature
+            self._queries(batch.contexts, batch.lengths),
+            batch,
+            self.settings.temperature,
+            self.queue,
         )
         loss.backward()
         return float(loss.detach())

@@ -263,15 +263,7 @@ def _mined_table(view: RunView, state: State, notes: list[str]) -> HardNegativeT
     c = view.config
     logged = view.logged("mined", state.step)
     name = logged[-1]["miner"] if logged else c.miner
-    opts = {"index": c.faiss_index} if name == "faiss" else {}
-    miner = miners.get(
-        name,
-        isolation=c.miner_isolation,
-        threads=c.miner_threads,
-        timeout=c.miner_timeout,
-        cache_dir=user_cache_dir() / "index",
-        **opts,
-    )
+    miner = miners.get_for(c, name, user_cache_dir() / "index")
     miner.build(view.dataset.bank, fingerprint=view.dataset.fingerprint)
     queries = encode_rows(state.backend, view.dataset.gather, view.train_rows, label="re-mine")
     table, report = mine_table(miner, queries, view.dataset, view.train_rows, c)

@@ -38,6 +38,8 @@ NEAR_LIMIT = 0.8  # peak RSS at or above this share of the memory limit counts a
 NATIVE_CRASHES = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
 INJECTED_EXITS = {"segv": "SIGSEGV", "abort": "SIGABRT", "kill": "SIGKILL"}
 OOM_LINE = re.compile(r"oom|[Kk]illed process")
+MINER_PHASES = ("mine", "build-index", "load-index", "search")  # a crash there is the miner's
+MINER_DOING = {"build-index": "building its index", "load-index": "loading its index"}
 
 # --- what happened and why --------------------------------------------------------------
 
@@ -236,11 +238,12 @@ def _native_causes(
                 "(KMP_DUPLICATE_LIB_OK=TRUE silences the check, not the clash)",
             )
         )
-    if phase == "mine" and outcome.role == "trainer":
+    if phase in MINER_PHASES and outcome.role == "trainer":
+        doing = MINER_DOING.get(phase, "searching")
         causes.append(
             Cause(
                 "likely",
-                f"the miner's native library ({miner}) crashed while searching in-process",
+                f"the miner's native library ({miner}) crashed while {doing} in-process",
                 where + kernel,
                 "--miner-isolation process: a crash then costs a worker restart, not the "
                 "trainer; --miner-fallback names the miners to switch to",
@@ -276,7 +279,7 @@ def _native_causes(
             )
         )
     if not causes and not explained:
-        engine = miner if phase == "mine" else backend
+        engine = miner if phase in MINER_PHASES else backend
         causes.append(
             Cause(
                 "possible",

@@ -301,9 +301,14 @@ class WatchedChild:
             "phase": beat.get("phase"),
             "step": beat.get("step"),
         }
+        where = (
+            f"phase {beat.get('phase')}, step {beat.get('step')}"
+            if beat
+            else "start-up: no heartbeat yet"
+        )
         self.note(
-            f"watchdog: no heartbeat from pid {pid} for {silent:.0f} s (phase "
-            f"{beat.get('phase')}, step {beat.get('step')}): dumping its stacks, then SIGKILL"
+            f"watchdog: no heartbeat from pid {pid} for {silent:.0f} s ({where}): "
+            "dumping its stacks, then SIGKILL"
         )
         self._dump_sizes = (self._stack_size(), -1)
         self._kill_at = now + STACK_WAIT

@@ -6,14 +6,17 @@ faulthandler writing to `crashes/attempt-N.stacks.txt`, its heartbeat followed
 (and, with --hang-timeout, watched). How the child ends decides what happens:
 
     0          done
-    2          bad input: final, passed through at once
+    2          bad input: final, passed through at once (a run directory this session
+               made, refused before the trainer wrote to it, is removed again)
     130        interrupted (SIGINT/SIGTERM here are forwarded; the child checkpoints)
     otherwise  a crash: `crashes/attempt-N.json` and a summary on stderr
                (`forensics.examine`), then a restart from the newest checkpoint
 
 If the same engine crashes twice at the same phase and step, the next attempt
-moves down --fallback (the backend: every phase but mine) or --miner-fallback
-(the mine phase, where the miner runs in-process). After --max-restarts
+moves down --fallback (the backend: every phase but the miner's) or
+--miner-fallback (the miner's phases, `MINER_PHASES`: its build, its index
+load, its search, where it runs in-process; an isolated miner's crash never
+ends the trainer, its chain restarts or replaces it). After --max-restarts
 restarts it gives up with exit code 3 and a summary of every attempt. Restarts,
 switches and crashes are appended to metrics.jsonl (while no child runs) and
 log.txt. Attempt numbers continue across supervised sessions of one run.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +91,7 @@ class Supervisor:
         """Run attempts until one finishes, input is refused, a stop is asked for, or the
         restarts are used up."""
         self._check_engine_names()
+        fresh = not self.run_dir.root.exists()
         metrics_before = self._metrics_count()
         number = next_number(self.folder, self.run_dir.crashes)
         attempt = dataclasses.replace(self.config, supervise=False)
@@ -97,6 +102,8 @@ class Supervisor:
                 outcome = self._attempt(number, attempt, signals)
                 code = outcome.exit.returncode
                 if code in (EXIT_OK, EXIT_USAGE) and outcome.interrupted is None:
+                    if code == EXIT_USAGE and fresh and not self.run_dir.metrics.exists():
+                        shutil.rmtree(self.run_dir.root)  # refused up front: leave nothing
                     self.attempts.append(self._summary(number, attempt, outcome, None, None))
                     return self._result(code, metrics_before, attempt)
                 if outcome.interrupted is not None or code == EXIT_INTERRUPTED:
@@ -205,13 +212,16 @@ class Supervisor:
         """
         beat = outcome.heartbeat or {}
         phase = beat.get("phase", "start-up")
-        role = "miner" if phase == "mine" else "backend"
+        role = "miner" if phase in forensics.MINER_PHASES else "backend"
         engine = beat.get(role) or getattr(config, role)
         point = (role, engine, phase, beat.get("step"))
         repeated = point in self.crash_points
         self.crash_points.append(point)
-        # restarts keep the engines the child resolved ("auto" -> torch-cpu)
+        # restarts keep the engines the child resolved ("auto" -> torch-cpu), except a miner
+        # "auto" chose: its settings (the index) are the child's, which chooses again the same
         resolved = {key: beat[key] for key in ("backend", "miner") if beat.get(key)}
+        if config.miner == "auto":
+            resolved.pop("miner", None)
         following = dataclasses.replace(config, resume=True, **resolved)
         if not repeated:
             return following, None
@@ -248,7 +258,7 @@ class Supervisor:
             "returncode": outcome.exit.returncode,
             "exit": outcome.exit.describe(),
             "signal": outcome.exit.signal,
-            "phase": beat.get("phase"),
+            "phase": beat.get("phase", "start-up"),
             "step": beat.get("step"),
             "seconds": round(outcome.seconds, 2),
             "peak_rss_kb": outcome.peak_rss_kb,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twotower.errors import UsageError
@@ -31,6 +31,9 @@ __all__ = [
     "get",
     "chain",
     "engine",
+    "engine_settings",
+    "get_for",
+    "options_for",
     "NAMES",
 ]
 
@@ -123,13 +126,16 @@ def get(
 def chain(
     names: str | Sequence[str],
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    per_engine: Mapping[str, Mapping[str, Any]] | None = None,
     **opts: Any,
 ) -> Miner:
     """A miner that falls back along `names` ("faiss,hnswlib,exact" or a sequence) on crashes.
 
     opts are `get`'s: isolation, threads, timeout and cache_dir go to every
     miner, each engine option to the engines that take it (index to faiss, ef
-    to hnswlib, ...). on_event(dict) receives each crash, restart and switch
+    to hnswlib, ...). per_engine: options for one engine only, by its name
+    ({"faiss": {"ef_construction": 80}, "hnswlib": {"ef_construction": 200}}).
+    on_event(dict) receives each crash, restart and switch
     (see `fallback.FallbackMiner`). Raises EngineUnavailable up front for an
     unknown or missing name, UsageError for an option no engine of the chain takes.
     """
@@ -147,22 +153,36 @@ def chain(
 
     def make(name: str) -> Miner:
         own = {key: value for key, value in opts.items() if key in taken[name]}
+        own.update((per_engine or {}).get(name, {}))
         return get(name, **shared, **own)
 
     return FallbackMiner(order, make, on_event)
 
 
-def options_for(
-    config: Any, names: Sequence[str], cache_dir: str | os.PathLike[str]
-) -> dict[str, Any]:
-    """`get` / `chain` options from a TrainConfig for miners `names`: isolation, threads,
-    timeout, the index cache directory, and faiss' index string when faiss is among them."""
-    opts: dict[str, Any] = {
+def options_for(config: Any, cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The options every miner of a TrainConfig takes (`get` / `chain`): isolation, threads,
+    timeout and the index cache directory."""
+    return {
         "isolation": config.miner_isolation,
         "threads": config.miner_threads,
         "timeout": config.miner_timeout,
         "cache_dir": cache_dir,
     }
-    if "faiss" in names:
-        opts["index"] = config.faiss_index
-    return opts
+
+
+def engine_settings(config: Any, name: str) -> dict[str, Any]:
+    """Engine `name`'s own options from a TrainConfig's fields (config.MINER_SETTINGS), those
+    the user set: {"index": "IVF1024,Flat", "nprobe": 16} for faiss, {"M": 32} for hnswlib."""
+    from twotower.config import MINER_SETTINGS
+
+    fields = MINER_SETTINGS.get(name, {})
+    return {
+        option: getattr(config, field)
+        for field, option in fields.items()
+        if getattr(config, field) is not None
+    }
+
+
+def get_for(config: Any, name: str, cache_dir: str | os.PathLike[str], **opts: Any) -> Miner:
+    """`get(name)` with a TrainConfig's options and engine settings (opts: more of `get`'s)."""
+    return get(name, **options_for(config, cache_dir), **engine_settings(config, name), **opts)

@@ -15,6 +15,8 @@ import numpy as np
 from twotower import faults
 from twotower.errors import TwotowerError
 
+BUILD_FAULT_PHASE = "build-index"  # the fault point a miner's build reaches (where it builds)
+
 
 @runtime_checkable
 class Miner(Protocol):
@@ -36,6 +38,16 @@ class Miner(Protocol):
         """
 
 
+def check_miner(miner: Any, rows: int, dim: int) -> list[str]:
+    """Ask `miner` whether it can index a bank of rows x dim before anything is built.
+
+    Raises UsageError (one line, with the fix) for options that cannot work on
+    such a bank; returns warnings worth logging. Miners without a `check` pass.
+    """
+    check = getattr(miner, "check", None)
+    return list(check(rows, dim)) if check is not None else []
+
+
 class MinerCrashed(TwotowerError):
     """A miner's worker process died (a signal or an exit) or stopped answering.
 
@@ -51,9 +63,10 @@ class MinerCrashed(TwotowerError):
 
 class InProcessMiner:
     """An engine searched in this process; each search first reaches the fault point of
-    `fault_phase` ("mine"; None for a miner that serves evaluation and must not fire it).
+    `fault_phase` ("mine"; None for a miner that serves evaluation and must not fire it),
+    and its build the point "build-index" (unless fault_phase is None).
 
-    Isolated miners reach that point in their worker instead.
+    Isolated miners reach those points in their worker instead.
     """
 
     def __init__(self, engine: Miner, fault_phase: str | None = "mine"):
@@ -66,7 +79,13 @@ class InProcessMiner:
         return dict(getattr(self.engine, "build_info", {}))
 
     def build(self, bank: np.ndarray, fingerprint: str | None = None) -> None:
+        if self.fault_phase is not None:
+            faults.point(BUILD_FAULT_PHASE, [self.name])
         self.engine.build(bank, fingerprint)
+
+    def check(self, rows: int, dim: int) -> list[str]:
+        """The engine's check of its options against a rows x dim bank (see `check_miner`)."""
+        return check_miner(self.engine, rows, dim)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.fault_phase is not None:

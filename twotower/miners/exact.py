@@ -21,9 +21,12 @@ the block, ties, a bank sorted worst to best) fall back to argpartition.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from tqdm import tqdm
 
+from twotower import progress
 from twotower.memory import available_bytes
 
 TILE = 32  # columns per tile; bank blocks are whole tiles
@@ -221,17 +224,29 @@ class ExactMiner:
         show = self.progress
         if show is None:
             show = 2.0 * n * m * bank.shape[1] / ASSUMED_FLOPS > PROGRESS_AFTER_SECONDS
-        with tqdm(
-            total=steps, desc="exact search", unit="block", disable=not show, leave=False
-        ) as bar:
+        what = f"exact top-{k} of {n:,} queries over {m:,} x {bank.shape[1]} bank rows"
+        with (
+            tqdm(
+                total=steps, desc="exact search", unit="block", disable=not show, leave=False
+            ) as bar,
+            progress.task("search", what, steps, "blocks") as task,
+        ):
+
+            def tick() -> None:
+                bar.update()
+                task.advance()
+
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
-                top = self._search_chunk(np.ascontiguousarray(queries[part]), k, block, bar)
+                top = self._search_chunk(np.ascontiguousarray(queries[part]), k, block, tick)
                 scores[part], ids[part] = top.ranked()
         return scores, ids
 
-    def _search_chunk(self, queries: np.ndarray, k: int, block: int, bar: tqdm) -> _RunningTopK:
-        """The running top-k of queries (n, D) after every bank block has been offered."""
+    def _search_chunk(
+        self, queries: np.ndarray, k: int, block: int, tick: Callable[[], None]
+    ) -> _RunningTopK:
+        """The running top-k of queries (n, D) after every bank block has been offered;
+        tick() after each block."""
         bank = self.bank
         assert bank is not None
         n = len(queries)
@@ -247,5 +262,5 @@ class ExactMiner:
             np.matmul(queries, rows.T, out=scores)
             scores[:, real:] = -np.inf
             top.offer_block(scores, offset)
-            bar.update()
+            tick()
         return top

@@ -13,11 +13,14 @@ trainer it is made only inside a worker process (see `isolation`).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Any
 
 import numpy as np
 
+from twotower import progress
 from twotower.errors import UsageError
 from twotower.miners.index_cache import BuildInfo, IndexCache, add_in_chunks
 
@@ -25,6 +28,19 @@ DEFAULT_NPROBE = 32  # IVF lists visited per query when the index has lists
 DEFAULT_EF_SEARCH = 128  # HNSW candidate list length when the index has a graph
 MIN_TRAIN_ROWS = 10_000
 TRAIN_ROWS_PER_LIST = 40  # faiss warns below 39 training points per IVF centroid
+FAISS_MIN_ROWS_PER_LIST = 39  # below this faiss' k-means warns and clusters poorly
+IVF_LISTS = re.compile(r"IVF\d+")
+TUNE_QUERIES = 64  # bank rows searched to choose nprobe for a recall target
+TUNE_K = 32
+
+
+def lists_that_fit(rows: int) -> int:
+    """An IVF list count for a bank of `rows`: about 4 sqrt(rows), a power of two, with at
+    least FAISS_MIN_ROWS_PER_LIST rows per list (1 for a tiny bank)."""
+    wanted = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(rows))))
+    while wanted > 1 and wanted * FAISS_MIN_ROWS_PER_LIST > rows:
+        wanted //= 2
+    return wanted
 
 
 class FaissMiner:
@@ -38,6 +54,9 @@ class FaissMiner:
     threads: faiss' OpenMP threads (None: faiss' default).
     cache_dir: where built indexes are stored (None: rebuilt every time).
     train_rows: rows sampled for training (None: max(10k, 40 per IVF list)); seed: that sample's.
+    target_recall: with an IVF index and no nprobe given, choose nprobe after the build as the
+    smallest power of two whose recall@32 against exact, on TUNE_QUERIES seeded bank rows,
+    reaches it (`build_info` holds the nprobe and recall found).
     """
 
     name = "faiss"
@@ -52,6 +71,7 @@ class FaissMiner:
         cache_dir: str | os.PathLike[str] | None = None,
         train_rows: int | None = None,
         seed: int = 0,
+        target_recall: float | None = None,
     ):
         import faiss
 
@@ -63,6 +83,7 @@ class FaissMiner:
         self.cache = IndexCache(cache_dir)
         self.train_rows = train_rows
         self.seed = seed
+        self.target_recall = target_recall
         if threads is not None:
             faiss.omp_set_num_threads(threads)
         self._bank: np.ndarray | None = None
@@ -79,14 +100,95 @@ class FaissMiner:
         key = {"index": self.index_spec, "train_rows": self.train_rows, "seed": self.seed}
         key.update(ef_construction=self.ef_construction, faiss=self._faiss.__version__)
         path = self.cache.path(bank, fingerprint, self.name, key)
+        rows, dim = bank.shape
+        what = f"faiss {self.index_spec} over {rows:,} x {dim} bank rows"
         index, info = self.cache.load_or_build(
-            path, lambda: self._build(bank), self._faiss.write_index, self._read
+            path, lambda: self._build(bank), self._faiss.write_index, self._read, what
         )
         if info.source == "built" and info.path is not None:
             index = self._read(info.path)  # drop the built copy for file-backed pages
         self._configure(index)
         self._index = index
         self.build_info = info.as_dict()
+        ivf = self._faiss.try_extract_index_ivf(index)
+        if self.target_recall is not None and self.nprobe is None and ivf is not None:
+            self.build_info.update(self._tune_nprobe(index, ivf.nlist, bank))
+        self.build_info["params"] = self.index_params()
+
+    def index_params(self) -> dict[str, int]:
+        """The built index's parameters as faiss holds them: nlist and nprobe (IVF), M,
+        efSearch and efConstruction (HNSW); {} for Flat or before build."""
+        if self._index is None:
+            return {}
+        faiss = self._faiss
+        params: dict[str, int] = {}
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None:
+            params.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))
+        hnsw = getattr(faiss.downcast_index(self._index), "hnsw", None)
+        if hnsw is not None:
+            params.update(
+                M=int(hnsw.nb_neighbors(1)),
+                efSearch=int(hnsw.efSearch),
+                efConstruction=int(hnsw.efConstruction),
+            )
+        return params
+
+    def check(self, rows: int, dim: int) -> list[str]:
+        """Refuse, before anything is built, what cannot work on a bank of rows x dim.
+
+        A factory string faiss cannot parse, IVF lists outside the bank's rows or
+        --faiss-train-rows, and a parameter the index does not have are UsageErrors
+        naming the fix; fewer than FAISS_MIN_ROWS_PER_LIST rows per list is a
+        warning (returned). Makes the empty index only: no training, no vectors.
+        """
+        spec = self.index_spec
+        if spec == "Flat":
+            given = [
+                flag
+                for flag, value in (
+                    ("--faiss-nprobe", self.nprobe),
+                    ("--faiss-ef-search", self.ef_search),
+                    ("--faiss-ef-construction", self.ef_construction),
+                    ("--faiss-train-rows", self.train_rows),
+                )
+                if value is not None
+            ]
+            if given:
+                raise UsageError(
+                    f"--faiss-index Flat searches the bank as it is: it has no "
+                    f"{', '.join(given)}; drop them or choose an index such as "
+                    f"IVF{lists_that_fit(rows)},Flat or HNSW32"
+                )
+            return []
+        index = self._make_index(dim)
+        warnings = []
+        ivf = self._faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            lists, fits = ivf.nlist, lists_that_fit(rows)
+            fix = "--faiss-index " + IVF_LISTS.sub(f"IVF{fits}", spec, count=1)
+            if lists > rows:
+                raise UsageError(
+                    f"--faiss-index {spec}: {lists:,} IVF lists need at least {lists:,} bank "
+                    f"rows to train ({FAISS_MIN_ROWS_PER_LIST} per list to train well), but the "
+                    f"bank has {rows:,}; use {fix} (about 4 sqrt(rows), "
+                    f"{FAISS_MIN_ROWS_PER_LIST}+ rows per list)"
+                )
+            if self.train_rows is not None and self.train_rows < lists:
+                raise UsageError(
+                    f"--faiss-train-rows {self.train_rows:,} is fewer than the {lists:,} IVF "
+                    f"lists of {spec}; give at least {FAISS_MIN_ROWS_PER_LIST * lists:,}"
+                )
+            if rows < FAISS_MIN_ROWS_PER_LIST * lists:
+                warnings.append(
+                    f"--faiss-index {spec}: {rows:,} bank rows are fewer than "
+                    f"{FAISS_MIN_ROWS_PER_LIST} per IVF list; k-means will cluster poorly "
+                    f"(consider {fix})"
+                )
+        if self.ef_construction is not None:
+            self._set(index, "efConstruction", self.ef_construction, required=True)
+        self._configure(index)
+        return warnings
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (N, D) -> (scores (N, k) float32 dot products, ids (N, k) int64), best first."""
@@ -104,18 +206,51 @@ class FaissMiner:
         scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX
         return scores, ids
 
-    def _build(self, bank: np.ndarray) -> Any:
+    def _tune_nprobe(self, index: Any, lists: int, bank: np.ndarray) -> dict[str, Any]:
+        """Set the smallest power-of-two nprobe reaching target_recall on sampled bank rows."""
+        faiss = self._faiss
+        rng = np.random.default_rng(self.seed + 1)
+        rows = np.sort(rng.choice(len(bank), size=min(TUNE_QUERIES, len(bank)), replace=False))
+        queries = np.ascontiguousarray(bank[rows], dtype=np.float32)
+        k = min(TUNE_K, len(bank))
+        what = f"nprobe for recall {self.target_recall} on {len(rows)} bank rows"
+        with progress.task("tune-index", what, phase=False, announce=True):
+            _, truth = faiss.knn(
+                queries, np.ascontiguousarray(bank, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT
+            )
+            nprobe = 1
+            while True:
+                faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+                _, ids = index.search(queries, k)
+                found = sum(len(np.intersect1d(a, b)) for a, b in zip(ids, truth, strict=True))
+                recall = found / truth.size
+                if recall >= (self.target_recall or 0) or nprobe >= lists:
+                    break
+                nprobe = min(2 * nprobe, lists)
+        self.nprobe = nprobe
+        return {"nprobe": nprobe, "tuned_recall": round(recall, 4), "tune_queries": len(rows)}
+
+    def _make_index(self, dim: int) -> Any:
+        """The empty index of the factory string; UsageError when faiss cannot parse it."""
         faiss = self._faiss
         try:
-            index = faiss.index_factory(bank.shape[1], self.index_spec, faiss.METRIC_INNER_PRODUCT)
+            return faiss.index_factory(dim, self.index_spec, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
             raise UsageError(
-                f"faiss cannot make index {self.index_spec!r}: {error_line(error)}"
+                f"--faiss-index {self.index_spec}: faiss cannot make this index "
+                f"({error_line(error)}); see the faiss wiki's 'The index factory' "
+                "(e.g. Flat, HNSW32, IVF1024,Flat, IVF1024,PQ64)"
             ) from None
+
+    def _build(self, bank: np.ndarray) -> Any:
+        index = self._make_index(bank.shape[1])
         if self.ef_construction is not None:
             self._set(index, "efConstruction", self.ef_construction, required=True)
         if not index.is_trained:
-            index.train(self._training_sample(bank, index))
+            sample = self._training_sample(bank, index)
+            what = f"k-means of {self.index_spec} on {len(sample):,} sampled rows"
+            with progress.task("train-index", what, phase=False, announce=True):
+                index.train(sample)
         add_in_chunks(
             lambda chunk, _start: index.add(np.ascontiguousarray(chunk, dtype=np.float32)),
             bank,
@@ -148,11 +283,16 @@ class FaissMiner:
             self._faiss.ParameterSpace().set_index_parameter(index, param, value)
         except RuntimeError:
             if required:
+                flag = {"nprobe": "--faiss-nprobe", "efSearch": "--faiss-ef-search"}.get(
+                    param, "--faiss-ef-construction"
+                )
                 raise UsageError(
-                    f"faiss index {self.index_spec!r} has no {param} parameter"
+                    f"--faiss-index {self.index_spec} has no {param} parameter: drop {flag} "
+                    "(nprobe is for IVF indexes, efSearch and efConstruction for HNSW)"
                 ) from None
 
 
 def error_line(error: BaseException) -> str:
-    """The last line of a faiss error (its C++ message, without the file and line)."""
-    return str(error).strip().splitlines()[-1]
+    """The message of a faiss error: its last line, without "Error in FUNCTION at FILE:LINE: "."""
+    line = str(error).strip().splitlines()[-1]
+    return line.rsplit(": ", 1)[-1] if line.startswith("Error in ") else line

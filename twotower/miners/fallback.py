@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from twotower import faults
-from twotower.miners.base import Miner, MinerCrashed
+from twotower.miners.base import Miner, MinerCrashed, check_miner
 
 log = logging.getLogger("twotower.miners")
 
@@ -62,11 +62,31 @@ class FallbackMiner:
         """The build_info of the miner in use ({} before build)."""
         return dict(getattr(self._miner, "build_info", {}))
 
+    def check(self, rows: int, dim: int) -> list[str]:
+        """Every miner of the chain checks its options against a rows x dim bank before
+        anything is built (`base.check_miner`): UsageError for one that cannot work, else
+        the warnings. The miner in use is made now and kept for `build`."""
+        warnings: list[str] = self._call(lambda miner: check_miner(miner, rows, dim))
+        for name in self.names[self._position + 1 :]:
+            later = self._make(name)
+            try:
+                warnings += check_miner(later, rows, dim)
+            except MinerCrashed:
+                pass  # a crash is the fallback's business when that miner takes over
+            finally:
+                close = getattr(later, "close", None)
+                if close is not None:
+                    close()
+        return warnings
+
     def build(self, bank: np.ndarray, fingerprint: str | None = None) -> None:
         """Index bank (M, D) with the miner in use (the next ones build it when they take over)."""
-        self.close()
+        if self._bank is not None:  # a new bank: the miner in use starts over
+            self.close()
         self._bank, self._fingerprint = bank, fingerprint
-        self._call(lambda miner: None)  # making the miner builds it
+        checked = self._miner  # made by `check`, not built yet
+        # a miner made from here on is built as it is made (`_current`)
+        self._call(lambda miner: miner.build(bank, fingerprint) if miner is checked else None)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (N, D) -> (scores (N, k) float32 dot products, ids (N, k) int64), best first.

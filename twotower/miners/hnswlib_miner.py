@@ -67,11 +67,18 @@ class HnswlibMiner:
             lambda: self._build(bank),
             lambda index, filename: index.save_index(filename),
             lambda filename: self._load(filename, dim, rows),
+            f"hnswlib M={self.M} ef_construction={self.ef_construction} over {rows:,} x {dim} "
+            "bank rows",
         )
         index.set_ef(self.ef)
         index.set_num_threads(self.threads)
         self._index = index
         self.build_info = info.as_dict()
+        self.build_info["params"] = {
+            "M": int(index.M),
+            "ef_construction": int(index.ef_construction),
+            "ef": int(index.ef),
+        }
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (N, D) -> (scores (N, k) float32 dot products, ids (N, k) int64), best first.

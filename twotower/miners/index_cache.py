@@ -8,6 +8,9 @@ efSearch, ef) are not part of the key: they do not change what is stored.
 
 Whether an index was built or loaded is returned as a `BuildInfo` and logged
 on the "twotower.miners" logger, so tests and reports can tell without timing.
+Loading and building are `twotower.progress` tasks ("load-index", "build-index",
+with "add-to-index" and "save-index" inside), so a trainer shows them as
+phases with progress, even from a worker process.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
+
+from twotower import progress
 
 CACHE_FORMAT = 1
 ADD_CHUNK_ROWS = 16384
@@ -81,28 +86,33 @@ class IndexCache:
         build: Callable[[], T],
         save: Callable[[T, str], None],
         load: Callable[[str], T],
+        what: str = "index",
     ) -> tuple[T, BuildInfo]:
         """Load the index at `path` if it is there, else `build()` it and `save` it there.
 
         build() -> index; save(index, filename); load(filename) -> index.
+        what: the index in words with its size, for progress ("faiss HNSW32 over 3,000 x 16 rows").
         An entry that fails to load is rebuilt and replaced, with a warning.
         """
         start = time.perf_counter()
         if path is not None and path.exists():
             try:
-                index = load(str(path))
+                with progress.task("load-index", f"{what} from {path}", announce=True):
+                    index = load(str(path))
             except (RuntimeError, OSError) as error:
                 log.warning("cached index %s is unreadable (%s); rebuilding", path, error)
             else:
                 info = BuildInfo("loaded", time.perf_counter() - start, str(path))
                 log.info("loaded index %s in %.1f s", path, info.seconds)
                 return index, info
-        index = build()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-            save(index, str(partial))
-            os.replace(partial, path)
+        with progress.task("build-index", what, announce=True):
+            index = build()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+                with progress.task("save-index", f"to {path}", phase=False):
+                    save(index, str(partial))
+                os.replace(partial, path)
         info = BuildInfo("built", time.perf_counter() - start, None if path is None else str(path))
         log.info("built index %s in %.1f s", path or "(not cached)", info.seconds)
         return index, info
@@ -114,11 +124,17 @@ def add_in_chunks(
     """Call add(bank[start:stop], start) over bank (M, D) in row chunks, with a progress bar.
 
     Each chunk is a view of the bank (of the memory map), never a copy of the whole.
-    The bar goes to stderr and stays quiet when stderr is not a terminal.
+    The bar goes to stderr and stays quiet when stderr is not a terminal; the
+    "add-to-index" progress task advances with it.
     """
     chunk_rows = chunk_rows or ADD_CHUNK_ROWS
-    with tqdm(total=len(bank), desc=desc, unit="rows", disable=None, leave=False) as bar:
-        for start in range(0, len(bank), chunk_rows):
+    rows = len(bank)
+    with (
+        tqdm(total=rows, desc=desc, unit="rows", disable=None, leave=False) as bar,
+        progress.task("add-to-index", f"{desc}: {rows:,} rows", rows, "rows", phase=False) as task,
+    ):
+        for start in range(0, rows, chunk_rows):
             chunk = bank[start : start + chunk_rows]
             add(chunk, start)
             bar.update(len(chunk))
+            task.advance(len(chunk))

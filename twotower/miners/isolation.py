@@ -36,16 +36,18 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults
+from twotower import faults, progress
 from twotower.errors import UsageError
+from twotower.memory import portable_reading
 from twotower.miners import DEFAULT_TIMEOUT
-from twotower.miners.base import MinerCrashed
+from twotower.miners.base import BUILD_FAULT_PHASE, MinerCrashed
 from twotower.miners.worker_death import WorkerRecord
 
 EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MIN_BUFFER_BYTES = 1 << 20
 STACK_DUMP_WAIT = 0.5  # seconds a silent worker gets to write its stacks before SIGKILL
+WAIT_SLICE = 0.5  # seconds between looks at a busy worker's CPU time while waiting on it
 
 
 def signal_name(number: int) -> str:
@@ -150,19 +152,12 @@ class _Worker:
         """Send one request, return its reply; MinerCrashed if the worker dies or stays silent.
 
         The MinerCrashed of a dead worker carries its evidence (`worker_death.WorkerRecord`).
+        While it waits, the worker's progress events are relayed to this process's
+        progress sink and its CPU time is reported as liveness (`progress.alive`).
         """
         try:
             self.requests.send(message)
-            if not self.replies.poll(timeout):
-                self._dump_stacks()
-                self.kill()
-                watchdog = {"silent_s": timeout, "timeout": timeout}
-                raise MinerCrashed(
-                    self.miner,
-                    f"no answer for {timeout:g} s; worker pid {self.pid} killed",
-                    self.record.evidence(self.process, message, watchdog),
-                )
-            reply: dict[str, Any] = self.replies.recv()
+            reply = self._wait(message, timeout)
         except (EOFError, OSError):
             how = self._how_it_ended()
             raise MinerCrashed(
@@ -171,6 +166,8 @@ class _Worker:
         except BaseException:  # interrupted mid-request: a late reply would answer the next one
             self.kill()
             raise
+        finally:
+            progress.end_relayed()
         if "error" in reply:
             if reply["usage"]:
                 raise UsageError(reply["message"])
@@ -183,6 +180,31 @@ class _Worker:
         if hasattr(signal, "SIGUSR1") and self.process.poll() is None:
             os.kill(self.pid, signal.SIGUSR1)
             time.sleep(STACK_DUMP_WAIT)
+
+    def _wait(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """The reply to `message`, relaying progress events that come before it; after
+        `timeout` s without it, the stacks are asked for and the worker is killed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+            if left <= 0:
+                self._dump_stacks()
+                self.kill()
+                watchdog = {"silent_s": timeout, "timeout": timeout}
+                raise MinerCrashed(
+                    self.miner,
+                    f"no answer for {timeout:g} s; worker pid {self.pid} killed",
+                    self.record.evidence(self.process, message, watchdog),
+                )
+            if self.replies.poll(left):
+                reply: dict[str, Any] = self.replies.recv()
+                if "progress" not in reply:
+                    return reply
+                progress.relay(reply["progress"], reply["task"])
+                continue
+            reading = portable_reading(self.pid)
+            if reading is not None:
+                progress.alive(f"miner worker pid {self.pid}", float(reading["cpu_s"]))
 
     def _how_it_ended(self) -> str:
         returncode = self.record.reap(self.process, EXIT_WAIT)
@@ -292,7 +314,16 @@ class IsolatedMiner:
         if location is None:
             location = self._share(np.ascontiguousarray(bank, dtype=np.float32))
         request = {"op": "build", "bank": location, "fingerprint": fingerprint}
+        request.update(self._fault_fields(BUILD_FAULT_PHASE if self.fault_phase else None))
         self.build_info = self._worker.ask(request, self.build_timeout)["build_info"]
+
+    def check(self, rows: int, dim: int) -> list[str]:
+        """Refuse options a bank of rows x dim cannot be indexed with (UsageError, from the
+        engine in the worker, before anything is built); returns warnings worth logging."""
+        warnings: list[str] = self._worker.ask(
+            {"op": "check", "rows": rows, "dim": dim}, self.timeout
+        )["warnings"]
+        return warnings
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (N, D) -> (scores (N, k) float32 dot products, ids (N, k) int64), best first.
@@ -304,15 +335,22 @@ class IsolatedMiner:
         segment = self._buffer(buffer_bytes(n, dim, k))
         ids, scores, query_view = result_views(segment, n, dim, k)
         query_view[...] = queries
-        marker_dir = faults.marker_dir()
         request = {"op": "search", "buffer": segment.name, "n": n, "dim": dim, "k": k}
-        request.update(
-            step=faults.current_step(),
-            marker_dir=marker_dir and str(marker_dir),
-            phase=self.fault_phase,
-        )
-        self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
+        request.update(self._fault_fields(self.fault_phase))
+        what = f"{self.name} top-{k} of {n:,} queries in worker pid {self.pid}"
+        with progress.task("search", what, phase=False):  # a detail of the caller's phase
+            self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
         return scores.copy(), ids.copy()
+
+    @staticmethod
+    def _fault_fields(phase: str | None) -> dict[str, Any]:
+        """What the worker's fault switch needs: this process's step and markers, the phase."""
+        marker_dir = faults.marker_dir()
+        return {
+            "step": faults.current_step(),
+            "marker_dir": marker_dir and str(marker_dir),
+            "phase": phase,
+        }
 
     def stats(self) -> dict[str, int]:
         """The worker's memory in bytes and CPU seconds (`memory.process_memory`): pid, rss,

@@ -7,8 +7,10 @@ request at a time:
 
     {"op": "start", "name", "opts", "threads"} make the engine, then limit this process's
                                                thread pools to `threads` (None: no limit)
-    {"op": "build", "bank", "fingerprint"}     -> {"build_info"}
-    {"op": "search", "buffer", "n", "dim", "k", "step", "marker_dir"}
+    {"op": "check", "rows", "dim"}             -> {"warnings"} (or a UsageError reply)
+    {"op": "build", "bank", "fingerprint", "step", "marker_dir", "phase"}
+                                               -> {"build_info"}
+    {"op": "search", "buffer", "n", "dim", "k", "step", "marker_dir", "phase"}
                                                -> {"seconds"}, results in the buffer
     {"op": "stats"}                            -> {"memory"}
     {"op": "threadpools"}                      -> {"threadpools"}: threadpoolctl's view here
@@ -16,9 +18,14 @@ request at a time:
 
 A thread watches the parent: if it dies while a long build runs, the worker exits too.
 
+While a request runs, the engine's progress (`twotower.progress` tasks: the
+index build's training, adding and saving) goes to the parent as
+{"progress": "start" | "advance" | "end", "task"} messages before the reply.
+
 A Python exception becomes an {"error", "message", "usage"} reply; a native
-crash ends the process, which the parent reports by its signal. Each search
-reaches the fault point "mine" here, with the parent's step and marker directory.
+crash ends the process, which the parent reports by its signal. Each build
+reaches the fault point "build-index" and each search "mine" here, with the
+parent's step and marker directory.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults, miners
+from twotower import faults, miners, progress
 from twotower.crash_dump import enable_crash_dumps
 from twotower.errors import UsageError
 from twotower.memory import process_memory
@@ -46,6 +53,10 @@ from twotower.openmp import openmp_runtimes, threadpools
 from twotower.threads import limit_threads
 
 ORPHAN_CHECK_SECONDS = 1.0
+PROGRESS_EVERY = 0.25  # seconds between the advance messages of one task
+# tests: a build lasts at least this many seconds, busy on the CPU after the real build and
+# with no progress messages, as a slower machine's single native call would
+MIN_BUILD_ENV = "TWOTOWER_TEST_MIN_BUILD_SECONDS"
 
 
 def attach(name: str) -> SharedMemory:
@@ -87,6 +98,11 @@ class Server:
             limit_threads(message["threads"])  # after the engine has loaded its library
         return {"pid": os.getpid(), "openmp": openmp_runtimes()}
 
+    def op_check(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.engine is not None
+        check = getattr(self.engine, "check", None)
+        return {"warnings": check(message["rows"], message["dim"]) if check else []}
+
     def op_build(self, message: dict[str, Any]) -> dict[str, Any]:
         bank = message["bank"]
         shape, dtype = tuple(bank["shape"]), np.dtype(bank["dtype"])
@@ -97,22 +113,30 @@ class Server:
             segment = self._attached("bank", bank["name"])
             array = np.ndarray(shape, dtype, segment.buf)
         assert self.engine is not None
+        self._fault_point(message)
+        started = time.monotonic()
         self.engine.build(array, message["fingerprint"])
+        busy_until(started + float(os.environ.get(MIN_BUILD_ENV) or 0))
         self._hold("bank", segment)  # only now has the engine let go of the old bank
         return {"build_info": getattr(self.engine, "build_info", {}), "openmp": openmp_runtimes()}
 
-    def op_search(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _fault_point(self, message: dict[str, Any]) -> None:
+        """The request's fault point, armed with the parent's step and marker directory."""
         if message["marker_dir"] != self.marker_dir:
             self.marker_dir = message["marker_dir"]
             faults.arm(None if self.marker_dir is None else Path(self.marker_dir))
         faults.set_step(message["step"])
+        if message["phase"] is not None:
+            assert self.engine is not None
+            faults.point(message["phase"], [self.engine.name])
+
+    def op_search(self, message: dict[str, Any]) -> dict[str, Any]:
         n, dim, k = message["n"], message["dim"], message["k"]
         buffer = self._attached("buffer", message["buffer"])
         self._hold("buffer", buffer)
         ids, scores, queries = result_views(buffer, n, dim, k)
+        self._fault_point(message)
         assert self.engine is not None
-        if message["phase"] is not None:
-            faults.point(message["phase"], [self.engine.name])
         start = time.perf_counter()
         scores[...], ids[...] = self.engine.search(queries, k)
         return {"seconds": time.perf_counter() - start}
@@ -140,6 +164,37 @@ class Server:
             self.segments[role] = segment
 
 
+def busy_until(deadline: float) -> None:
+    """Use the CPU until time.monotonic() reaches `deadline` (see MIN_BUILD_ENV)."""
+    while time.monotonic() < deadline:
+        sum(range(10_000))
+
+
+class PipeSink:
+    """The worker's progress sink: each task event goes to the parent as a message."""
+
+    def __init__(self, replies: Connection):
+        self.replies = replies
+        self._sent = 0.0
+
+    def start(self, task: progress.Task) -> None:
+        self._send("start", task)
+
+    def advance(self, task: progress.Task) -> None:
+        if time.monotonic() - self._sent >= PROGRESS_EVERY:
+            self._send("advance", task)
+
+    def end(self, task: progress.Task) -> None:
+        self._send("end", task)
+
+    def alive(self, source: str, cpu_seconds: float) -> None:
+        """Nothing: the parent watches this process's CPU time itself."""
+
+    def _send(self, event: str, task: progress.Task) -> None:
+        self._sent = time.monotonic()
+        self.replies.send({"progress": event, "task": task.as_dict()})
+
+
 def exit_when_orphaned(parent: int, every: float = ORPHAN_CHECK_SECONDS) -> None:
     """Exit this process once `parent` is gone (killed mid-build, say): run it in a thread.
 
@@ -160,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = Connection(request_fd, writable=False)
     replies = Connection(reply_fd, readable=False)
     server = Server()
+    progress.install(PipeSink(replies))
     while True:
         try:
             message = requests.recv()

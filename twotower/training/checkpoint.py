@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
+from twotower import progress
 from twotower.atomic import fsync_dir
 from twotower.errors import TwotowerError
 
@@ -157,6 +158,7 @@ def save_checkpoint(
     with a higher step (left by a run resumed from an earlier checkpoint) go
     too. Saving a step that exists replaces it: the old one is renamed away
     only once the new one is complete, and the two renames are back to back.
+    Writing the arrays is the "checkpoint" progress task (`twotower.progress`).
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -172,16 +174,20 @@ def save_checkpoint(
     name = step_dir_name(step)
     tmp = ckpt_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
+    size = sum(np.asarray(value).nbytes for value in arrays.values())
     try:
         entries = {}
-        for array_name, value in arrays.items():
-            array = np.asarray(value)
-            sha256 = _write_array(tmp / f"{array_name}.npy", array)
-            entries[array_name] = {
-                "sha256": sha256,
-                "shape": list(array.shape),
-                "dtype": array.dtype.str,
-            }
+        what = f"step {step}: {len(arrays)} arrays, {size / 2**20:,.1f} MiB"
+        with progress.task("checkpoint", what, size, "bytes") as task:
+            for array_name, value in arrays.items():
+                array = np.asarray(value)
+                sha256 = _write_array(tmp / f"{array_name}.npy", array)
+                entries[array_name] = {
+                    "sha256": sha256,
+                    "shape": list(array.shape),
+                    "dtype": array.dtype.str,
+                }
+                task.advance(array.nbytes)
         document = {"format_version": FORMAT_VERSION, "step": step, **meta, "arrays": entries}
         text = json.dumps(document, indent=2, default=_json_default)
         _write_durably(tmp / META, lambda file: file.write(text.encode()))

@@ -118,8 +118,7 @@ def evaluate_run(
     engine = make_backend(config, eval_dataset.dim)
     if state is not None:
         engine.load_state(state)
-    options = miners.options_for(config, [miner], user_cache_dir() / "index")
-    search = miners.get(miner, fault_phase=None, **options)
+    search = miners.get_for(config, miner, user_cache_dir() / "index", fault_phase=None)
     search.build(eval_dataset.bank, fingerprint=eval_dataset.fingerprint)
     masking = bool(config.exclude_context)
     comparison = Comparison(

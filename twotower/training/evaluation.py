@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
+from twotower import progress
 from twotower.backends import Backend
 from twotower.batch import seen_by_query
 from twotower.config import CUTOFFS, METRICS
@@ -52,16 +53,20 @@ def encode_rows(
     """Unit query vectors (len(rows), D) float32 for dataset rows, `chunk` at a time.
 
     gather(rows) -> (contexts (B, T, D), lengths (B,), positive ids (B,)), as Dataset.gather.
+    The work is the "encode" progress task (`twotower.progress`).
     """
     out: np.ndarray | None = None
-    for start in tqdm(
-        range(0, len(rows), chunk), desc=label, unit="chunk", leave=False, disable=None
-    ):
-        contexts, lengths, _ = gather(rows[start : start + chunk])
-        q = backend.encode(contexts, lengths)
-        if out is None:
-            out = np.empty((len(rows), q.shape[1]), dtype=np.float32)
-        out[start : start + len(q)] = q
+    what = f"{label}: {len(rows):,} queries on {backend.name}"
+    with progress.task("encode", what, len(rows), "queries") as task:
+        for start in tqdm(
+            range(0, len(rows), chunk), desc=label, unit="chunk", leave=False, disable=None
+        ):
+            contexts, lengths, _ = gather(rows[start : start + chunk])
+            q = backend.encode(contexts, lengths)
+            if out is None:
+                out = np.empty((len(rows), q.shape[1]), dtype=np.float32)
+            out[start : start + len(q)] = q
+            task.advance(len(q))
     assert out is not None, "encode_rows needs at least one row"
     return out
 
@@ -112,24 +117,40 @@ def rank_rows(
     k = max(CUTOFFS)
     totals = dict.fromkeys(METRICS, 0.0)
     last_report = time.monotonic()
-    for start in tqdm(
-        range(0, len(rows), BLOCK), desc=label, unit="block", leave=False, disable=None
-    ):
-        block = rows[start : start + BLOCK]
-        contexts, lengths, positives = dataset.gather(block)
-        queries = encode(contexts, lengths)
-        if exclude_context:
-            seen = dataset.seen_ids(block)
-            _, ids = miner.search(queries, k + seen.shape[1])
-            ids = without_seen(ids, seen, positives, k)
-        else:
-            _, ids = miner.search(queries, k)
-        for name, value in retrieval_metrics(ids, positives).items():
-            totals[name] += value * len(block)
-        if time.monotonic() - last_report >= PROGRESS_SECONDS:
-            last_report = time.monotonic()
-            log.info("%s: %d of %d queries ranked", label, start + len(block), len(rows))
+    what = f"{label}: {len(rows):,} queries with {miner.name}"
+    with progress.task("evaluate", what, len(rows), "queries") as task:
+        for start in tqdm(
+            range(0, len(rows), BLOCK), desc=label, unit="block", leave=False, disable=None
+        ):
+            block = rows[start : start + BLOCK]
+            _rank_block(encode, dataset, block, miner, exclude_context, k, totals)
+            task.advance(len(block))
+            if time.monotonic() - last_report >= PROGRESS_SECONDS:
+                last_report = time.monotonic()
+                log.info("%s: %d of %d queries ranked", label, start + len(block), len(rows))
     return {name: total / max(len(rows), 1) for name, total in totals.items()}
+
+
+def _rank_block(
+    encode: Encode,
+    dataset: Dataset,
+    block: np.ndarray,
+    miner: Miner,
+    exclude_context: bool,
+    k: int,
+    totals: dict[str, float],
+) -> None:
+    """Rank one block of rows and add its metrics, weighted by its size, to `totals`."""
+    contexts, lengths, positives = dataset.gather(block)
+    queries = encode(contexts, lengths)
+    if exclude_context:
+        seen = dataset.seen_ids(block)
+        _, ids = miner.search(queries, k + seen.shape[1])
+        ids = without_seen(ids, seen, positives, k)
+    else:
+        _, ids = miner.search(queries, k)
+    for name, value in retrieval_metrics(ids, positives).items():
+        totals[name] += value * len(block)
 
 
 def evaluate(

@@ -5,11 +5,15 @@ are overwritten first, whatever Q mod B is. `ids` and `vecs` are preallocated
 once and only ever written in place, so a `Batch` can hold them as its
 `queue_ids` / `queue_vecs` without a copy per step. The ring is part of
 checkpoint state under the names in `STATE_KEYS`.
+
+A backend that keeps its own copy of the ring (on an accelerator) is
+`attach`ed as a mirror: every push and restore is copied to it, slot for slot.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -20,6 +24,16 @@ VECS_KEY = "queue.vecs"
 HEAD_KEY = "queue.head"
 STATE_KEYS = (IDS_KEY, VECS_KEY, HEAD_KEY)
 EMPTY_ID = -1
+
+
+class QueueMirror(Protocol):
+    """A copy of the ring elsewhere (a device): kept equal to it by the queue."""
+
+    def load(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Copy the whole ring: ids (Q,), vecs (Q, D)."""
+
+    def write(self, start: int, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Copy ids (n,) and vecs (n, D) into slots [start, start + n)."""
 
 
 class MemoryQueue:
@@ -41,6 +55,13 @@ class MemoryQueue:
         self.ids = np.full(size, EMPTY_ID, dtype=np.int64)  # (Q,)
         self.vecs = np.zeros((size, dim), dtype=np.float32)  # (Q, D)
         self.head = 0
+        self.mirror: QueueMirror | None = None
+
+    def attach(self, mirror: QueueMirror | None) -> None:
+        """Keep `mirror` equal to the ring from now on (it gets the whole ring now)."""
+        self.mirror = mirror
+        if mirror is not None:
+            mirror.load(self.ids, self.vecs)
 
     def push(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Enqueue ids (B,) int and vecs (B, D), in order, overwriting the oldest entries.
@@ -68,6 +89,12 @@ class MemoryQueue:
         self.ids[: kept - first] = ids[count - kept + first :]
         self.vecs[: kept - first] = vecs[count - kept + first :]
         self.head = (self.head + count) % self.size
+        if self.mirror is not None:
+            self.mirror.write(
+                start, self.ids[start : start + first], self.vecs[start : start + first]
+            )
+            if kept > first:
+                self.mirror.write(0, self.ids[: kept - first], self.vecs[: kept - first])
 
     def state(self) -> dict[str, np.ndarray]:
         """Fresh copies: `queue.ids` (Q,) int64, `queue.vecs` (Q, D) float32, `queue.head` ()."""
@@ -103,3 +130,5 @@ class MemoryQueue:
         self.ids[:] = ids
         self.vecs[:] = vecs
         self.head = head
+        if self.mirror is not None:
+            self.mirror.load(self.ids, self.vecs)

@@ -30,6 +30,7 @@ from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
+from twotower.progress import install as install_progress_sink
 from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
 from twotower.training.cadence import EVAL_BUDGET, EVALS_PER_EPOCH, auto_eval_every
@@ -45,7 +46,9 @@ from twotower.training.demo import demo_dataset
 from twotower.training.evaluation import encode_rows
 from twotower.training.heartbeat import Heartbeat
 from twotower.training.heldout import HeldOut, held_out
+from twotower.training.miner_setup import MinerSetup
 from twotower.training.mining import HardNegativeTable
+from twotower.training.phases import PhaseReporter
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
@@ -140,20 +143,11 @@ class Trainer:
             )
         return stored
 
-    def _make_miner(self, dataset: Dataset) -> miners.Miner:
-        c = self.config
-        chain = [c.miner] + [m for m in c.miner_fallback if m != c.miner]
-        opts = miners.options_for(c, chain, user_cache_dir() / "index")
-        opts["threads"] = self.threads.miner
-        miner = miners.chain(chain, on_event=self._miner_event, **opts)
-        miner.build(dataset.bank, fingerprint=dataset.fingerprint)
-        return miner
-
     def _make_eval_miner(self, dataset: Dataset) -> miners.Miner:
-        """The evaluation's search engine over `dataset`'s bank (the held-out rows' data)."""
+        """An evaluation miner over a validation set's own bank (--eval-data); the run's
+        dataset gets its evaluation miner from MinerSetup."""
         c = self.config
-        opts = miners.options_for(c, [c.eval_miner], user_cache_dir() / "index")
-        miner = miners.get(c.eval_miner, fault_phase=None, **opts)
+        miner = miners.get_for(c, c.eval_miner, user_cache_dir() / "index", fault_phase=None)
         miner.build(dataset.bank, fingerprint=dataset.fingerprint)
         return miner
 
@@ -168,6 +162,9 @@ class Trainer:
     def _miner_event(self, event: dict[str, Any]) -> None:
         """Log a miner chain event; a worker's death also gets its crash report."""
         fields = {k: v for k, v in event.items() if k not in ("event", "worker")}
+        if not hasattr(self, "metrics"):  # before the run directory is accepted: log only
+            log.warning("miner: %s", ", ".join(f"{k}={v}" for k, v in fields.items()))
+            return
         if event.get("worker") and self.on_worker_death is not None:
             report = self.on_worker_death(self.run.crashes, event)
             fields["report"] = str(report.relative_to(self.run.root))
@@ -183,10 +180,7 @@ class Trainer:
         where it searches (its worker, when isolated), not here.
         """
         faults.set_step(step)
-        beat = self.heartbeat.beat(
-            step, phase, backend=self.backend.name, miner=self.miner_name, openmp=self.openmp
-        )
-        self.rss_kb = beat["rss_kb"]
+        self.phases.enter(phase)
         if self._supervisor_pid not in (None, os.getppid()) and self._stop_signal is None:
             log.warning(
                 "the supervisor (pid %s) is gone: stopping after this step", self._supervisor_pid
@@ -195,6 +189,18 @@ class Trainer:
         if phase == "mine":
             return False
         return faults.point(phase, [self.backend.name, self.miner_name])
+
+    def _beat(self, phase: str, fields: dict[str, Any]) -> None:
+        """Write the heartbeat: `phase` at the current step, the engines, `fields` (progress)."""
+        beat = self.heartbeat.beat(
+            faults.current_step(),
+            phase,
+            backend=self.backend.name,
+            miner=self.miner_name,
+            openmp=self.openmp,
+            **fields,
+        )
+        self.rss_kb = beat["rss_kb"]
 
     @property
     def miner_name(self) -> str:
@@ -341,6 +347,11 @@ class Trainer:
             self.dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
+        split = held_out(c, self.dataset)
+        self.train_rows = split.train_rows
+        self.miners = MinerSetup(c, self.dataset, len(self.train_rows), self._miner_event)
+        self.threads = self._thread_budget()  # after --miner auto is resolved
+        self.miners.make(self.threads.miner)  # options checked against the bank: may refuse
         self.run.prepare()
         if stored is None:
             self.run.config.write_text(c.to_json())
@@ -348,10 +359,12 @@ class Trainer:
         self.scalars = TensorboardScalars(c.tensorboard) if c.tensorboard else None
         self.metrics = MetricsLog(self.run.metrics, also=self.scalars)
         self.heartbeat = Heartbeat(self.run.heartbeat)
+        self.phases = PhaseReporter(self._beat, log)
+        install_progress_sink(self.phases)
         faults.arm(self.run.faults)
+        self.phases.enter("load")
+        self.miners.log_choice()
 
-        split = held_out(c, self.dataset)
-        self.train_rows = split.train_rows
         self.plan = StepPlan(self.train_rows, c.batch_size, c.seed)
         total = planned_steps(c, self.plan.batches_per_epoch)
         self.schedule = LRSchedule.of(c, total)
@@ -359,11 +372,19 @@ class Trainer:
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
         step, metrics, selection = self._restore()
-        self.threads = self._thread_budget()
-        eval_miner = self._make_eval_miner(split.eval_dataset)
+        mirror = getattr(self.backend, "queue_mirror", None)  # the ring on the backend's device
+        self.queue.attach(mirror(self.queue.ids, self.queue.vecs) if mirror else None)
+        faults.set_step(step)
+        self.phases.enter("build-index")  # a worker's load-index or build-index refines it
+        self.miners.build()
+        self.miner = self.miners.miner
+        eval_miner = (
+            self.miners.eval_miner
+            if split.eval_dataset is self.dataset
+            else self._make_eval_miner(split.eval_dataset)
+        )
         self.validator = Validator(c, split, eval_miner, self.metrics, selection)
         log.info("%s", split.describe())
-        self.miner = self._make_miner(self.dataset) if c.hard_negatives else None
         pools = limit_threads(self.threads.trainer)  # after the engines have loaded theirs
         self.heartbeat.describe(threads=self.threads.as_dict(), threadpools=pools)
         self.openmp = openmp_runtimes()
@@ -383,6 +404,7 @@ class Trainer:
             total_steps=total,
             backend=self.backend.name,
             miner=self.miner_name,
+            miner_build=dict(getattr(self.miner, "build_info", {})),
             samples=self.dataset.num_samples,
             train=len(self.train_rows),
             eval=len(split.eval_rows),
@@ -478,6 +500,14 @@ class Trainer:
         return step, metrics
 
     def run_training(self) -> RunResult:
+        try:
+            return self._run_training()
+        finally:
+            if hasattr(self, "phases"):
+                install_progress_sink(None)
+                self.phases.close()
+
+    def _run_training(self) -> RunResult:
         step, total, metrics = self._open()
         started = time.perf_counter()
         metrics_before = self._evaluate(0, report=True) if step == 0 else {}

@@ -1,0 +1,114 @@
+"""A run's miners, from its config to built indexes: `--miner auto` resolved, every option
+checked against the bank before anything is written, then built with the build shown.
+
+`MinerSetup(config, dataset, queries)` resolves `--miner auto` (writing the
+choice into the config, so config.json and restarts keep it); `make(threads)`
+makes the mining chain and the evaluation miner (their workers start) and asks
+each to check its options against the bank (`Miner.check`): a factory string faiss
+cannot parse, more IVF lists than bank rows, a parameter the index lacks is a
+UsageError (exit code 2) here, before the run directory is touched. `build()`
+then builds them; the build's progress reaches the heartbeat and the log
+through `twotower.progress`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from twotower import miners
+from twotower.config import TrainConfig
+from twotower.data import Dataset
+from twotower.miners.auto import MinerChoice, choose_miner
+from twotower.miners.base import check_miner
+from twotower.paths import user_cache_dir
+
+log = logging.getLogger("twotower")
+
+
+class MinerSetup:
+    """The mining chain (None without hard negatives) and the evaluation miner of a run.
+
+    queries: how many queries a refresh searches (what `--miner auto` weighs).
+    on_event: receives the mining chain's crash, restart and switch events.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        queries: int,
+        on_event: Callable[[dict[str, Any]], None],
+    ):
+        self.config = config
+        self.dataset = dataset
+        self.on_event = on_event
+        self.choice: MinerChoice | None = None
+        if config.miner == "auto":
+            rows, dim = dataset.bank.shape
+            self.choice = choose_miner(rows, dim, queries, miners.available())
+            config.miner = self.choice.miner
+            for name, value in self.choice.settings.items():
+                setattr(config, name, value)
+        self.eval_miner: miners.Miner  # made by `make`
+        self.miner: miners.Miner | None = None
+        self.warnings: list[str] = []
+
+    def make(self, threads: int | None) -> None:
+        """Make the evaluation miner and the mining chain (its engines get `threads`, the
+        thread budget's share of a miner) and check both against the bank."""
+        config = self.config
+        cache = user_cache_dir() / "index"
+        self.eval_miner = miners.get_for(config, config.eval_miner, cache, fault_phase=None)
+        if config.hard_negatives:
+            chain = [config.miner] + [m for m in config.miner_fallback if m != config.miner]
+            per_engine = {name: miners.engine_settings(config, name) for name in chain}
+            opts = {**miners.options_for(config, cache), "threads": threads}
+            self.miner = miners.chain(chain, self.on_event, per_engine, **opts)
+        self.warnings = self._check()
+
+    def _check(self) -> list[str]:
+        rows, dim = self.dataset.bank.shape
+        warnings = check_miner(self.eval_miner, rows, dim)
+        if self.miner is not None:
+            warnings += check_miner(self.miner, rows, dim)
+        return warnings
+
+    def log_choice(self) -> None:
+        """Log what `--miner auto` chose and why, and the checks' warnings (once logging is on)."""
+        if self.choice is not None:
+            chosen = self.choice.settings.items()
+            settings = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in chosen)
+            log.info(
+                "--miner auto chose %s%s: %s",
+                self.choice.miner,
+                f" ({settings})" if settings else "",
+                self.choice.reason,
+            )
+        for warning in self.warnings:
+            log.warning("%s", warning)
+
+    def build(self) -> None:
+        """Build (or load) the evaluation miner's and the mining chain's indexes; log how."""
+        bank, fingerprint = self.dataset.bank, self.dataset.fingerprint
+        for role, miner in (("evaluation", self.eval_miner), ("mining", self.miner)):
+            if miner is None:
+                continue
+            miner.build(bank, fingerprint=fingerprint)
+            info = dict(getattr(miner, "build_info", {}))
+            if info.get("source") in ("built", "loaded"):
+                tuned = (
+                    f", nprobe {info['nprobe']} (recall@32 {info['tuned_recall']} on "
+                    f"{info['tune_queries']} bank rows)"
+                    if "tuned_recall" in info
+                    else ""
+                )
+                log.info(
+                    "%s miner %s: index %s in %.1f s%s",
+                    role,
+                    miner.name,
+                    info["source"],
+                    info["seconds"],
+                    tuned,
+                )
