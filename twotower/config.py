@@ -171,6 +171,10 @@ class TrainConfig:
     resume: bool = knob(False, "continue the run in --out from its newest valid checkpoint")
     supervise: bool = knob(True, "run the trainer in a supervised child process")
     deterministic: bool = knob(False, "torch: use_deterministic_algorithms")
+    # torchrun
+    collective_timeout: float = knob(
+        1800.0, "torchrun: seconds a rank waits in a collective for the others before failing"
+    )
 
     def __post_init__(self) -> None:
         if self.out is None:
@@ -209,6 +213,8 @@ class TrainConfig:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.collective_timeout <= 0:
+            raise UsageError(f"--collective-timeout must be > 0, got {self.collective_timeout}")
         if self.temperature <= 0 or self.lr <= 0 or self.max_grad_norm <= 0:
             raise UsageError("--temperature, --lr and --max-grad-norm must be > 0")
         if not 0 < self.eval_fraction < 1:
