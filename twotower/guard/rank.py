@@ -62,7 +62,7 @@ def guard_rank(config: TrainConfig, world: World) -> int:
                 stack_file=stack_file,
             ).run()
     if outcome.crashed and outcome.exit.returncode != EXIT_USAGE:
-        armed = faults.parse_faults(os.environ.get(faults.ENV_VAR))
+        armed = faults.parse_faults(os.environ.get(faults.ENV_VAR)) if world.arms_faults() else []
         label = f"rank {world.rank} of {world.size}, attempt {world.restart + 1}"
         report = forensics.examine(
             outcome, label, armed, next=NEXT_STEP, rank=world.rank, world_size=world.size

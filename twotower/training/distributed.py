@@ -44,6 +44,10 @@ RANK_ENV = "RANK"
 LOCAL_RANK_ENV = "LOCAL_RANK"
 LOCAL_WORLD_SIZE_ENV = "LOCAL_WORLD_SIZE"
 RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
+MASTER_ADDR_ENV = "MASTER_ADDR"
+MASTER_PORT_ENV = "MASTER_PORT"
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+FAULT_RANK_ENV = "TWOTOWER_FAULT_RANK"  # rehearsals: arm TWOTOWER_INJECT_FAULT on this rank only
 _T = TypeVar("_T")
 
 
@@ -70,6 +74,13 @@ class World:
     def heartbeat_path(self, run_dir: Path) -> Path:
         """This rank's heartbeat file in run_dir."""
         return run_dir / f"heartbeat-rank{self.rank}.json"
+
+    def arms_faults(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether this rank arms $TWOTOWER_INJECT_FAULT: every rank (the first to reach a
+        fire-once point fires it) unless $TWOTOWER_FAULT_RANK names another rank."""
+        env = os.environ if environ is None else environ
+        chosen = env.get(FAULT_RANK_ENV, "").strip()
+        return not chosen or chosen == str(self.rank)
 
     def shard(self, batch_size: int) -> slice:
         """This rank's rows of a global batch of `batch_size` rows."""
@@ -145,8 +156,23 @@ class Group:
         if device == "cuda":
             torch.cuda.set_device(world.local_rank)
             self.device = torch.device("cuda", world.local_rank)
+        timeout = timedelta(seconds=timeout_s)
+        # torchrun's agent keeps one store across restarts: a prefix per group keeps a new
+        # group from reading the addresses the previous one left there
+        hosted_by_agent = os.environ.get(AGENT_STORE_ENV) == str(True)
+        store = dist.TCPStore(
+            os.environ.get(MASTER_ADDR_ENV, "127.0.0.1"),
+            int(os.environ.get(MASTER_PORT_ENV, "29500")),
+            world.size,
+            is_master=world.rank == 0 and not hosted_by_agent,
+            timeout=timeout,
+        )
         dist.init_process_group(
-            "nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+            "nccl" if device == "cuda" else "gloo",
+            store=dist.PrefixStore(f"twotower/group-{world.restart}", store),
+            rank=world.rank,
+            world_size=world.size,
+            timeout=timeout,
         )
 
     def close(self) -> None:

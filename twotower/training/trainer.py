@@ -373,6 +373,8 @@ class Trainer:
         self._open_run_files(write_config=stored is None)
         self.phases = PhaseReporter(self._beat, log)
         install_progress_sink(self.phases)
+        if self.world is not None and not self.world.arms_faults():
+            os.environ.pop(faults.ENV_VAR, None)  # nor do this rank's miner workers
         faults.arm(self.run.faults)
         self.phases.enter("load")
         self.miners.log_choice()
