@@ -256,7 +256,9 @@ class TorchBackend:
         """Gradients into .grad (summed over ranks in a data-parallel run); returns the loss."""
         self.model.zero_grad(set_to_none=True)
         shard = self.data_parallel
-        first_row = shard.first_row(len(batch.contexts)) if shard is not None else 0
+        first_row = 0  # a batch with the global batch's positives holds one rank's queries
+        if shard is not None and len(batch.positive_ids) > len(batch.contexts):
+            first_row = shard.first_row(len(batch.contexts))
         loss = infonce(
             self._queries(batch.contexts, batch.lengths),
             batch,
