@@ -25,7 +25,7 @@ from tqdm import tqdm
 from twotower import backends, faults, miners
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
-from twotower.crash_dump import SUPERVISOR_PID_ENV, enable_crash_dumps
+from twotower.crash_dump import SUPERVISOR_PID_ENV, die_with_parent, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.openmp import openmp_runtimes
@@ -355,6 +355,8 @@ class Trainer:
         if c.tensorboard:
             summary_writer_class()  # refused (exit 2) before anything is written
         if self.world is not None:
+            if self._supervisor_pid is not None:
+                die_with_parent()  # torchrun ends a stuck rank by killing its guard
             device = backends.resolve(c.backend).removeprefix("torch-")
             self.group = Group(self.world, device, c.collective_timeout)
         self.dataset = self._rank_zero_first(self._open_dataset)
