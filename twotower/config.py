@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +24,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+TORCHRUN_ID_ENV = "TORCHELASTIC_RUN_ID"
 
 # Fields that change the numbers a run computes. Resuming with another value of one of
 # these is refused; everything else (engines, checkpoint cadence, output) may change.
@@ -78,6 +81,15 @@ MINER_KNOBS = tuple(  # the whole-number ones, each >= 1 when given
 )
 
 
+def default_out() -> str:
+    """runs/YYYYmmdd-HHMMSS; under torchrun runs/torchrun-<its run id>, one name for every rank
+    and every restart of the launch (a clock could differ between ranks by a second)."""
+    run_id = os.environ.get(TORCHRUN_ID_ENV, "none")
+    if run_id != "none":
+        return str(Path("runs") / f"torchrun-{run_id}")
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
 def knob(default: Any, help: str) -> Any:
     """A config field with its --help text; a callable default makes a fresh value each time."""
     if callable(default):
@@ -91,7 +103,9 @@ class TrainConfig:
 
     # data and output
     data: str | None = knob(None, "dataset directory or .npz file")
-    out: str | None = knob(None, "run directory (default runs/YYYYmmdd-HHMMSS)")
+    out: str | None = knob(
+        None, "run directory (default runs/YYYYmmdd-HHMMSS; torchrun: runs/torchrun-RUN_ID)"
+    )
     demo: bool = knob(False, "train on built-in demo data (synthesized on first use)")
     # model
     tower: str = knob("gru", "query tower: gru | meanpool")
@@ -178,7 +192,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.out is None:
-            self.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+            self.out = default_out()
         self.validate()
 
     def validate(self) -> None:
