@@ -35,8 +35,9 @@ STEPS = 12
 TRAIN_ARGS = (
     f"--backend torch-cpu --steps {STEPS} --batch-size 16 --hidden 12 --hard-negatives 3 "
     "--mine-every 5 --mine-pool 6 --queue-size 40 --checkpoint-every 4 --keep-checkpoints 5 "
-    "--max-eval 40 --collective-timeout 120"
-).split()
+    "--max-eval 40 --collective-timeout 120 --exclude-context --lr-schedule cosine "
+    "--warmup-steps 3 --residual last"
+).split()  # the recipe options too: seen-item masks on a shard, the schedule on every rank
 
 
 @pytest.fixture(scope="module")
