@@ -110,10 +110,10 @@ def launched_world(environ: Mapping[str, str] | None = None) -> World | None:
 
 def check_config(config: TrainConfig, world: World) -> None:
     """Refuse, before anything starts, what a data-parallel run cannot do (UsageError, one line)."""
-    if config.backend == "numpy":
+    if config.backend in ("numpy", "torch-mps"):
         raise UsageError(
-            "--backend numpy runs in one process only; under torchrun use --backend torch-cpu "
-            "(gloo) or torch-cuda (nccl), or run `twotower train` without torchrun"
+            f"--backend {config.backend} runs in one process only; under torchrun use --backend "
+            "torch-cpu (gloo) or torch-cuda (nccl), or run `twotower train` without torchrun"
         )
     if config.batch_size % world.size:
         fitting = -(-config.batch_size // world.size) * world.size
