@@ -5,9 +5,10 @@ Both runs are `twotower train` in child processes, on identical batches; each on
 time is the median interval between consecutive `step` records of its metrics.jsonl
 (rank 0's for the ranks: every rank waits for the others in each collective). The ranks
 log each step's time in collectives (`collective_ms`: the all-gather of positives plus the
-all-reduce of the 4.7M gradients, ~19 MB). torchrun gives each rank OMP_NUM_THREADS=1; the
-1-process run is measured with 2 threads and with 1 (the same compute per process as a
-rank). On a 2-core machine no speed-up is expected: the figure is what the exchange costs.
+all-reduce of the 4.7M gradients, ~19 MB). Each rank's thread budget is its share of the
+machine's cores (1 of 2); the 1-process run is measured with 2 threads and with 1 (the same
+compute per process as a rank). On a 2-core machine no speed-up is expected: the figure is
+what the exchange costs.
 
     pytest bench/test_distributed.py --benchmark-only
 """
@@ -67,7 +68,8 @@ def test_one_process(
 ) -> None:
     out = tmp_path / "run"
     command = [sys.executable, "-m", "twotower", "train", "--no-supervise"]
-    command += ["--data", str(dataset.path), "--out", str(out), *TRAIN_ARGS]
+    command += ["--data", str(dataset.path), "--out", str(out), "--threads", str(threads)]
+    command += TRAIN_ARGS
     benchmark.pedantic(
         run, args=(command,), kwargs={"OMP_NUM_THREADS": str(threads)}, rounds=1, iterations=1
     )
