@@ -48,33 +48,41 @@ class Batch:
             queue_vecs=np.zeros((0, dim), dtype=np.float32),
         )
 
-    def candidate_masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which candidates the loss ignores: (in-batch (B, B), hard (B, K), queue (B, Q)).
+    def candidate_masks(self, first_row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which candidates the loss ignores: (in-batch (b, B), hard (b, K), queue (b, Q)).
 
         True where a candidate other than the query's own positive has the
         positive's id (a duplicate), the id -1 (an empty slot) or, with
-        `context_ids`, one of the query's context ids (an item it has seen).
+        `context_ids`, one of the query's context ids (an item it has seen). The
+        b = len(contexts) queries are rows [first_row, first_row + b) of the B positives:
+        all of them (b = B, first_row 0) in one process, one rank's shard of the global
+        batch under torchrun (`twotower.training.distributed`).
         """
-        in_batch, hard = self.batch_masks()
-        positives = self.positive_ids[:, None]
+        in_batch, hard = self.batch_masks(first_row)
+        positives = self.own_positive_ids(first_row)[:, None]
         queue = (self.queue_ids[None, :] == positives) | (self.queue_ids[None, :] == -1)
         seen = self.seen_in_queue()
         return in_batch, hard, queue if seen is None else queue | seen
 
-    def batch_masks(self) -> tuple[np.ndarray, np.ndarray]:
-        """The in-batch (B, B) and hard (B, K) parts of `candidate_masks` (an engine that
+    def own_positive_ids(self, first_row: int = 0) -> np.ndarray:
+        """(b,) the positive ids of this batch's queries (see `candidate_masks`)."""
+        return self.positive_ids[first_row : first_row + len(self.contexts)]
+
+    def batch_masks(self, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The in-batch (b, B) and hard (b, K) parts of `candidate_masks` (an engine that
         holds the queue elsewhere masks that part itself, by the same rule)."""
-        positives = self.positive_ids[:, None]
+        queries = np.arange(len(self.contexts))
+        positives = self.own_positive_ids(first_row)[:, None]  # (b, 1)
         in_batch = positives == self.positive_ids[None, :]
         hard = (self.hard_ids == positives) | (self.hard_ids == -1)
         if self.context_ids is not None:
             in_batch |= seen_by_query(self.context_ids, self.positive_ids[None, :])
             hard |= seen_by_query(self.context_ids, self.hard_ids)
-        np.fill_diagonal(in_batch, False)
+        in_batch[queries, first_row + queries] = False  # each query's own positive
         return in_batch, hard
 
     def seen_in_queue(self) -> np.ndarray | None:
-        """(B, Q) bool: queue entries among each query's context ids; None without them."""
+        """(b, Q) bool: queue entries among each query's context ids; None without them."""
         if self.context_ids is None:
             return None
         return seen_by_query(self.context_ids, self.queue_ids[None, :])

@@ -83,7 +83,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from twotower.training.distributed import launched_world
+
     config = config_from_args(args)
+    world = launched_world()  # started by torchrun: each rank guards its own trainer
+    if config.supervise and world is not None:
+        from twotower.guard.rank import guard_rank
+
+        return guard_rank(config, world)
     if config.supervise:
         from twotower.guard.supervisor import supervise
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -23,6 +24,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+TORCHRUN_ID_ENV = "TORCHELASTIC_RUN_ID"
 
 # Fields that change the numbers a run computes. Resuming with another value of one of
 # these is refused; everything else (engines, checkpoint cadence, output) may change.
@@ -93,6 +96,15 @@ MINER_KNOBS = tuple(  # the whole-number ones, each >= 1 when given
 )
 
 
+def default_out() -> str:
+    """runs/YYYYmmdd-HHMMSS; under torchrun runs/torchrun-<its run id>, one name for every rank
+    and every restart of the launch (a clock could differ between ranks by a second)."""
+    run_id = os.environ.get(TORCHRUN_ID_ENV, "none")
+    if run_id != "none":
+        return str(Path("runs") / f"torchrun-{run_id}")
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
 def knob(default: Any, help: str) -> Any:
     """A config field with its --help text; a callable default makes a fresh value each time."""
     if callable(default):
@@ -106,7 +118,9 @@ class TrainConfig:
 
     # data and output
     data: str | None = knob(None, "dataset directory or .npz file")
-    out: str | None = knob(None, "run directory (default runs/YYYYmmdd-HHMMSS)")
+    out: str | None = knob(
+        None, "run directory (default runs/YYYYmmdd-HHMMSS; torchrun: runs/torchrun-RUN_ID)"
+    )
     demo: bool = knob(False, "train on built-in demo data (synthesized on first use)")
     # model
     tower: str = knob("gru", "query tower: gru | meanpool")
@@ -198,10 +212,14 @@ class TrainConfig:
     resume: bool = knob(False, "continue the run in --out from its newest valid checkpoint")
     supervise: bool = knob(True, "run the trainer in a supervised child process")
     deterministic: bool = knob(False, "torch: use_deterministic_algorithms")
+    # torchrun
+    collective_timeout: float = knob(
+        1800.0, "torchrun: seconds a rank waits in a collective for the others before failing"
+    )
 
     def __post_init__(self) -> None:
         if self.out is None:
-            self.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+            self.out = default_out()
         self.validate()
 
     def validate(self) -> None:
@@ -246,6 +264,8 @@ class TrainConfig:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.collective_timeout <= 0:
+            raise UsageError(f"--collective-timeout must be > 0, got {self.collective_timeout}")
         if self.temperature <= 0 or self.lr <= 0 or self.max_grad_norm <= 0:
             raise UsageError("--temperature, --lr and --max-grad-norm must be > 0")
         if not 0 < self.eval_fraction < 1:

@@ -8,6 +8,7 @@ file. It lives here, below both, so the trainer never imports guard/.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import IO
 CRASH_FILE_ENV = "TWOTOWER_CRASH_FILE"  # where a supervised child's faulthandler writes
 SUPERVISOR_PID_ENV = "TWOTOWER_SUPERVISOR_PID"  # a child whose parent is gone stops cleanly
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _crash_stream: IO[str] | None = None
 
 
@@ -36,3 +38,18 @@ def enable_crash_dumps() -> Path | None:
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, file=_crash_stream, all_threads=True)
     return Path(path)
+
+
+def die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG).
+
+    For a torchrun rank's trainer: torchrun ends a stuck rank by killing its guard, and
+    the trainer (in a session of its own) must not outlive it. Returns False where the
+    call is unavailable (not Linux): there the trainer's own check of its parent, at
+    each phase point, remains.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from twotower.backends.base import StepSettings, join_state, split_state
+from twotower.backends.torch_data_parallel import GradientSum
 from twotower.batch import Batch, StepStats
 from twotower.towers import TowerSpec
 
@@ -112,22 +113,28 @@ class DeviceQueue:
 
 
 def infonce(
-    q: torch.Tensor, batch: Batch, temperature: float, queue: DeviceQueue | None = None
+    q: torch.Tensor,
+    batch: Batch,
+    temperature: float,
+    queue: DeviceQueue | None = None,
+    first_row: int = 0,
 ) -> torch.Tensor:
-    """Masked InfoNCE of DESIGN.md; the positive of row i is in-batch column i.
+    """Masked InfoNCE of DESIGN.md for queries q (b, D); the positive of query i is in-batch
+    column first_row + i. b = B: the batch's mean loss. b < B (one rank's shard of the
+    global batch): sum_i loss_i / B, its share of the global mean.
 
     queue: the ring on the device, used when it mirrors batch.queue_vecs (else it is sent).
     """
     device = q.device
     positives = torch.as_tensor(batch.positive_vecs, device=device)
     hard = torch.as_tensor(batch.hard_vecs, device=device)
-    in_batch, hard_masked = batch.batch_masks()
+    in_batch, hard_masked = batch.batch_masks(first_row)
     if queue is not None and batch.queue_vecs is queue.host_vecs:
         queue_vecs, queue_ids = queue.vecs, queue.ids
     else:
         queue_vecs = torch.as_tensor(batch.queue_vecs, device=device)
         queue_ids = torch.as_tensor(batch.queue_ids, device=device)
-    positive_ids = torch.as_tensor(batch.positive_ids, device=device)[:, None]
+    positive_ids = torch.as_tensor(batch.own_positive_ids(first_row), device=device)[:, None]
     queue_masked = (queue_ids[None, :] == positive_ids) | (queue_ids[None, :] == -1)
     seen = batch.seen_in_queue()  # (B, Q) from the host ring's ids, with seen-item masking only
     if seen is not None:
@@ -146,7 +153,10 @@ def infonce(
         dim=1,
     )
     logits = logits.masked_fill(masked, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=device))
+    targets = torch.arange(q.shape[0], device=device) + first_row
+    if q.shape[0] == len(positives):
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum") / len(positives)
 
 
 class TorchBackend:
@@ -178,7 +188,15 @@ class TorchBackend:
         self.model = QueryTower(spec).to(self.device)
         self._named = dict(self.model.named_parameters())
         self.optimizer: torch.optim.AdamW | None  # None: a tower without parameters
+        self.data_parallel: GradientSum | None = None  # set by join_data_parallel
         self.load_state(params)
+
+    def join_data_parallel(self, rank: int, world: int) -> GradientSum:
+        """Train as rank `rank` of `world` (torch.distributed's default group must be up):
+        each batch then holds this rank's shard of the queries and the global batch's
+        positives, and gradients and loss are summed over ranks before clip and AdamW."""
+        self.data_parallel = GradientSum(rank, world)
+        return self.data_parallel
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         s = self.settings
@@ -235,14 +253,22 @@ class TorchBackend:
             return self._queries(contexts, lengths).cpu().numpy()
 
     def _backward(self, batch: Batch) -> float:
+        """Gradients into .grad (summed over ranks in a data-parallel run); returns the loss."""
         self.model.zero_grad(set_to_none=True)
+        shard = self.data_parallel
+        first_row = 0  # a batch with the global batch's positives holds one rank's queries
+        if shard is not None and len(batch.positive_ids) > len(batch.contexts):
+            first_row = shard.first_row(len(batch.contexts))
         loss = infonce(
             self._queries(batch.contexts, batch.lengths),
             batch,
             self.settings.temperature,
             self.queue,
+            first_row,
         )
         loss.backward()
+        if shard is not None:
+            return shard.reduce(list(self._named.values()), loss)
         return float(loss.detach())
 
     def loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -82,10 +83,18 @@ def gather_step(
     return StepData(step, rows, contexts, lengths, positive_ids, positive_vecs, seen)
 
 
+class StepRows(Protocol):
+    """What Prefetcher reads: the rows of a step (a StepPlan, or one rank's share of it)."""
+
+    def rows_for(self, step: int) -> np.ndarray:
+        """(n,) dataset rows of step `step`."""
+        ...
+
+
 class Prefetcher:
     """Gathers step s + 1's data in a background thread while step s computes."""
 
-    def __init__(self, dataset: Dataset, plan: StepPlan, exclude_context: bool = False):
+    def __init__(self, dataset: Dataset, plan: StepRows, exclude_context: bool = False):
         self.dataset = dataset
         self.plan = plan
         self.exclude_context = exclude_context
@@ -138,11 +147,19 @@ def assemble_batch(
     bank: np.ndarray,
     hard_negatives: int,
     seed: int,
+    first_row: int = 0,
 ) -> Batch:
     """Step data + K ids sampled from the mined table (SeedSequence([seed, step, purpose]))
     + the queue as it is now (+ the context ids, when the data carries them: seen-item
-    masking). bank (M, D) is read only at the sampled rows."""
-    hard_ids = table.sample(data.rows, hard_negatives, step_rng(seed, data.step, HARD_NEGATIVES))
+    masking). bank (M, D) is read only at the sampled rows.
+
+    Under torchrun, data holds the global batch's rows and positives but only one rank's
+    b contexts (and context ids), rows [first_row, first_row + b): the draw is the global
+    batch's (the same numbers as in one process) and the rank keeps its queries' share.
+    """
+    rng = step_rng(seed, data.step, HARD_NEGATIVES)
+    queries = slice(first_row, first_row + len(data.contexts))
+    hard_ids = table.sample(data.rows, hard_negatives, rng)[queries]
     hard_vecs = np.asarray(bank[np.maximum(hard_ids, 0).ravel()], dtype=np.float32)
     return Batch(
         contexts=data.contexts,
@@ -150,7 +167,7 @@ def assemble_batch(
         positive_ids=data.positive_ids,
         positive_vecs=data.positive_vecs,
         hard_ids=hard_ids,
-        hard_vecs=hard_vecs.reshape(len(data.rows), hard_negatives, bank.shape[1]),
+        hard_vecs=hard_vecs.reshape(len(hard_ids), hard_negatives, bank.shape[1]),
         queue_ids=queue.ids,
         queue_vecs=queue.vecs,
         context_ids=data.context_ids,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from twotower import backends, faults, miners
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
-from twotower.crash_dump import SUPERVISOR_PID_ENV, enable_crash_dumps
+from twotower.crash_dump import SUPERVISOR_PID_ENV, die_with_parent, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from twotower.openmp import openmp_runtimes
@@ -43,6 +43,7 @@ from twotower.training.checkpoint import (
     step_dir_name,
 )
 from twotower.training.demo import demo_dataset
+from twotower.training.distributed import Group, ShardPlan, check_config, launched_world
 from twotower.training.evaluation import encode_rows
 from twotower.training.heartbeat import Heartbeat
 from twotower.training.heldout import HeldOut, held_out
@@ -58,6 +59,7 @@ from twotower.training.validation import Validator
 
 log = logging.getLogger("twotower")
 
+_T = TypeVar("_T")
 PROGRESS_ENV = "TWOTOWER_PROGRESS"  # "1": show the progress bar even when stderr is a pipe
 # (RUN/crashes, the miner chain's crash event with the worker's evidence) -> the report written
 WorkerDeathReporter = Callable[[Path, dict[str, Any]], Path]
@@ -106,10 +108,14 @@ class Trainer:
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
         self.last_metrics: dict[str, float] = {}  # ... and the last evaluation
         self.stopped_early = False  # --patience ended the run
+        self.validator: Validator | None = None  # evaluations (None: a rank other than 0)
         self.openmp: list[str] | None = None  # OpenMP runtimes here (None: unknown), for reports
         self.rss_kb = 0  # resident memory at the last phase point (the heartbeat's reading)
         supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
         self._supervisor_pid = int(supervisor) if supervisor.isdigit() else None
+        self.world = launched_world()  # None: not started by torchrun
+        self.group: Group | None = None  # the process group, once joined
+        self.writes_run_files = self.world is None or self.world.writes_run_files
 
     # --- set-up: everything that can be refused is checked before anything is written ---
 
@@ -157,7 +163,10 @@ class Trainer:
         c = self.config
         isolation = c.miner_isolation or miners.DEFAULT_ISOLATION.get(c.miner, "process")
         in_worker = c.hard_negatives > 0 and isolation == "process"
-        return thread_budget(usable_cores(), c.threads, c.miner_threads, in_worker, False)
+        cores = usable_cores()
+        if self.world is not None:  # the ranks on this machine share its cores
+            cores = max(1, cores // self.world.local_size)
+        return thread_budget(cores, c.threads, c.miner_threads, in_worker, False)
 
     def _miner_event(self, event: dict[str, Any]) -> None:
         """Log a miner chain event; a worker's death also gets its crash report."""
@@ -212,23 +221,35 @@ class Trainer:
         c = self.config
         assert self.miner is not None, "mining needs --hard-negatives > 0"
         self._phase("encode", step)
-        queries = encode_rows(
-            self.backend, self.dataset.gather, self.train_rows, label="mine: encode"
-        )
-        self._phase("mine", step)
         started = time.perf_counter()
-        self.table, report = mine_table(self.miner, queries, self.dataset, self.train_rows, c)
+        if self.group is not None:
+            self.table, report = self.group.mine(
+                self.miner, self._encode_for_mining, self.dataset, self.train_rows, c
+            )
+        else:
+            queries = self._encode_for_mining(self.train_rows)
+            self.table, report = mine_table(self.miner, queries, self.dataset, self.train_rows, c)
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
-        self.table.save(self.table_path)
+        if self.writes_run_files:
+            self.table.save(self.table_path)
         seconds = time.perf_counter() - started
         self.metrics.write(
             "mined", step=step, miner=self.miner.name, seconds=round(seconds, 3), **report.as_dict()
         )
         log.info("step %d: mined hard negatives with %s in %.1f s", step, self.miner.name, seconds)
 
+    def _encode_for_mining(self, rows: np.ndarray) -> np.ndarray:
+        """Query vectors (n, D) of dataset rows (n,) to mine for; then enters the mine phase."""
+        queries = encode_rows(self.backend, self.dataset.gather, rows, label="mine: encode")
+        self._phase("mine", self.steps_done)
+        return queries
+
     def _evaluate(self, step: int, report: bool = False) -> dict[str, float]:
         """Evaluate on the held-out rows; keep RUN/best/ when the selection metric improves.
-        report: log the tower beside the baselines (the first and the last evaluation)."""
+        report: log the tower beside the baselines (the first and the last evaluation).
+        Only the process that writes run files evaluates (rank 0 under torchrun)."""
+        if self.validator is None:
+            return self.last_metrics
         self._phase("encode", step)
         metrics, improved = self.validator.evaluate(step, self.backend)
         if improved:
@@ -257,6 +278,10 @@ class Trainer:
         self.metrics.write("best", step=step, metric=self.config.select_metric, **metrics)
 
     def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        if self.group is not None and not self.writes_run_files:
+            self._phase("checkpoint", step)
+            self.group.barrier()  # rank 0 commits once every rank got here
+            return
         arrays = {**self.backend.state(), **self.queue.state()}
         meta = {
             "epoch": self.plan.epoch_of(step),
@@ -265,11 +290,13 @@ class Trainer:
             "config_hash": self.config.numeric_hash(),
             "mined_table": self.table_path.name if self.table_path else None,
             "metrics": metrics,
-            "selection": self.validator.selection.state(),
+            "selection": self.validator.selection.state() if self.validator else None,
         }
 
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
             self._phase("checkpoint", step)
+            if self.group is not None:  # every rank has finished the step
+                self.group.barrier()
 
         path = save_checkpoint(
             self.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
@@ -327,6 +354,34 @@ class Trainer:
                 break
         return previous
 
+    def _rank_zero_first(self, make: Callable[[], _T]) -> _T:
+        """make() in this process; under torchrun on rank 0 first (it fills shared caches)."""
+        return self.group.rank_zero_first(make) if self.group is not None else make()
+
+    def _open_run_files(self, write_config: bool) -> None:
+        """Rank 0 (or the only process) prepares the run directory, config.json, log.txt and
+        metrics.jsonl; another rank logs warnings to stderr only and keeps its own heartbeat."""
+        if self.world is None:
+            self.heartbeat = Heartbeat(self.run.heartbeat)
+        else:
+            self.heartbeat = Heartbeat(self.world.heartbeat_path(self.run.root))
+        if self.writes_run_files:
+            self.run.prepare()
+            if write_config:
+                self.run.config.write_text(self.config.to_json())
+            open_log(self.run.log)
+            tensorboard = self.config.tensorboard
+            self.scalars = TensorboardScalars(tensorboard) if tensorboard else None
+            self.metrics = MetricsLog(self.run.metrics, also=self.scalars)
+        else:
+            open_log(Path(os.devnull), echo=False)
+            self.scalars = None
+            self.metrics = MetricsLog(Path(os.devnull))
+        if self.group is not None:
+            self.group.barrier()  # the run directory exists for every rank's heartbeat
+            assert self.world is not None
+            log.info("rank %d of %d joined (%s)", self.world.rank, self.world.size, self.run.root)
+
     def _open(self) -> tuple[int, int, dict[str, float]]:
         """Check the input, then set the run up: -> (step to start at, total steps, last metrics).
 
@@ -338,29 +393,40 @@ class Trainer:
                 "--no-proj is the parameter-free baseline: nothing to train; "
                 "evaluate it with `twotower eval --data DIR --tower meanpool --no-proj`"
             )
+        if self.world is not None:
+            check_config(c, self.world)
+            if c.patience:
+                raise UsageError(
+                    "--patience is not supported under torchrun yet (rank 0 alone evaluates, "
+                    "and every rank would have to stop at the same step); leave it out"
+                )
+            c.resume = c.resume or self.world.restart > 0  # torchrun restarted the group
         enable_crash_dumps()
         if c.tensorboard:
             summary_writer_class()  # refused (exit 2) before anything is written
-        self.dataset = self._open_dataset()
+        if self.world is not None:
+            if self._supervisor_pid is not None:
+                die_with_parent()  # torchrun ends a stuck rank by killing its guard
+            device = backends.resolve(c.backend).removeprefix("torch-")
+            self.group = Group(self.world, device, c.collective_timeout)
+        self.dataset = self._rank_zero_first(self._open_dataset)
         self.config = c = c.for_data(self.dataset.context_ids is not None)
         if c.exclude_context:
             self.dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
+        if self.world is not None:
+            self.backend.join_data_parallel(self.world.rank, self.world.size)  # type: ignore[attr-defined]
         split = held_out(c, self.dataset)
         self.train_rows = split.train_rows
         self.miners = MinerSetup(c, self.dataset, len(self.train_rows), self._miner_event)
         self.threads = self._thread_budget()  # after --miner auto is resolved
         self.miners.make(self.threads.miner)  # options checked against the bank: may refuse
-        self.run.prepare()
-        if stored is None:
-            self.run.config.write_text(c.to_json())
-        open_log(self.run.log)
-        self.scalars = TensorboardScalars(c.tensorboard) if c.tensorboard else None
-        self.metrics = MetricsLog(self.run.metrics, also=self.scalars)
-        self.heartbeat = Heartbeat(self.run.heartbeat)
+        self._open_run_files(write_config=stored is None)
         self.phases = PhaseReporter(self._beat, log)
         install_progress_sink(self.phases)
+        if self.world is not None and not self.world.arms_faults():
+            os.environ.pop(faults.ENV_VAR, None)  # nor do this rank's miner workers
         faults.arm(self.run.faults)
         self.phases.enter("load")
         self.miners.log_choice()
@@ -376,15 +442,16 @@ class Trainer:
         self.queue.attach(mirror(self.queue.ids, self.queue.vecs) if mirror else None)
         faults.set_step(step)
         self.phases.enter("build-index")  # a worker's load-index or build-index refines it
-        self.miners.build()
+        self._rank_zero_first(self.miners.build)  # rank 0 fills the index cache first
         self.miner = self.miners.miner
-        eval_miner = (
-            self.miners.eval_miner
-            if split.eval_dataset is self.dataset
-            else self._make_eval_miner(split.eval_dataset)
-        )
-        self.validator = Validator(c, split, eval_miner, self.metrics, selection)
-        log.info("%s", split.describe())
+        if self.writes_run_files:  # ranks other than 0 do not evaluate
+            eval_miner = (
+                self.miners.eval_miner
+                if split.eval_dataset is self.dataset
+                else self._make_eval_miner(split.eval_dataset)
+            )
+            self.validator = Validator(c, split, eval_miner, self.metrics, selection)
+            log.info("%s", split.describe())
         pools = limit_threads(self.threads.trainer)  # after the engines have loaded theirs
         self.heartbeat.describe(threads=self.threads.as_dict(), threadpools=pools)
         self.openmp = openmp_runtimes()
@@ -445,7 +512,8 @@ class Trainer:
         """Train from `step` to `total`: mine, step, evaluate and checkpoint when due; a final
         evaluation and checkpoint. Raises StopRequested after a SIGINT/SIGTERM."""
         c = self.config
-        prefetch = Prefetcher(self.dataset, self.plan, bool(c.exclude_context))
+        plan = self.plan if self.world is None else ShardPlan(self.plan, self.world)
+        prefetch = Prefetcher(self.dataset, plan, bool(c.exclude_context))
         progress = tqdm(
             total=total,
             initial=step,
@@ -466,9 +534,11 @@ class Trainer:
                 progress.set_postfix(loss=f"{stats.loss:.4f}", **{"R@10": recall})
                 if self.eval_every and step % self.eval_every == 0 and step < total:
                     metrics = self._evaluate(step)
-                    self.stopped_early = self.validator.selection.exhausted(c.patience)
+                    self.stopped_early = bool(
+                        self.validator and self.validator.selection.exhausted(c.patience)
+                    )
                 self.last_metrics = metrics
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     raise StopRequested
                 if self.stopped_early:
                     break
@@ -478,6 +548,7 @@ class Trainer:
             progress.close()  # the final lines print below the finished bar
             prefetch.close()
         if self.stopped_early:
+            assert self.validator is not None  # only an evaluating process stops early
             selection = self.validator.selection
             self.metrics.write(
                 "early-stop", step=step, best_step=selection.best_step, patience=c.patience
@@ -498,6 +569,11 @@ class Trainer:
         self._checkpoint(step, metrics)
         self.metrics.write("done", step=step, **metrics)
         return step, metrics
+
+    def _stop_requested(self) -> bool:
+        """A stop signal arrived here (or, under torchrun, on any rank: all stop at one step)."""
+        asked = self._stop_signal is not None
+        return self.group.any(asked) if self.group is not None else asked
 
     def run_training(self) -> RunResult:
         try:
@@ -533,6 +609,8 @@ class Trainer:
                 signal.signal(signum, handler)
             if self.scalars is not None:
                 self.scalars.close()
+            if self.group is not None:
+                self.group.close()
         if metrics_before:
             log.info(
                 "recall@10 before: %.4f, after: %.4f (%d steps)",
@@ -558,6 +636,8 @@ class Trainer:
         """Log where best/ stands and the share of this attempt's time spent evaluating;
         returns (best step, its metrics) as best/ records them."""
         v = self.validator
+        if v is None:
+            return None, {}
         share = v.seconds / seconds if seconds > 0 else 0.0
         self.metrics.write(
             "eval-cost", evaluations=v.count, seconds=round(v.seconds, 3), share=round(share, 4)
@@ -585,6 +665,10 @@ class Trainer:
         return int(meta["step"]), dict(meta["metrics"])
 
     def _train_step(self, step: int, data: StepData) -> StepStats:
+        first_row = 0
+        if self.group is not None:  # this rank's rows, the global batch's positives
+            data = self.group.gather_positives(data, self.plan.rows_for(step))
+            first_row = self.group.world.shard(self.config.batch_size).start
         batch = assemble_batch(
             data,
             self.table,
@@ -592,6 +676,7 @@ class Trainer:
             self.dataset.bank,
             self.config.hard_negatives,
             self.config.seed,
+            first_row,
         )
         lr = self.schedule.at(step)
         if self._phase("step", step):
@@ -601,7 +686,7 @@ class Trainer:
         stats = self.backend.step(batch, lr)
         elapsed = time.perf_counter() - started
         self.queue.push(data.positive_ids, data.positive_vecs)
-        record = dict(
+        record: dict[str, Any] = dict(
             step=step + 1,
             loss=stats.loss,
             grad_norm=stats.grad_norm,
@@ -610,6 +695,9 @@ class Trainer:
             ms=round(elapsed * 1e3, 2),
             rss_kb=self.rss_kb,
         )
+        if self.group is not None:  # all-gather of positives + all-reduce of gradients
+            seconds = self.group.take_seconds() + self.backend.data_parallel.take_seconds()  # type: ignore[attr-defined]
+            record["collective_ms"] = round(seconds * 1e3, 2)
         if not stats.applied:
             self.metrics.write("nonfinite", **record)
             log.warning(
