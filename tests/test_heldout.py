@@ -102,3 +102,32 @@ def test_eval_data_is_a_validation_set_and_every_training_row_trains(tmp_path: P
     other_dim = synthesize(tmp_path / "d4", samples=50, bank=30, dim=4, seq_len=5, seed=9).path
     with pytest.raises(UsageError, match="vectors of size 4"):
         held_out(TrainConfig(data=str(path), eval_data=str(other_dim)), load_dataset(path))
+
+
+def test_encode_rows_of_an_exported_grouped_run_are_the_trainers_split(tmp_path: Path) -> None:
+    """`twotower encode --rows heldout|train` from an export rebuilds the run's own split, by
+    group here, not a random split of the same size."""
+    from twotower.serve.encode import select_rows
+    from twotower.serve.export import tower_from_run
+
+    data = grouped_dataset(tmp_path)
+    run = tmp_path / "run"
+    config = TrainConfig(data=str(data), out=str(run), backend="numpy", hidden=8, steps=4)
+    train(config)
+    dataset = load_dataset(data)
+    groups = np.load(data / "groups.npy")
+    split = tower_from_run(run).doc["split"]
+    heldout = select_rows(dataset, "heldout", split)
+    training = select_rows(dataset, "train", split)
+    assert not set(groups[heldout]) & set(groups[training])
+    logged = read_metrics(run / "metrics.jsonl")[0]["eval"]
+    assert len(heldout) == logged
+    _, random_held = held_out_split_random(config, dataset.num_samples)
+    assert not np.array_equal(heldout, random_held)  # the control: the old, leaky rebuild
+
+
+def held_out_split_random(config: TrainConfig, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The random split of the same size and seed (what encode used to rebuild)."""
+    from twotower.training.heldout import held_out_split
+
+    return held_out_split(num_samples, config.eval_fraction, config.max_eval, config.seed)

@@ -18,13 +18,14 @@ import numpy as np
 from twotower import backends, faults
 from twotower.atomic import fsync_dir
 from twotower.backends import Backend
+from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.data.chunks import CHUNK_BYTES
 from twotower.errors import UsageError
 from twotower.serve.export import tower_from_run
 from twotower.serve.progress import RowProgress
 from twotower.serve.tower_dir import TowerFiles, read_tower_files
-from twotower.training.evaluation import held_out_split
+from twotower.training.heldout import held_out
 
 ROW_SETS = ("all", "train", "heldout")
 
@@ -66,13 +67,22 @@ def select_rows(dataset: Dataset, which: str, split: dict[str, Any] | None) -> n
         return np.arange(dataset.num_samples, dtype=np.int64)
     if not split or any(split.get(key) is None for key in ("eval_fraction", "max_eval", "seed")):
         raise UsageError(f"--rows {which} needs the run's split settings; use --run or --rows all")
-    train, heldout = held_out_split(
-        dataset.num_samples,
-        float(split["eval_fraction"]),
-        int(split["max_eval"]),
-        int(split["seed"]),
+    config = TrainConfig(
+        data=str(dataset.path),
+        out=".",
+        eval_fraction=float(split["eval_fraction"]),
+        max_eval=int(split["max_eval"]),
+        seed=int(split["seed"]),
+        eval_split=str(split.get("eval_split") or "random"),  # exports before groups: random
+        eval_data=split.get("eval_data"),
     )
-    return train if which == "train" else heldout
+    rows = held_out(config, dataset)
+    if which == "heldout" and rows.kind == "eval-data":
+        raise UsageError(
+            f"the run held out a separate validation set ({config.eval_data}); "
+            f"encode it with --data {config.eval_data} --rows all"
+        )
+    return rows.train_rows if which == "train" else rows.eval_rows
 
 
 def chunk_rows(dataset: Dataset) -> int:

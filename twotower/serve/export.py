@@ -31,6 +31,10 @@ FORMATS = ("safetensors", "torch", "onnx")
 _STEP = re.compile(r"step-(\d+)")
 
 
+# what decides a run's held-out rows (training.heldout.held_out), kept so `encode --rows` agrees
+SPLIT_SETTINGS = ("eval_fraction", "max_eval", "seed", "eval_split", "eval_data")
+
+
 def checkpoint_path(run: Path, which: str) -> Path:
     """What `load_checkpoint` should read for --checkpoint best|latest|step-N of `run`.
 
@@ -96,7 +100,7 @@ def tower_from_run(run: str | os.PathLike[str], checkpoint: str = "latest") -> T
     doc = {
         "data": settings.get("data"),
         "source": {"run": str(run.resolve()), "checkpoint": checkpoint, "step": meta.get("step")},
-        "split": {key: settings.get(key) for key in ("eval_fraction", "max_eval", "seed")},
+        "split": {key: settings.get(key) for key in SPLIT_SETTINGS},
     }
     return TowerFiles(run, spec, params, doc)
 
