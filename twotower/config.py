@@ -39,6 +39,8 @@ NUMERIC_FIELDS = (
     "batch_size",
     "hard_negatives",
     "mine_every",
+    "mine_lead",
+    "mine_scope",
     "mine_skip",
     "mine_pool",
     "absolute_margin",
@@ -103,6 +105,9 @@ def default_out() -> str:
     if run_id != "none":
         return str(Path("runs") / f"torchrun-{run_id}")
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+MINE_SCOPES = ("upcoming", "all")
 
 
 def knob(default: Any, help: str) -> Any:
@@ -170,6 +175,18 @@ class TrainConfig:
     # negatives
     hard_negatives: int = knob(8, "mined hard negatives K per query; 0 turns mining off")
     mine_every: int = knob(500, "steps between minings; the first is at step --mine-every")
+    mine_scope: str = knob(
+        "upcoming",
+        "rows a mining searches: upcoming (those the next --mine-every steps train on) | all",
+    )
+    mine_lead: int | None = knob(
+        None,
+        "steps between encoding a mining's queries and using its table "
+        "(default --mine-every // 4; 0: encode at the step of use)",
+    )
+    mine_overlap: bool = knob(True, "search while training continues (the numbers stay the same)")
+    mine_probe: int = knob(64, "queries of each approximate mining also searched exactly (recall)")
+    min_mining_recall: float = knob(0.9, "warn when the miner's recall against exact is below this")
     mine_skip: int = knob(0, "mined ranks kept are [skip, skip + pool)")
     mine_pool: int = knob(32, "mined candidates kept per query")
     absolute_margin: float | None = knob(None, "drop candidates scoring above positive - margin")
@@ -270,6 +287,15 @@ class TrainConfig:
             raise UsageError("--temperature, --lr and --max-grad-norm must be > 0")
         if not 0 < self.eval_fraction < 1:
             raise UsageError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.mine_scope not in MINE_SCOPES:
+            raise UsageError(f"--mine-scope must be upcoming or all, got {self.mine_scope!r}")
+        if self.mine_lead is not None and not 0 <= self.mine_lead < self.mine_every:
+            raise UsageError(
+                f"--mine-lead must be in 0..{self.mine_every - 1} (below --mine-every), "
+                f"got {self.mine_lead}"
+            )
+        if self.mine_probe < 0 or not 0.0 <= self.min_mining_recall <= 1.0:
+            raise UsageError("--mine-probe must be >= 0 and --min-mining-recall in [0, 1]")
         if self.tower not in ("gru", "meanpool"):
             raise UsageError(f"--tower must be gru or meanpool, got {self.tower!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -328,6 +354,12 @@ class TrainConfig:
         if unknown:
             raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         return values
+
+    @property
+    def mining_lead(self) -> int:
+        """Steps between a mining's encoding and the use of its table: --mine-lead, else
+        --mine-every // 4."""
+        return self.mine_every // 4 if self.mine_lead is None else self.mine_lead
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

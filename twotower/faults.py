@@ -24,7 +24,8 @@ import ctypes
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,13 @@ class FaultSwitch:
         self.step = 0
 
     def point(self, phase: str, engines: Sequence[str] = ()) -> bool:
-        """A phase point. Fires the first matching fault; True means "poison the loss"."""
+        """A phase point. Fires the first matching fault; True means "poison the loss".
+
+        The step compared is this thread's (`at_step`), else the switch's.
+        """
+        step = _thread_step(self.step)
         for fault in self.faults:
-            if fault.phase != phase or fault.step != self.step:
+            if fault.phase != phase or fault.step != step:
                 continue
             if fault.engine is not None:
                 if fault.engine in engines:
@@ -129,6 +134,27 @@ class FaultSwitch:
 
 
 _switch = FaultSwitch([], None)
+_thread = threading.local()  # .step: a thread's own step (a mining running beside training)
+
+
+def _thread_step(default: int) -> int:
+    step: int | None = getattr(_thread, "step", None)
+    return default if step is None else step
+
+
+@contextmanager
+def at_step(step: int) -> Iterator[None]:
+    """Within this block, this thread's phase points and `current_step()` see `step`.
+
+    A mining that runs in a thread beside training belongs to the step it was
+    taken at, whatever step the training thread has reached meanwhile.
+    """
+    previous = getattr(_thread, "step", None)
+    _thread.step = step
+    try:
+        yield
+    finally:
+        _thread.step = previous
 
 
 def arm(marker_dir: Path | None, text: str | None = None) -> FaultSwitch:
@@ -146,8 +172,9 @@ def set_step(step: int) -> None:
 
 
 def current_step() -> int:
-    """The step last given to `set_step` (forwarded to miner workers)."""
-    return _switch.step
+    """This thread's `at_step` step, else the one last given to `set_step` (forwarded to
+    miner workers)."""
+    return _thread_step(_switch.step)
 
 
 def marker_dir() -> Path | None:

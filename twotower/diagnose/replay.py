@@ -53,6 +53,7 @@ from twotower.training.evaluation import encode_rows
 from twotower.training.heldout import held_out
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
+from twotower.training.refresh import MINING_CHUNK, MiningSchedule, load_refresh
 from twotower.training.rundir import RunDir, read_metrics
 from twotower.training.schedule import LRSchedule, planned_steps
 
@@ -195,12 +196,14 @@ def last_step(view: RunView) -> int:
 
 @dataclass
 class State:
-    """What step s of a run depends on besides its rows: engine, queue and mined table."""
+    """What step s of a run depends on besides its rows: engine, queue and mined table, and
+    the queries of refreshes taken but not yet in use (use step -> (rows, queries))."""
 
     step: int
     backend: Backend
     queue: MemoryQueue
     table: HardNegativeTable
+    taken: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _engine_name(view: RunView, step: int, meta: dict[str, Any]) -> tuple[str, str]:
@@ -216,8 +219,27 @@ def _engine_name(view: RunView, step: int, meta: dict[str, Any]) -> tuple[str, s
     return here, f"on {here}: the run used {run_engine}, which this machine lacks"
 
 
+def _saved_table(view: RunView, use: int) -> Path:
+    return view.run.mined / f"table-{step_dir_name(use)}.npy"
+
+
+def _unusable(view: RunView, meta: dict[str, Any]) -> str | None:
+    """Why a checkpoint cannot start a rebuild (a file it needs is gone), None if it can."""
+    table_name = meta.get("mined_table")
+    if table_name and not (view.run.mined / table_name).is_file():
+        return f"its mined table {table_name} is gone"
+    mining = meta.get("mining")
+    if (
+        mining
+        and not (view.run.mined / mining["queries"]).is_file()
+        and not _saved_table(view, mining["use"]).is_file()
+    ):
+        return f"the queries of its mining in flight, {mining['queries']}, are gone"
+    return None
+
+
 def _start(view: RunView, step: int, notes: list[str]) -> State:
-    """The newest usable checkpoint at or before `step` (verified, mined table present), loaded."""
+    """The newest usable checkpoint at or before `step` (verified, its files present), loaded."""
     config, dim = view.config, view.dataset.dim
     for ckpt in reversed(list_checkpoints(view.run.root)):
         if checkpoint_step(ckpt) > step:
@@ -227,15 +249,16 @@ def _start(view: RunView, step: int, notes: list[str]) -> State:
         except CheckpointError as error:
             notes.append(f"skipped {ckpt.name}: {error}")
             continue
-        table_name = meta.get("mined_table")
-        if table_name and not (view.run.mined / table_name).is_file():
-            notes.append(f"skipped {ckpt.name}: its mined table {table_name} is gone")
+        problem = _unusable(view, meta)
+        if problem:
+            notes.append(f"skipped {ckpt.name}: {problem}")
             continue
         name, why = _engine_name(view, step, meta)
         backend = make_backend(config, dim, name)
         backend.load_state(state)
         queue = MemoryQueue(config.queue_size, dim)
         queue.load_state(state)
+        table_name = meta.get("mined_table")
         if table_name:
             table = HardNegativeTable.load(view.run.mined / table_name)
         else:
@@ -243,7 +266,13 @@ def _start(view: RunView, step: int, notes: list[str]) -> State:
         notes.append(
             f"from checkpoint {ckpt.name} (written on {meta.get('backend')}); re-ran {why}"
         )
-        return State(int(meta["step"]), backend, queue, table)
+        begun = State(int(meta["step"]), backend, queue, table)
+        mining = meta.get("mining")
+        if mining and (view.run.mined / mining["queries"]).is_file():
+            schedule = MiningSchedule.of(config, view.plan)
+            refresh = load_refresh(mining, view.run.mined, schedule)
+            begun.taken[refresh.use] = (refresh.rows, refresh.queries)
+        return begun
     name, why = _engine_name(view, step, {})
     notes.append(f"from the initial parameters (no usable checkpoint <= {step}); re-ran {why}")
     return State(
@@ -254,9 +283,20 @@ def _start(view: RunView, step: int, notes: list[str]) -> State:
     )
 
 
+def _take(view: RunView, state: State, schedule: MiningSchedule) -> None:
+    """At a take step whose table the run did not keep, encode that refresh's queries now."""
+    use = schedule.use_taken_at(state.step)
+    if use is None or _saved_table(view, use).is_file():
+        return
+    rows = schedule.rows(use)
+    queries = encode_rows(state.backend, view.dataset.gather, rows, label="re-mine: encode")
+    state.taken[use] = (rows, queries)
+
+
 def _mined_table(view: RunView, state: State, notes: list[str]) -> HardNegativeTable:
-    """The table the run mined before step state.step: its saved file, else mined again."""
-    saved = view.run.mined / f"table-{step_dir_name(state.step)}.npy"
+    """The table the run put into use before step state.step: its saved file, else mined
+    again from the queries encoded at its take step."""
+    saved = _saved_table(view, state.step)
     if saved.is_file():
         notes.append(f"step {state.step}: mined table from {saved.relative_to(view.run.root)}")
         return HardNegativeTable.load(saved)
@@ -265,8 +305,8 @@ def _mined_table(view: RunView, state: State, notes: list[str]) -> HardNegativeT
     name = logged[-1]["miner"] if logged else c.miner
     miner = miners.get_for(c, name, user_cache_dir() / "index")
     miner.build(view.dataset.bank, fingerprint=view.dataset.fingerprint)
-    queries = encode_rows(state.backend, view.dataset.gather, view.train_rows, label="re-mine")
-    table, report = mine_table(miner, queries, view.dataset, view.train_rows, c)
+    rows, queries = state.taken.pop(state.step)
+    table, report = mine_table(miner, queries, view.dataset, rows, c, chunk_size=MINING_CHUNK)
     if logged:
         was = f"as the run did: {report.negatives} negatives (logged: {logged[-1]['negatives']})"
     else:
@@ -281,11 +321,14 @@ def rebuild(view: RunView, step: int, notes: list[str]) -> tuple[State, Batch, s
     Appends what it did (checkpoint, engine, mined tables) to `notes`.
     """
     c = view.config
+    mining = MiningSchedule.of(c, view.plan)
     state = _start(view, step, notes)
     schedule = LRSchedule.of(c, planned_steps(c, view.plan.batches_per_epoch))
     while True:
-        if c.hard_negatives and state.step > 0 and state.step % c.mine_every == 0:
-            state.table = _mined_table(view, state, notes)
+        if c.hard_negatives:
+            _take(view, state, mining)
+            if mining.is_use(state.step):
+                state.table = _mined_table(view, state, notes)
         rows = view.plan.rows_for(state.step)
         data = gather_step(view.dataset, state.step, rows, bool(c.exclude_context))
         batch = assemble_batch(

@@ -22,7 +22,12 @@ from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners.base import Miner
 from twotower.seeds import HARD_NEGATIVES, epoch_order, step_rng
-from twotower.training.mining import HardNegativeTable, MiningReport, mine_hard_negatives
+from twotower.training.mining import (
+    DEFAULT_CHUNK,
+    HardNegativeTable,
+    MiningReport,
+    mine_hard_negatives,
+)
 from twotower.training.queue import MemoryQueue
 
 
@@ -70,6 +75,22 @@ class StepPlan:
             self._order = epoch_order(self.seed, epoch, self.train_rows)
             self._epoch = epoch
         return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def rows_between(self, start: int, stop: int) -> np.ndarray:
+        """Sorted unique dataset rows that steps [start, stop) train on, across epoch boundaries.
+
+        Reads each touched epoch's order once without disturbing `rows_for`'s cached one.
+        """
+        parts = [np.empty(0, dtype=np.int64)]
+        step = start
+        while step < stop:
+            epoch, index = divmod(step, self.batches_per_epoch)
+            end = min(stop, (epoch + 1) * self.batches_per_epoch)
+            order = epoch_order(self.seed, epoch, self.train_rows)
+            last = end - epoch * self.batches_per_epoch
+            parts.append(order[index * self.batch_size : last * self.batch_size])
+            step = end
+        return np.unique(np.concatenate(parts))
 
 
 def gather_step(
@@ -120,10 +141,16 @@ class Prefetcher:
 
 
 def mine_table(
-    miner: Miner, queries: np.ndarray, dataset: Dataset, rows: np.ndarray, config: TrainConfig
+    miner: Miner,
+    queries: np.ndarray,
+    dataset: Dataset,
+    rows: np.ndarray,
+    config: TrainConfig,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[HardNegativeTable, MiningReport]:
     """Hard negatives of dataset `rows` (n,) from their query vectors (n, D), with the run's
-    window and filters; the table has a row per sample (rows not mined stay -1)."""
+    window and filters; the table has a row per sample (rows not mined stay -1).
+    chunk_size: queries per miner call."""
     mined, report = mine_hard_negatives(
         miner,
         queries,
@@ -134,6 +161,7 @@ def mine_table(
         absolute_margin=config.absolute_margin,
         relative_margin=config.relative_margin,
         max_score=config.max_score,
+        chunk_size=chunk_size,
     )
     table = HardNegativeTable.empty(dataset.num_samples, config.mine_pool)
     table.ids[rows] = mined.ids

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,12 +53,15 @@ class MetricsLog:
     def __init__(self, path: Path, also: Callable[[dict[str, Any]], None] | None = None):
         self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
         self._also = also  # gets each record too (TensorBoard)
+        self._lock = threading.Lock()  # a background mining reports miner events too
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         """Log {"event": event, "time": unix seconds, **fields}; returns the record."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(record, default=_plain) + "\n")
-        self._file.flush()
+        line = json.dumps(record, default=_plain) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
         if self._also is not None:
             self._also(record)
         return record

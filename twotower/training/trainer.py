@@ -32,7 +32,7 @@ from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
 from twotower.progress import install as install_progress_sink
 from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
-from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch, mine_table
+from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch
 from twotower.training.cadence import EVAL_BUDGET, EVALS_PER_EPOCH, auto_eval_every
 from twotower.training.checkpoint import (
     BEST_DIR,
@@ -51,6 +51,17 @@ from twotower.training.miner_setup import MinerSetup
 from twotower.training.mining import HardNegativeTable
 from twotower.training.phases import PhaseReporter
 from twotower.training.queue import MemoryQueue
+from twotower.training.refresh import (
+    Mined,
+    MiningJob,
+    MiningSchedule,
+    Refresh,
+    describe_refresh,
+    is_approximate,
+    load_refresh,
+    recall_advice,
+    run_refresh,
+)
 from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
 from twotower.training.selection import Selection
@@ -104,6 +115,9 @@ class Trainer:
         self.run = RunDir(config.out)
         self.miner: miners.Miner | None = None
         self.table_path: Path | None = None
+        self.pending: Refresh | None = None  # the refresh taken and not yet in use
+        self.job: MiningJob | None = None  # its search
+        self.probe_miner: miners.Miner | None = None
         self._stop_signal: int | None = None
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
         self.last_metrics: dict[str, float] = {}  # ... and the last evaluation
@@ -158,8 +172,9 @@ class Trainer:
         return miner
 
     def _thread_budget(self) -> ThreadBudget:
-        """The budget of `twotower.threads` for this config. Mining blocks the step here,
-        so a worker and the trainer take turns (overlapped=False)."""
+        """The budget of `twotower.threads` for this config: the trainer keeps every core
+        (overlapped=False) even when a search runs beside it, since a search takes a few
+        seconds per refresh and halving the trainer's threads would slow every step."""
         c = self.config
         isolation = c.miner_isolation or miners.DEFAULT_ISOLATION.get(c.miner, "process")
         in_worker = c.hard_negatives > 0 and isolation == "process"
@@ -167,6 +182,17 @@ class Trainer:
         if self.world is not None:  # the ranks on this machine share its cores
             cores = max(1, cores // self.world.local_size)
         return thread_budget(cores, c.threads, c.miner_threads, in_worker, False)
+
+    def _make_probe_miner(self) -> miners.Miner | None:
+        """The exact miner the recall probe compares with; None when no miner of the chain
+        is approximate or the probe is off."""
+        c = self.config
+        chain = [c.miner, *c.miner_fallback]
+        if not c.mine_probe or not any(is_approximate(name, c.faiss_index) for name in chain):
+            return None
+        exact = miners.get("exact", isolation="none", fault_phase=None)
+        exact.build(self.dataset.bank, fingerprint=self.dataset.fingerprint)
+        return exact
 
     def _miner_event(self, event: dict[str, Any]) -> None:
         """Log a miner chain event; a worker's death also gets its crash report."""
@@ -217,26 +243,62 @@ class Trainer:
 
     # --- the pieces of a step ---------------------------------------------------------------
 
-    def _mine(self, step: int) -> None:
-        c = self.config
-        assert self.miner is not None, "mining needs --hard-negatives > 0"
+    def _take_refresh(self, step: int) -> None:
+        """If a refresh is taken at `step`: encode its rows now and hand them to the miner."""
+        use = self.mining.use_taken_at(step)
+        if use is None:
+            return
         self._phase("encode", step)
+        rows = self.mining.rows(use)
         started = time.perf_counter()
-        if self.group is not None:
-            self.table, report = self.group.mine(
-                self.miner, self._encode_for_mining, self.dataset, self.train_rows, c
-            )
-        else:
-            queries = self._encode_for_mining(self.train_rows)
-            self.table, report = mine_table(self.miner, queries, self.dataset, self.train_rows, c)
+        queries = encode_rows(self.backend, self.dataset.gather, rows, label="mine: encode")
+        self._submit(Refresh(step, use, rows, queries, time.perf_counter() - started))
+
+    def _submit(self, refresh: Refresh) -> None:
+        assert self.miner is not None, "mining needs --hard-negatives > 0"
+        self.pending = refresh
+        self.job = MiningJob(refresh, self._run_refresh, self.miner, self.config.mine_overlap)
+
+    def _run_refresh(self, refresh: Refresh, miner: miners.Miner) -> Mined:
+        return run_refresh(refresh, miner, self.probe_miner, self.dataset, self.config)
+
+    def _use_refresh(self, step: int) -> None:
+        """Put the refresh used at `step` into use, waiting for its search if it still runs."""
+        assert self.job is not None and self.pending is not None and self.pending.use == step
+        self._phase("mine", step)
+
+        def beat() -> None:
+            self._phase("mine", step)
+
+        mined, waited = self.job.result(beat)
+        refresh = self.pending
+        self.table = mined.table
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
-        if self.writes_run_files:
-            self.table.save(self.table_path)
-        seconds = time.perf_counter() - started
+        self.table.save(self.table_path)
+        self.job = self.pending = None
+        probe = mined.probe
         self.metrics.write(
-            "mined", step=step, miner=self.miner.name, seconds=round(seconds, 3), **report.as_dict()
+            "mined",
+            step=step,
+            take=refresh.take,
+            miner=mined.miner,
+            scope=self.config.mine_scope,
+            seconds=round(mined.search_seconds, 3),
+            encode_seconds=round(refresh.encode_seconds, 3),
+            wait_seconds=round(waited, 3),
+            **(probe.as_dict() if probe else {}),
+            **mined.report.as_dict(),
         )
-        log.info("step %d: mined hard negatives with %s in %.1f s", step, self.miner.name, seconds)
+        log.info("step %d: %s", step, describe_refresh(refresh, mined, waited, self.config))
+        if probe is not None and probe.recall < self.config.min_mining_recall:
+            log.warning(
+                "step %d: mining recall@%d %.2f vs exact is below --min-mining-recall %.2f: %s",
+                step,
+                probe.k,
+                probe.recall,
+                self.config.min_mining_recall,
+                recall_advice(mined.miner, self.config.faiss_index),
+            )
 
     def _encode_for_mining(self, rows: np.ndarray) -> np.ndarray:
         """Query vectors (n, D) of dataset rows (n,) to mine for; then enters the mine phase."""
@@ -292,6 +354,10 @@ class Trainer:
             "metrics": metrics,
             "selection": self.validator.selection.state() if self.validator else None,
         }
+        if self.config.hard_negatives and self.mining.in_flight_at(step) is not None:
+            assert self.pending is not None, f"no refresh in flight at step {step}"
+            self.pending.save_queries(self.run.mined)
+            meta["mining"] = self.pending.meta()
 
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
             self._phase("checkpoint", step)
@@ -305,16 +371,21 @@ class Trainer:
         self._prune_mined_tables()
 
     def _prune_mined_tables(self) -> None:
-        """Drop mined tables that neither a kept checkpoint nor the run itself still uses."""
-        keep = {self.table_path.name} if self.table_path else set()
+        """Drop mined tables and saved queries that neither a kept checkpoint nor the run
+        itself still uses."""
+        keep: set[str | None] = {self.table_path.name} if self.table_path else set()
+        if self.pending is not None:
+            keep.add(self.pending.queries_name)
         for ckpt in list_checkpoints(self.run.root):
             try:
-                keep.add(json.loads((ckpt / "meta.json").read_text()).get("mined_table"))
+                meta = json.loads((ckpt / "meta.json").read_text())
             except (OSError, ValueError):
                 continue
-        for table in self.run.mined.glob("table-*.npy"):
-            if table.name not in keep:
-                table.unlink(missing_ok=True)
+            keep.add(meta.get("mined_table"))
+            keep.add((meta.get("mining") or {}).get("queries"))
+        for path in [*self.run.mined.glob("table-*.npy"), *self.run.mined.glob("queries-*.npy")]:
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
 
     # --- the run ------------------------------------------------------------------------
 
@@ -333,6 +404,8 @@ class Trainer:
         if meta.get("mined_table"):
             self.table_path = self.run.mined / meta["mined_table"]
             self.table = HardNegativeTable.load(self.table_path)
+        if meta.get("mining"):
+            self.pending = load_refresh(meta["mining"], self.run.mined, self.mining)
         step = int(meta["step"])
         log.info(
             "resumed from %s (step %d, made on %s)", step_dir_name(step), step, meta.get("backend")
@@ -437,6 +510,7 @@ class Trainer:
         self.eval_every = self._eval_cadence(split)
         self.queue = MemoryQueue(c.queue_size, self.dataset.dim)
         self.table = HardNegativeTable.empty(self.dataset.num_samples, c.mine_pool)
+        self.mining = MiningSchedule.of(c, self.plan)
         step, metrics, selection = self._restore()
         mirror = getattr(self.backend, "queue_mirror", None)  # the ring on the backend's device
         self.queue.attach(mirror(self.queue.ids, self.queue.vecs) if mirror else None)
@@ -454,6 +528,10 @@ class Trainer:
             log.info("%s", split.describe())
         pools = limit_threads(self.threads.trainer)  # after the engines have loaded theirs
         self.heartbeat.describe(threads=self.threads.as_dict(), threadpools=pools)
+
+        self.probe_miner = self._make_probe_miner() if c.hard_negatives else None
+        if self.pending is not None:
+            self._submit(self.pending)  # in flight at the checkpoint: searched again
         self.openmp = openmp_runtimes()
         log.info("threads: %s", self.threads.describe())
         self._phase("load", step)
@@ -524,8 +602,10 @@ class Trainer:
         )
         try:
             while step < total:
-                if c.hard_negatives and step > 0 and step % c.mine_every == 0:
-                    self._mine(step)
+                if c.hard_negatives:
+                    self._take_refresh(step)
+                    if self.mining.is_use(step):
+                        self._use_refresh(step)
                 stats = self._train_step(step, prefetch.get(step))
                 step += 1
                 self.steps_done = step
@@ -547,6 +627,8 @@ class Trainer:
         finally:
             progress.close()  # the final lines print below the finished bar
             prefetch.close()
+            if self.job is not None:  # the checkpoints keep its queries; a resume redoes it
+                self.job.abandon()
         if self.stopped_early:
             assert self.validator is not None  # only an evaluating process stops early
             selection = self.validator.selection
