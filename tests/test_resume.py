@@ -2,7 +2,8 @@
 
 Checked on numpy and torch-cpu: parameters, optimizer moments, the queue, and
 the batch of every step. Kill points: between steps, at an epoch boundary,
-right after a mining refresh (before and after the checkpoint that holds it).
+right after a mining refresh (before and after the checkpoint that holds it), and while a
+refresh is in flight (taken at step 6, used at 10; the checkpoint at 7 holds its queries).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an 
 BATCH = 16
 TRAIN_ARGS = (
     f"--no-supervise --steps {STEPS} --batch-size {BATCH} --hidden 12 --hard-negatives 3 "
-    "--mine-every 10 --mine-pool 6 --queue-size 40 --checkpoint-every 7 --keep-checkpoints 2 "
+    "--mine-every 10 --mine-lead 4 --mine-pool 6 --queue-size 40 --checkpoint-every 7 --keep-checkpoints 2 "
     "--max-eval 40 --deterministic"
 ).split()
 
@@ -69,6 +70,7 @@ def uninterrupted(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 KILL_POINTS = {
+    "mining-in-flight": 9,  # resumed from the checkpoint at 7: refresh taken at 6, used at 10
     "between-steps": 12,
     "epoch-boundary": batches_per_epoch(),  # the first step of epoch 1
     "right-after-mining": 20,  # mined at 20; the newest checkpoint (14) predates it
@@ -88,6 +90,10 @@ def test_killed_and_resumed_run_is_bitwise_equal(
     killed = train(dataset, out, backend, TWOTOWER_INJECT_FAULT=f"kill@step:{kill_at}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert max(step_digests(out)) == kill_at, "the child did not die where it was told to"
+    if kill_at == KILL_POINTS["mining-in-flight"]:
+        in_flight = load_checkpoint(out)[0]["mining"]
+        assert (in_flight["take"], in_flight["use"]) == (6, 10)
+        assert (out / "mined" / in_flight["queries"]).is_file()
 
     resumed = train(dataset, out, backend, "--resume")
     assert resumed.returncode == 0, resumed.stderr

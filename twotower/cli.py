@@ -43,6 +43,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help="do not: " + help_text.split(" (default")[0],
             )
         elif f.type == "bool":
+            parser.add_argument(
+                flag,
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=help_text + (" (the default)" if f.default is True else ""),
+            )
             if f.default is True:
                 parser.add_argument(
                     "--no-" + f.name.replace("_", "-"),
@@ -50,10 +56,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                     action="store_false",
                     default=argparse.SUPPRESS,
                     help=f"do not: {help_text}",
-                )
-            else:
-                parser.add_argument(
-                    flag, action="store_true", default=argparse.SUPPRESS, help=help_text
                 )
         elif f.name in LIST_FIELDS:
             parser.add_argument(

@@ -327,6 +327,16 @@ def describe_refresh(refresh: Refresh, mined: Mined, waited: float, config: Trai
     return line
 
 
+def recall_warning(probe: ProbeResult, config: TrainConfig, miner: str) -> str | None:
+    """The warning for a probe below --min-mining-recall (saying what to raise), else None."""
+    if probe.recall >= config.min_mining_recall:
+        return None
+    return (
+        f"mining recall@{probe.k} {probe.recall:.2f} vs exact is below --min-mining-recall "
+        f"{config.min_mining_recall:g}: {recall_advice(miner, config.faiss_index)}"
+    )
+
+
 def recall_advice(miner: str, faiss_index: str) -> str:
     """What to raise for more recall from `miner` (a faiss factory string says which index)."""
     if miner == "hnswlib":

@@ -59,7 +59,7 @@ from twotower.training.refresh import (
     describe_refresh,
     is_approximate,
     load_refresh,
-    recall_advice,
+    recall_warning,
     run_refresh,
 )
 from twotower.training.rundir import MetricsLog, RunDir, open_log
@@ -290,15 +290,9 @@ class Trainer:
             **mined.report.as_dict(),
         )
         log.info("step %d: %s", step, describe_refresh(refresh, mined, waited, self.config))
-        if probe is not None and probe.recall < self.config.min_mining_recall:
-            log.warning(
-                "step %d: mining recall@%d %.2f vs exact is below --min-mining-recall %.2f: %s",
-                step,
-                probe.k,
-                probe.recall,
-                self.config.min_mining_recall,
-                recall_advice(mined.miner, self.config.faiss_index),
-            )
+        warning = recall_warning(probe, self.config, mined.miner) if probe else None
+        if warning:
+            log.warning("step %d: %s", step, warning)
 
     def _encode_for_mining(self, rows: np.ndarray) -> np.ndarray:
         """Query vectors (n, D) of dataset rows (n,) to mine for; then enters the mine phase."""

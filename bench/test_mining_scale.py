@@ -1,0 +1,166 @@
+"""What mining costs a run: the wall time of N training steps with mining against the same
+N steps with mining off, measured in one run, as a ratio; and per refresh its queries,
+encode, search and wait seconds and the recall probe.
+
+The seed-scale case (TWOTOWER_BENCH_SEED_SCALE=1) is issue 9's: a synthesized
+771k x 768 bank, 100k sequences of T = 10, GRU H = 768, B = 32, K = 8, Q = 50k,
+faiss IVF4096,Flat in its worker, a refresh every 500 steps, 1500 steps. The
+default case is the same shape scaled down to run in a minute or two.
+TWOTOWER_BENCH_MINING_STEPS / TWOTOWER_BENCH_MINE_EVERY shorten the seed-scale case
+on a busy machine.
+
+Each case is a `twotower train` child. Its time is from its first step record to its last
+in metrics.jsonl: set-up,
+the evaluations before and after and the final checkpoint are outside it; every
+refresh inside it (encoding, waiting for the search) is in it. The index is built
+(or loaded from the index cache) before the first step; its build or load time and
+the time to the first step are reported beside. On a shared machine the wall time
+swings with the load, so the CPU seconds of each child (trainer and miner worker, set-up
+included) are reported too: their ratio is what mining adds to the work. Each case's
+line is appended to .benchmarks/mining-scale.log as soon as it finishes.
+
+    pytest bench/test_mining_scale.py
+    TWOTOWER_BENCH_SEED_SCALE=1 pytest bench/test_mining_scale.py
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import RatioReport
+from twotower import miners
+from twotower.data import Dataset, synthesize
+from twotower.training.rundir import read_metrics
+
+SEED_SCALE = os.environ.get("TWOTOWER_BENCH_SEED_SCALE", "") not in ("", "0")
+CACHE = Path(os.environ.get("TWOTOWER_BENCH_CACHE", ".benchmarks/cache"))
+if SEED_SCALE:
+    SAMPLES, BANK, D, H, T, Q, INDEX = 100_000, 771_000, 768, 768, 10, 50_000, "IVF4096,Flat"
+    STEPS = int(os.environ.get("TWOTOWER_BENCH_MINING_STEPS", "1500"))
+    MINE_EVERY = int(os.environ.get("TWOTOWER_BENCH_MINE_EVERY", "500"))
+else:
+    SAMPLES, BANK, D, H, T, Q, INDEX = 20_000, 100_000, 128, 128, 10, 4096, "IVF256,Flat"
+    STEPS, MINE_EVERY = 300, 100
+B, K = 32, 8
+LOG = Path(".benchmarks") / "mining-scale.log"  # each case's line as soon as it finishes
+
+REPORT_TITLE = (
+    f"mining: {STEPS} steps with a refresh every {MINE_EVERY} vs mining off; "
+    f"{BANK} x {D} bank, {SAMPLES} sequences, GRU H={H}, B={B} K={K} Q={Q}, faiss {INDEX}"
+)
+
+pytestmark = pytest.mark.skipif("faiss" not in miners.available(), reason="needs faiss")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    name = "mining-seed" if SEED_SCALE else f"mining-{SAMPLES}x{BANK}x{D}"
+    return synthesize(CACHE / name, samples=SAMPLES, bank=BANK, dim=D, seq_len=T)
+
+
+def train_args(dataset: Dataset, out: Path, mining: bool, overlap: bool) -> list[str]:
+    """`twotower train` arguments of one case: the same steps, mining on or off."""
+    args = f"--no-supervise --backend torch-cpu --steps {STEPS} --batch-size {B} --hidden {H} "
+    args += f"--queue-size {Q} --checkpoint-every {10**9} --max-eval 64 --mine-every {MINE_EVERY} "
+    args += f"--hard-negatives {K if mining else 0} --miner faiss --faiss-index {INDEX} "
+    args += "--mine-overlap" if overlap else "--no-mine-overlap"
+    return ["--data", str(dataset.path), "--out", str(out), *args.split()]
+
+
+def steps_wall(run: Path) -> tuple[float, list[dict[str, Any]]]:
+    """(seconds from the first step record to the last, the run's records)."""
+    records = read_metrics(run / "metrics.jsonl")
+    times = [r["time"] for r in records if r["event"] == "step"]
+    assert len(times) == STEPS, f"{run}: {len(times)} steps logged"
+    return times[-1] - times[0], records
+
+
+def refreshes(records: list[dict[str, Any]]) -> str:
+    """One 'use@take: n queries, encode/search/wait s, recall' entry per refresh."""
+    parts = []
+    for r in records:
+        if r["event"] != "mined":
+            continue
+        recall = f", recall@{r['recall_k']} {r['recall']:.3f} (probe {r['probe_seconds']:.1f} s)"
+        parts.append(
+            f"[{r['step']}@{r['take']}: {r['queries']} q, encode {r['encode_seconds']:.1f} s, "
+            f"search {r['seconds']:.1f} s, wait {r['wait_seconds']:.1f} s"
+            + (recall if "recall" in r else "")
+            + "]"
+        )
+    return " ".join(parts)
+
+
+def run_case(dataset: Dataset, out: Path, mining: bool, overlap: bool = True) -> dict[str, Any]:
+    """Train one case in a child: wall time of its steps, its CPU seconds (trainer and miner
+    worker, set-up included), the time to its first step, its records."""
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    child = subprocess.run(
+        [sys.executable, "-m", "twotower", "train", *train_args(dataset, out, mining, overlap)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the trainer and its miner worker
+    assert child.returncode == 0, child.stderr[-2000:]
+    wall, records = steps_wall(out)
+    first_step = next(r["time"] for r in records if r["event"] == "step")
+    case = {"wall": wall, "records": records, "to_first_step": first_step - started}
+    case["cpu"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    with LOG.open("a") as log:
+        label = "off" if not mining else "overlapped" if overlap else "synchronous"
+        log.write(
+            f"{time.strftime('%H:%M:%S')} {label}: {STEPS} steps in {wall:.1f} s, "
+            f"cpu {case['cpu']:.1f} s, first step after {case['to_first_step']:.1f} s; "
+            f"{refreshes(records)}\n"
+        )
+    return case
+
+
+@pytest.fixture(scope="module")
+def mining_off(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_case(dataset, tmp_path_factory.mktemp("off") / "run", mining=False)
+
+
+def test_steps_without_mining(benchmark, report: RatioReport, mining_off: dict[str, Any]) -> None:
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    report.add(
+        "mining off",
+        benchmark,
+        median_s=mining_off["wall"] / STEPS,
+        cpu_s=round(mining_off["cpu"], 1),
+        to_first_step_s=round(mining_off["to_first_step"], 1),
+    )
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_steps_with_mining(
+    benchmark,
+    report: RatioReport,
+    dataset: Dataset,
+    mining_off: dict[str, Any],
+    tmp_path: Path,
+    overlap: bool,
+) -> None:
+    case = run_case(dataset, tmp_path / "run", mining=True, overlap=overlap)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    mined = [r for r in case["records"] if r["event"] == "mined"]
+    assert len(mined) == (STEPS - 1) // MINE_EVERY
+    assert all(r["negatives"] > 0 for r in mined)
+    report.add(
+        f"mining, {'overlapped' if overlap else 'synchronous'}",
+        benchmark,
+        baseline="mining off",
+        median_s=case["wall"] / STEPS,
+        cpu_ratio=round(case["cpu"] / mining_off["cpu"], 3),
+        to_first_step_s=round(case["to_first_step"], 1),
+        refreshes=refreshes(case["records"]),
+    )
