@@ -28,8 +28,8 @@ SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an 
 BATCH = 16
 TRAIN_ARGS = (
     f"--no-supervise --steps {STEPS} --batch-size {BATCH} --hidden 12 --hard-negatives 3 "
-    "--mine-every 10 --mine-lead 4 --mine-pool 6 --queue-size 40 --checkpoint-every 7 --keep-checkpoints 2 "
-    "--max-eval 40 --deterministic"
+    "--mine-every 10 --mine-lead 4 --mine-pool 6 --queue-size 40 --checkpoint-every 7 "
+    "--keep-checkpoints 2 --max-eval 40 --deterministic"
 ).split()
 
 

@@ -127,12 +127,13 @@ def test_a_segfault_and_an_exception_are_reported_and_the_run_finishes(
     assert_same_state(result.run_dir, uninterrupted("numpy"))
 
 
-# Each kind at each phase: one run per row, the faults firing once each, in order.
+# Each kind at each phase: one run per row, the faults firing once each, in order. Refreshes
+# are taken (encode, then mine: the exact miner searches at once, in the trainer) at 6, 16, 26.
 MATRIX = {
-    "segv-load": "segv@load:0,abort@encode:10,kill@step:16,raise@mine:20,segv@checkpoint:21",
-    "abort-load": "abort@load:0,kill@encode:10,raise@step:16,segv@mine:20,abort@checkpoint:21",
-    "kill-load": "kill@load:0,raise@encode:10,segv@step:16,abort@mine:20,kill@checkpoint:21",
-    "raise-load": "raise@load:0,segv@encode:10,abort@step:16,kill@mine:20,raise@checkpoint:21",
+    "segv-load": "segv@load:0,abort@encode:6,kill@step:16,raise@mine:26,segv@checkpoint:28",
+    "abort-load": "abort@load:0,kill@encode:6,raise@step:16,segv@mine:26,abort@checkpoint:28",
+    "kill-load": "kill@load:0,raise@encode:6,segv@step:16,abort@mine:26,kill@checkpoint:28",
+    "raise-load": "raise@load:0,segv@encode:6,abort@step:16,kill@mine:26,raise@checkpoint:28",
 }
 
 
@@ -195,7 +196,7 @@ def test_an_engine_that_keeps_crashing_is_switched(dataset: Path, tmp_path: Path
 def test_an_in_process_miner_that_keeps_crashing_is_switched(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     miner = ("--miner", "hnswlib", *IN_PROCESS, "--miner-fallback", "exact")
-    result = train(dataset, out, "numpy", *miner, TWOTOWER_INJECT_FAULT="segv@mine:10:hnswlib")
+    result = train(dataset, out, "numpy", *miner, TWOTOWER_INJECT_FAULT="segv@mine:6:hnswlib")
     assert result.returncode == 0, result.stderr
     (switch,) = events(out, "switch")
     assert (switch["role"], switch["previous"], switch["to"]) == ("miner", "hnswlib", "exact")
@@ -213,7 +214,7 @@ def test_a_segfault_with_two_openmp_runtimes_names_the_clash(dataset: Path, tmp_
     """faiss in the trainer's process (isolation none) beside torch: two libgomp copies."""
     out = tmp_path / "run"
     miner = ("--miner", "faiss", *IN_PROCESS)
-    result = train(dataset, out, "torch-cpu", *miner, TWOTOWER_INJECT_FAULT="segv@mine:10")
+    result = train(dataset, out, "torch-cpu", *miner, TWOTOWER_INJECT_FAULT="segv@mine:16")
     assert result.returncode == 0, result.stderr
     found = report(out, 1)
     assert found["exit"]["signal"] == "SIGSEGV" and found["where"]["phase"] == "mine"

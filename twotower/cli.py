@@ -49,7 +49,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 default=argparse.SUPPRESS,
                 help=help_text + (" (the default)" if f.default is True else ""),
             )
-            if f.default is True:
+            if f.default is not False:
                 parser.add_argument(
                     "--no-" + f.name.replace("_", "-"),
                     dest=f.name,

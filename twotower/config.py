@@ -184,7 +184,11 @@ class TrainConfig:
         "steps between encoding a mining's queries and using its table "
         "(default --mine-every // 4; 0: encode at the step of use)",
     )
-    mine_overlap: bool = knob(True, "search while training continues (the numbers stay the same)")
+    mine_overlap: bool | None = knob(
+        None,
+        "search while training continues (the numbers stay the same); "
+        "default: when the miner runs in its own process",
+    )
     mine_probe: int = knob(64, "queries of each approximate mining also searched exactly (recall)")
     min_mining_recall: float = knob(0.9, "warn when the miner's recall against exact is below this")
     mine_skip: int = knob(0, "mined ranks kept are [skip, skip + pool)")

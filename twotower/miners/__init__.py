@@ -57,6 +57,11 @@ DEFAULT_ISOLATION = {"exact": "none", "faiss": "process", "hnswlib": "process"}
 COMMON_OPTIONS = ("threads", "cache_dir")  # passed to each engine that takes them
 
 
+def isolation_of(name: str, isolation: str | None = None) -> str:
+    """Where miner `name` runs: `isolation` if given, else its default ("process" or "none")."""
+    return isolation or DEFAULT_ISOLATION[name]
+
+
 def engine_class(name: str) -> type:
     """The in-process engine class for a known miner name (imports its module, not its library)."""
     if name == "faiss":
@@ -104,7 +109,7 @@ def get(
     Raises EngineUnavailable for an unknown or missing miner, UsageError for a bad option.
     """
     REGISTRY.require(name)
-    mode = isolation or DEFAULT_ISOLATION[name]
+    mode = isolation_of(name, isolation)
     if mode not in ISOLATION_MODES:
         raise UsageError(f"miner isolation {mode!r} is not one of {', '.join(ISOLATION_MODES)}")
     takes = engine_options(name)

@@ -227,8 +227,10 @@ def run_refresh(
 class MiningJob:
     """`run_refresh` of one refresh, in a daemon thread (background) or at once.
 
-    result() waits for it and returns (Mined, seconds waited); an exception of the
-    mining is raised there. abandon() stops it between miner calls and waits for that.
+    At once, an exception of the mining is raised by the constructor, where the
+    refresh is taken. In the background it is raised by result(), which waits for
+    the mining and returns (Mined, seconds waited). abandon() stops a background
+    mining after its current miner call and waits for that.
     """
 
     def __init__(
@@ -243,16 +245,16 @@ class MiningJob:
         self._outcome: Mined | BaseException | None = None
         self._thread: threading.Thread | None = None
         guarded = _Abandonable(miner, self._abandon)
-        if background:
-            self._thread = threading.Thread(
-                target=self._run,
-                args=(work, guarded),
-                name=f"twotower-mine-{refresh.use}",
-                daemon=True,
-            )
-            self._thread.start()
-        else:
-            self._run(work, guarded)
+        if not background:
+            self._outcome = work(refresh, guarded)
+            return
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(work, guarded),
+            name=f"twotower-mine-{refresh.use}",
+            daemon=True,
+        )
+        self._thread.start()
 
     def _run(self, work: Callable[[Refresh, Miner], Mined], miner: Miner) -> None:
         try:
@@ -277,10 +279,19 @@ class MiningJob:
         return self._outcome, waited
 
     def abandon(self) -> None:
-        """Stop the mining after its current miner call, and wait for that call."""
+        """Stop the mining after its current miner call and wait for that; a failure of the
+        mining (no longer needed) is logged, not raised."""
         self._abandon.set()
         if self._thread is not None:
             self._thread.join()
+        if isinstance(self._outcome, BaseException) and not isinstance(self._outcome, Abandoned):
+            log.warning(
+                "the mining taken at step %d failed before it was needed (%s: %s); "
+                "a resumed run mines it again",
+                self.refresh.take,
+                type(self._outcome).__name__,
+                self._outcome,
+            )
 
 
 def load_refresh(meta: dict[str, Any], mined_dir: Path, schedule: MiningSchedule) -> Refresh:

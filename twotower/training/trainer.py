@@ -255,9 +255,15 @@ class Trainer:
         self._submit(Refresh(step, use, rows, queries, time.perf_counter() - started))
 
     def _submit(self, refresh: Refresh) -> None:
+        """Start the search of `refresh`: beside training, or now in this thread."""
         assert self.miner is not None, "mining needs --hard-negatives > 0"
         self.pending = refresh
-        self.job = MiningJob(refresh, self._run_refresh, self.miner, self.config.mine_overlap)
+        background = self.config.mine_overlap
+        if background is None:  # in its own process a miner competes least with training
+            background = miners.isolation_of(self.miner.name, self.config.miner_isolation) != "none"
+        if not background:  # a crash of an in-process miner is blamed on the mine phase
+            self._phase("mine", refresh.take)
+        self.job = MiningJob(refresh, self._run_refresh, self.miner, background)
 
     def _run_refresh(self, refresh: Refresh, miner: miners.Miner) -> Mined:
         return run_refresh(refresh, miner, self.probe_miner, self.dataset, self.config)
