@@ -175,3 +175,24 @@ def test_a_run_with_the_recipe_options_is_rebuilt_exactly(
     assert main(["replay", "--run", str(tmp_path / "run"), "--step", str(STEP)]) == 0
     out = capsys.readouterr().out
     assert "the state was rebuilt exactly" in out and "every backend agrees" in out
+
+
+def test_a_mining_in_flight_at_the_checkpoint_is_mined_again_from_its_queries(
+    tmp_path: Path,
+) -> None:
+    """Refreshes taken at 5, 15, 25 and used at 10, 20, 30: the checkpoint at 8 holds the
+    queries of the one in flight; with its table gone, replay of step 12 mines them again."""
+    data = synthesize(tmp_path / "data", samples=300, bank=300, dim=16, seq_len=6, seed=1)
+    run = tmp_path / "run"
+    config = TrainConfig(
+        data=str(data.path), out=str(run), backend="numpy", mine_lead=5, **SETTINGS
+    )
+    assert train(config).exit_code == 0
+    assert load_checkpoint(run / "checkpoints" / "step-0000008")[0]["mining"]["take"] == 5
+    (run / "mined" / "table-step-0000010.npy").unlink()
+    report = replay(run, 12, ["numpy"])
+    notes = "\n".join(report.notes)
+    assert "from checkpoint step-0000008" in notes
+    assert "step 10: no table-step-0000010.npy; mined again with exact, as the run did" in notes
+    assert report.digest == logged(run, 12)["batch"]
+    assert "the state was rebuilt exactly" in notes
