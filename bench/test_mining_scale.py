@@ -4,10 +4,11 @@ encode, search and wait seconds and the recall probe.
 
 The seed-scale case (TWOTOWER_BENCH_SEED_SCALE=1) is issue 9's: a synthesized
 771k x 768 bank, 100k sequences of T = 10, GRU H = 768, B = 32, K = 8, Q = 50k,
-faiss IVF4096,Flat in its worker, a refresh every 500 steps, 1500 steps. The
-default case is the same shape scaled down to run in a minute or two.
-TWOTOWER_BENCH_MINING_STEPS / TWOTOWER_BENCH_MINE_EVERY shorten the seed-scale case
-on a busy machine.
+faiss IVF4096,Flat in its worker, a refresh every 500 steps, two refresh cycles.
+The default case is the same shape scaled down to run in a few minutes.
+TWOTOWER_BENCH_MINE_EVERY / TWOTOWER_BENCH_MINING_CYCLES shorten the seed-scale
+case on a busy machine; TWOTOWER_BENCH_MINING_CASES=overlapped skips the
+synchronous case.
 
 Each case is a `twotower train` child. Its time is from its first step record to its last
 in metrics.jsonl: set-up,
@@ -44,16 +45,21 @@ SEED_SCALE = os.environ.get("TWOTOWER_BENCH_SEED_SCALE", "") not in ("", "0")
 CACHE = Path(os.environ.get("TWOTOWER_BENCH_CACHE", ".benchmarks/cache"))
 if SEED_SCALE:
     SAMPLES, BANK, D, H, T, Q, INDEX = 100_000, 771_000, 768, 768, 10, 50_000, "IVF4096,Flat"
-    STEPS = int(os.environ.get("TWOTOWER_BENCH_MINING_STEPS", "1500"))
     MINE_EVERY = int(os.environ.get("TWOTOWER_BENCH_MINE_EVERY", "500"))
+    CYCLES = int(os.environ.get("TWOTOWER_BENCH_MINING_CYCLES", "2"))
 else:
     SAMPLES, BANK, D, H, T, Q, INDEX = 20_000, 100_000, 128, 128, 10, 4096, "IVF256,Flat"
-    STEPS, MINE_EVERY = 300, 100
+    MINE_EVERY, CYCLES = 100, 2
 B, K = 32, 8
+LEAD = MINE_EVERY // 4  # the default --mine-lead
+# Measured: steps [FIRST, STEPS), whole refresh cycles from the first refresh's take step, so
+# that every refresh taken is also used (the steps before FIRST never pay for mining).
+FIRST = MINE_EVERY - LEAD
+STEPS = FIRST + CYCLES * MINE_EVERY
 LOG = Path(".benchmarks") / "mining-scale.log"  # each case's line as soon as it finishes
 
 REPORT_TITLE = (
-    f"mining: {STEPS} steps with a refresh every {MINE_EVERY} vs mining off; "
+    f"mining: steps {FIRST}..{STEPS - 1} ({CYCLES} refreshes every {MINE_EVERY}) vs mining off; "
     f"{BANK} x {D} bank, {SAMPLES} sequences, GRU H={H}, B={B} K={K} Q={Q}, faiss {INDEX}"
 )
 
@@ -76,11 +82,14 @@ def train_args(dataset: Dataset, out: Path, mining: bool, overlap: bool) -> list
 
 
 def steps_wall(run: Path) -> tuple[float, list[dict[str, Any]]]:
-    """(seconds from the first step record to the last, the run's records)."""
+    """(seconds from the end of step FIRST - 1 to the end of the last step, the run's records).
+
+    The step record of step s (1-based in metrics.jsonl) is written when s steps are done.
+    """
     records = read_metrics(run / "metrics.jsonl")
-    times = [r["time"] for r in records if r["event"] == "step"]
+    times = {r["step"]: r["time"] for r in records if r["event"] == "step"}
     assert len(times) == STEPS, f"{run}: {len(times)} steps logged"
-    return times[-1] - times[0], records
+    return times[STEPS] - times[FIRST], records
 
 
 def refreshes(records: list[dict[str, Any]]) -> str:
@@ -141,7 +150,12 @@ def test_steps_without_mining(benchmark, report: RatioReport, mining_off: dict[s
     )
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+CASES = os.environ.get("TWOTOWER_BENCH_MINING_CASES", "overlapped,synchronous").split(",")
+
+
+@pytest.mark.parametrize(
+    "overlap", [case == "overlapped" for case in CASES], ids=[case for case in CASES]
+)
 def test_steps_with_mining(
     benchmark,
     report: RatioReport,
@@ -153,7 +167,7 @@ def test_steps_with_mining(
     case = run_case(dataset, tmp_path / "run", mining=True, overlap=overlap)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     mined = [r for r in case["records"] if r["event"] == "mined"]
-    assert len(mined) == (STEPS - 1) // MINE_EVERY
+    assert len(mined) == CYCLES
     assert all(r["negatives"] > 0 for r in mined)
     report.add(
         f"mining, {'overlapped' if overlap else 'synchronous'}",
