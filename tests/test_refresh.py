@@ -216,3 +216,16 @@ def test_an_exact_miner_is_not_probed(data: Path, tmp_path: Path) -> None:
     train(config)
     mined = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "mined"]
     assert len(mined) == 1 and "recall" not in mined[0]
+
+
+def test_a_run_from_before_mining_scopes_resumes_only_with_its_own_mining() -> None:
+    """A config.json without mine_scope / mine_lead was a run that mined every row at the step
+    of use: resuming it under the new defaults would change its numbers, so it is refused
+    with what to pass, and accepted with `--mine-scope all --mine-lead 0`."""
+    stored = TrainConfig(data="d").to_dict()
+    del stored["mine_scope"], stored["mine_lead"]
+    assert TrainConfig(data="d").numeric_differences(stored) == [
+        "mine_lead: 0 -> None",
+        "mine_scope: 'all' -> 'upcoming'",
+    ]
+    assert TrainConfig(data="d", mine_scope="all", mine_lead=0).numeric_differences(stored) == []

@@ -62,12 +62,15 @@ NUMERIC_FIELDS = (
     "eval_data",
 )
 # What a config.json written before a field existed means by leaving it out, where that differs
-# from today's default: such a run trained with a constant rate and split at random.
+# from today's default: such a run trained with a constant rate and split at random, and
+# mined every training row, encoded at the step of use.
 ABSENT_MEANS: dict[str, Any] = {
     "lr_schedule": "constant",
     "warmup_share": 0.0,
     "eval_split": "random",
     "exclude_context": False,
+    "mine_scope": "all",
+    "mine_lead": 0,
 }
 
 CUTOFFS = (1, 10, 100)  # evaluation: recall@c for each, MRR over the first max(CUTOFFS)
