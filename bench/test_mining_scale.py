@@ -127,7 +127,7 @@ def run_case(dataset: Dataset, out: Path, mining: bool, overlap: bool = True) ->
     with LOG.open("a") as log:
         label = "off" if not mining else "overlapped" if overlap else "synchronous"
         log.write(
-            f"{time.strftime('%H:%M:%S')} {label}: {STEPS} steps in {wall:.1f} s, "
+            f"{time.strftime('%H:%M:%S')} {label}: steps {FIRST}..{STEPS - 1} in {wall:.1f} s, "
             f"cpu {case['cpu']:.1f} s, first step after {case['to_first_step']:.1f} s; "
             f"{refreshes(records)}\n"
         )
