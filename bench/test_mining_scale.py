@@ -34,11 +34,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench.report import RatioReport
-from twotower import miners
+from twotower import backends, miners
+from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
+from twotower.paths import user_cache_dir
+from twotower.training.batching import StepPlan, assemble_batch, gather_step
+from twotower.training.evaluation import encode_rows, held_out_split
+from twotower.training.mining import HardNegativeTable
+from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import read_metrics
 
 SEED_SCALE = os.environ.get("TWOTOWER_BENCH_SEED_SCALE", "") not in ("", "0")
@@ -178,3 +185,62 @@ def test_steps_with_mining(
         to_first_step_s=round(case["to_first_step"], 1),
         refreshes=refreshes(case["records"]),
     )
+
+
+ROUNDS, STEPS_PER_ROUND, QUERIES_PER_ROUND = 5, 10, 512
+
+
+def test_refresh_cost_in_steps(benchmark, report: RatioReport, dataset: Dataset) -> None:
+    """Load-proof: in one process, ROUNDS times in turn, STEPS_PER_ROUND training steps, the
+    encoding of QUERIES_PER_ROUND refresh queries and their search in the faiss worker, so a
+    change of the machine's load hits all three alike. What a refresh costs per step it
+    serves is B x (encode + search per query) / step time: the predicted ratio on a machine
+    whose cores training already fills (overlap hides the search only on spare cores)."""
+    config = TrainConfig(
+        data=str(dataset.path), backend="torch-cpu", hidden=H, batch_size=B, queue_size=Q
+    )
+    backend = backends.make_backend(config, dataset.dim)
+    train_rows, _ = held_out_split(
+        dataset.num_samples, config.eval_fraction, config.max_eval, config.seed
+    )
+    plan = StepPlan(train_rows, B, config.seed)
+    queue = MemoryQueue(Q, dataset.dim)
+    table = HardNegativeTable.empty(dataset.num_samples, config.mine_pool)
+    miner = miners.get("faiss", index=INDEX, cache_dir=user_cache_dir() / "index")
+    miner.build(dataset.bank, fingerprint=dataset.fingerprint)
+    step_s, encode_s, search_s = [], [], []
+    step = 0
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            data = gather_step(dataset, step, plan.rows_for(step))
+            backend.step(assemble_batch(data, table, queue, dataset.bank, K, config.seed))
+            queue.push(data.positive_ids, data.positive_vecs)
+            step += 1
+        step_s.append((time.perf_counter() - started) / STEPS_PER_ROUND)
+        rows = plan.rows_between(step, step + QUERIES_PER_ROUND // B)
+        started = time.perf_counter()
+        queries = encode_rows(backend, dataset.gather, rows)
+        encode_s.append((time.perf_counter() - started) / len(rows))
+        started = time.perf_counter()
+        miner.search(queries, config.mine_skip + config.mine_pool + 1)
+        search_s.append((time.perf_counter() - started) / len(rows))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    per_round = [B * (e + s) / t for t, e, s in zip(step_s, encode_s, search_s, strict=True)]
+    encode_share = [B * e / t for t, e in zip(step_s, encode_s, strict=True)]
+    report.add(
+        "refresh cost per step served",
+        benchmark,
+        median_s=float(np.median(step_s)),
+        predicted_ratio=round(1 + float(np.median(per_round)), 3),
+        encode_share=round(float(np.median(encode_share)), 3),
+        rounds=" ".join(f"{1 + r:.2f}" for r in per_round),
+        encode_ms_per_query=round(1e3 * float(np.median(encode_s)), 2),
+        search_ms_per_query=round(1e3 * float(np.median(search_s)), 2),
+    )
+    with LOG.open("a") as log:
+        log.write(
+            f"{time.strftime('%H:%M:%S')} interleaved: step {np.median(step_s):.3f} s, encode "
+            f"{1e3 * np.median(encode_s):.2f} ms/query, search {1e3 * np.median(search_s):.2f} "
+            f"ms/query, predicted ratio per round {[round(1 + r, 3) for r in per_round]}\n"
+        )
