@@ -1,6 +1,9 @@
 """What mining costs a run: the wall time of N training steps with mining against the same
 N steps with mining off, measured in one run, as a ratio; and per refresh its queries,
-encode, search and wait seconds and the recall probe.
+encode, search and wait seconds and the recall probe. Runs that follow each other are
+only comparable on a quiet machine, so `test_refresh_cost_in_steps` also measures the
+same costs interleaved with training steps in one process, where a change of load hits
+both alike.
 
 The seed-scale case (TWOTOWER_BENCH_SEED_SCALE=1) is issue 9's: a synthesized
 771k x 768 bank, 100k sequences of T = 10, GRU H = 768, B = 32, K = 8, Q = 50k,
