@@ -18,7 +18,7 @@ from twotower.diagnose.run_picture import Marker, run_picture, smooth
 from twotower.training.rundir import read_metrics
 
 SMALL = (
-    "--batch-size 16 --hidden 16 --hard-negatives 4 --mine-every 5 --mine-pool 8 "
+    "--batch-size 16 --hidden 16 --hard-negatives 4 --mine-every 5 --mine-lead 0 --mine-pool 8 "
     "--queue-size 32 --max-eval 40 --checkpoint-every 4 --steps 12 --eval-every 6"
 ).split()
 

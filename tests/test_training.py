@@ -102,18 +102,18 @@ def test_a_segfaulting_miner_costs_no_step(small_data: Path, tmp_path: Path) -> 
     assert [s["step"] for s in events(out, "step")] == list(range(1, 26))
     assert load_checkpoint(out)[0]["step"] == 25
     # every death of the worker (two: the first attempt and its restart) leaves a report
-    reports = sorted((out / "crashes").glob("miner-faiss-step-0000010-pid*.json"))
+    reports = sorted((out / "crashes").glob("miner-faiss-step-0000008-pid*.json"))
     assert len(reports) == 2 == len(crashes)
     assert {c["report"] for c in crashes} == {f"crashes/{r.name}" for r in reports}
     first, second = (json.loads(r.read_text()) for r in reports)
     for report in (first, second):
         assert report["process"] == "miner worker" and report["miner"] == "faiss"
         assert report["exit"]["signal"] == "SIGSEGV"
-        assert report["where"]["phase"] == "mine" and report["where"]["step"] == 10
+        assert report["where"]["phase"] == "mine" and report["where"]["step"] == 8
         assert "op_search" in report["stacks"]  # the worker's own faulthandler stack
         assert report["memory"]["peak_rss_kb"] > 10_000
         assert report["openmp"] is None or isinstance(report["openmp"], list)
-        assert report["causes"][0]["cause"] == "injected fault segv@mine:10:faiss"
+        assert report["causes"][0]["cause"] == "injected fault segv@mine:8:faiss"
     assert {first["next"], second["next"]} == {"restart faiss", "switch to hnswlib"}
     assert "miner worker (faiss)" in result.stderr and "killed by SIGSEGV" in result.stderr
 
