@@ -229,3 +229,22 @@ def test_a_run_from_before_mining_scopes_resumes_only_with_its_own_mining() -> N
         "mine_scope: 'all' -> 'upcoming'",
     ]
     assert TrainConfig(data="d", mine_scope="all", mine_lead=0).numeric_differences(stored) == []
+
+
+@pytest.mark.skipif("faiss" not in miners.available(), reason="needs faiss")
+def test_a_weak_index_warns_from_the_cli_with_the_flag_to_raise(tmp_path: Path) -> None:
+    """--faiss-nprobe 1 of 64 lists on clustered data: the refresh logs its recall@pool and
+    warns, naming --faiss-nprobe; the mined event carries the probe."""
+    from tests.processes import train_in_child
+
+    synthesize(tmp_path / "data", samples=600, bank=4000, dim=32, seq_len=4, seed=6)
+    out = tmp_path / "run"
+    args = "--no-supervise --backend numpy --hidden 16 --batch-size 16 --steps 12 --mine-every 10"
+    args += " --max-eval 40 --queue-size 32 --miner faiss --faiss-index IVF64,Flat --faiss-nprobe 1"
+    result = train_in_child(tmp_path / "data", out, *args.split())
+    assert result.returncode == 0, result.stderr
+    (mined,) = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "mined"]
+    assert mined["recall_k"] == 32 and mined["probe_queries"] == 64
+    assert mined["recall"] < 0.9
+    assert f"recall@32 {mined['recall']:.2f} vs exact on 64" in result.stderr
+    assert "below --min-mining-recall 0.9: raise --faiss-nprobe" in result.stderr

@@ -8,6 +8,7 @@ its directory, so the new one survives a power loss, not only a crash.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +27,8 @@ def replace_file(
     path: Path, content: bytes | str | Callable[[BinaryIO], object], durable: bool = False
 ) -> None:
     """Replace `path` with `content`: bytes, text (UTF-8), or a function that writes a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # per process and thread: two threads may replace one file (the heartbeat) at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as file:
             if callable(content):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,23 @@ class Sink(Protocol):
 
 _sink: Sink | None = None
 _relayed: dict[str, Task] = {}
+_thread = threading.local()  # .details_only: this thread's tasks never name the phase
+
+
+@contextmanager
+def details_only() -> Iterator[None]:
+    """Within this block, tasks this thread opens or relays are details (phase=False).
+
+    A mining that runs in a thread beside training reports its progress (and its
+    worker's liveness) without renaming the phase training is in, so a crash of the
+    training step is not blamed on a search that happened to be running.
+    """
+    previous = getattr(_thread, "details_only", False)
+    _thread.details_only = True
+    try:
+        yield
+    finally:
+        _thread.details_only = previous
 
 
 def install(sink: Sink | None) -> Sink | None:
@@ -114,6 +132,7 @@ def task(
     announce: bool = False,
 ) -> Iterator[Task]:
     """Run a block as a Task (see `Task` for the arguments); the sink hears its start and end."""
+    phase = phase and not getattr(_thread, "details_only", False)
     current = Task(name, what, total, unit, phase, announce)
     if _sink is not None:
         _sink.start(current)
@@ -132,6 +151,7 @@ def relay(event: str, record: dict[str, Any]) -> None:
     relayed = _relayed.get(record["id"])
     if relayed is None:
         relayed = _relayed[record["id"]] = Task(**fields)
+        relayed.phase = relayed.phase and not getattr(_thread, "details_only", False)
         relayed.started = time.monotonic() - record.get("seconds", 0.0)
         _sink.start(relayed)
     relayed.done, relayed.what, relayed.total = record["done"], record["what"], record["total"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults
+from twotower import faults, progress
 from twotower.atomic import replace_file
 from twotower.config import TrainConfig
 from twotower.data import Dataset
@@ -41,7 +41,6 @@ log = logging.getLogger("twotower")
 # Queries per miner call, beside training or not (the same chunks give the same float32
 # rounding either way); it bounds how long abandoning a background mining waits.
 MINING_CHUNK = 4096
-WAIT_BEAT_SECONDS = 5.0
 
 
 class MiningSchedule:
@@ -258,20 +257,20 @@ class MiningJob:
 
     def _run(self, work: Callable[[Refresh, Miner], Mined], miner: Miner) -> None:
         try:
-            self._outcome = work(self.refresh, miner)
+            with progress.details_only():  # training's phase stays training's
+                self._outcome = work(self.refresh, miner)
         except BaseException as error:  # handed to the training thread by result()
             self._outcome = error
 
-    def result(self, beat: Callable[[], None] | None = None) -> tuple[Mined, float]:
+    def result(self) -> tuple[Mined, float]:
         """(the finished refresh, seconds this call waited for it); re-raises its exception.
 
-        beat() is called every WAIT_BEAT_SECONDS while waiting (the heartbeat).
+        While it waits nothing beats the heartbeat but the mining's own progress and its
+        worker's CPU time (relayed through `progress`), so a stalled search is still a hang.
         """
         started = time.perf_counter()
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(WAIT_BEAT_SECONDS)
-            if beat is not None and self._thread.is_alive():
-                beat()
+        if self._thread is not None:
+            self._thread.join()
         waited = time.perf_counter() - started
         if isinstance(self._outcome, BaseException):
             raise self._outcome
@@ -351,9 +350,11 @@ def recall_warning(probe: ProbeResult, config: TrainConfig, miner: str) -> str |
 def recall_advice(miner: str, faiss_index: str) -> str:
     """What to raise for more recall from `miner` (a faiss factory string says which index)."""
     if miner == "hnswlib":
-        return "raise hnswlib's ef (candidates per search) or its M and ef_construction"
+        return (
+            "raise --hnswlib-ef (candidates per search) or --hnswlib-m / --hnswlib-ef-construction"
+        )
     if "IVF" in faiss_index:
-        return "raise faiss' nprobe (IVF lists searched per query) or use fewer lists"
+        return "raise --faiss-nprobe (IVF lists searched per query) or use fewer lists"
     if "HNSW" in faiss_index:
-        return "raise faiss' efSearch (candidates per search) or efConstruction"
+        return "raise --faiss-ef-search (candidates per search) or --faiss-ef-construction"
     return "use a more exact index (--faiss-index Flat is exact)"

@@ -272,11 +272,7 @@ class Trainer:
         """Put the refresh used at `step` into use, waiting for its search if it still runs."""
         assert self.job is not None and self.pending is not None and self.pending.use == step
         self._phase("mine", step)
-
-        def beat() -> None:
-            self._phase("mine", step)
-
-        mined, waited = self.job.result(beat)
+        mined, waited = self.job.result()
         refresh = self.pending
         self.table = mined.table
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
