@@ -488,7 +488,10 @@ class Trainer:
             self.backend.join_data_parallel(self.world.rank, self.world.size)  # type: ignore[attr-defined]
         split = held_out(c, self.dataset)
         self.train_rows = split.train_rows
-        self.miners = MinerSetup(c, self.dataset, len(self.train_rows), self._miner_event)
+        refresh_queries = len(self.train_rows)  # the most one refresh encodes and searches
+        if c.mine_scope == "upcoming":
+            refresh_queries = min(refresh_queries, c.mine_every * c.batch_size)
+        self.miners = MinerSetup(c, self.dataset, refresh_queries, self._miner_event)
         self.threads = self._thread_budget()  # after --miner auto is resolved
         self.miners.make(self.threads.miner)  # options checked against the bank: may refuse
         self._open_run_files(write_config=stored is None)
