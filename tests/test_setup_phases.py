@@ -86,15 +86,22 @@ def test_a_build_longer_than_the_hang_timeout_is_not_a_hang(tmp_path: Path) -> N
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("fault", "phase"), [("hang@build-index:0", "build-index"), ("hang@mine:6", "mine")]
+    ("fault", "phase", "lead"),
+    [
+        ("hang@build-index:0", "build-index", "0"),
+        ("hang@mine:6", "mine", "0"),  # taken and awaited at 6
+        ("hang@mine:4", "mine", "2"),  # searched beside step 4 and 5, awaited at 6
+    ],
 )
 def test_a_hang_in_the_miner_worker_is_still_caught(
-    small: Path, tmp_path: Path, fault: str, phase: str
+    small: Path, tmp_path: Path, fault: str, phase: str, lead: str
 ) -> None:
     """A stall in the worker uses no CPU: the watchdog kills the trainer (and its worker),
-    the report names the phase and the fault, and the restarted run finishes."""
+    the report names the phase and the fault, and the restarted run finishes; a stall of a
+    search running beside training too, once training waits for it."""
     out = tmp_path / "run"
     args = ("--miner", "faiss", "--faiss-index", "IVF16,Flat", "--hang-timeout", "2")
+    args += ("--mine-lead", lead)
     result = train(small, out, *args, TWOTOWER_INJECT_FAULT=fault)
     assert result.returncode == 0, result.stderr
     (found,) = reports(out)
