@@ -261,12 +261,23 @@ class Trainer:
         background = self.config.mine_overlap
         if background is None:  # in its own process a miner competes least with training
             background = miners.isolation_of(self.miner.name, self.config.miner_isolation) != "none"
+        if self.group is not None:  # the ranks' collectives must stay in one order: at once
+            background = False
         if not background:  # a crash of an in-process miner is blamed on the mine phase
             self._phase("mine", refresh.take)
         self.job = MiningJob(refresh, self._run_refresh, self.miner, background)
 
     def _run_refresh(self, refresh: Refresh, miner: miners.Miner) -> Mined:
-        return run_refresh(refresh, miner, self.probe_miner, self.dataset, self.config)
+        if self.group is None:
+            return run_refresh(refresh, miner, self.probe_miner, self.dataset, self.config)
+
+        def share(rows: np.ndarray) -> np.ndarray:  # this rank's part of the encoded queries
+            return refresh.queries[np.searchsorted(refresh.rows, rows)]
+
+        started = time.perf_counter()
+        with faults.at_step(refresh.take):
+            table, report = self.group.mine(miner, share, self.dataset, refresh.rows, self.config)
+        return Mined(table, report, miner.name, time.perf_counter() - started, None)
 
     def _use_refresh(self, step: int) -> None:
         """Put the refresh used at `step` into use, waiting for its search if it still runs."""
@@ -276,7 +287,8 @@ class Trainer:
         refresh = self.pending
         self.table = mined.table
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
-        self.table.save(self.table_path)
+        if self.writes_run_files:
+            self.table.save(self.table_path)
         self.job = self.pending = None
         probe = mined.probe
         self.metrics.write(
@@ -295,12 +307,6 @@ class Trainer:
         warning = recall_warning(probe, self.config, mined.miner) if probe else None
         if warning:
             log.warning("step %d: %s", step, warning)
-
-    def _encode_for_mining(self, rows: np.ndarray) -> np.ndarray:
-        """Query vectors (n, D) of dataset rows (n,) to mine for; then enters the mine phase."""
-        queries = encode_rows(self.backend, self.dataset.gather, rows, label="mine: encode")
-        self._phase("mine", self.steps_done)
-        return queries
 
     def _evaluate(self, step: int, report: bool = False) -> dict[str, float]:
         """Evaluate on the held-out rows; keep RUN/best/ when the selection metric improves.
