@@ -56,7 +56,8 @@ def encode_rows(
     The work is the "encode" progress task (`twotower.progress`).
     """
     out: np.ndarray | None = None
-    what = f"{label}: {len(rows):,} queries on {backend.name}"
+    purpose = label.removesuffix("encode").removesuffix(": ")  # the task is named "encode"
+    what = f"{len(rows):,} queries on {backend.name}" + (f" ({purpose})" if purpose else "")
     with progress.task("encode", what, len(rows), "queries") as task:
         for start in tqdm(
             range(0, len(rows), chunk), desc=label, unit="chunk", leave=False, disable=None
