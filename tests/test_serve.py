@@ -396,3 +396,27 @@ def test_search_from_the_cli_with_an_isolated_miner(
         str(tmp_path / "e.npz"), k=5, run=str(runs["gru-1"]), rows="heldout", backend="numpy"
     )
     np.testing.assert_array_equal(np.load(out)["ids"], np.load(exact)["ids"])
+
+
+def test_a_search_whose_worker_segfaults_is_one_line_not_a_traceback(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`twotower search` has no fallback chain: a worker killed by a real SIGSEGV ends it with
+    one line naming the signal and what to try, exit 3, and no partial output file."""
+    pytest.importorskip("faiss")
+    out = tmp_path / "r.npz"
+    flags = "--k 5 --miner faiss --rows heldout --backend numpy".split()
+    result = run_twotower(
+        "search",
+        "--run",
+        str(runs["gru-1"]),
+        *flags,
+        "--out",
+        str(out),
+        TWOTOWER_INJECT_FAULT="segv@mine:0:faiss",
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("twotower: error:")]
+    assert len(errors) == 1 and "SIGSEGV" in errors[0] and "--miner exact" in errors[0]
+    assert not out.exists()

@@ -12,7 +12,8 @@ from dataclasses import fields
 from typing import Any
 
 from twotower.config import TrainConfig
-from twotower.errors import EXIT_OK, UsageError
+from twotower.errors import EXIT_GAVE_UP, EXIT_OK, UsageError
+from twotower.miners.base import MinerCrashed
 
 LIST_FIELDS = {"fallback", "miner_fallback"}
 
@@ -396,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"twotower: error: {error}", file=sys.stderr)
         return error.exit_code
+    except MinerCrashed as error:  # a command with no fallback chain (search): say it, once
+        print(f"twotower: error: {error}; run it again, or pass --miner exact", file=sys.stderr)
+        return EXIT_GAVE_UP
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def search_command(
     its index cached by the bank's fingerprint); returns the .npz written."""
     files, dataset, selected = _open(model, run, checkpoint, data, rows)
     options: dict[str, Any] = {"index": faiss_index} if miner == "faiss" else {}
-    search = miners.get(miner, fault_phase=None, cache_dir=user_cache_dir() / "index", **options)
+    faults.arm(None)  # TWOTOWER_INJECT_FAULT=segv@mine:0:faiss crashes the worker's search
+    search = miners.get(miner, cache_dir=user_cache_dir() / "index", **options)
     try:
         search.build(dataset.bank, fingerprint=dataset.fingerprint)
         return search_to_file(
