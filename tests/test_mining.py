@@ -28,19 +28,25 @@ def expected_mining(
     bank: np.ndarray,
     skip: int,
     pool: int,
+    seen: np.ndarray | None = None,
     **filters: float,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """(table ids (N, pool), report counts) by brute force in float64, one query at a time."""
+    """(table ids (N, pool), report counts) by brute force in float64, one query at a time;
+    seen (N, T): each query's context ids, set aside like the positive."""
     scores = queries.astype(np.float64) @ bank.astype(np.float64).T
     table = np.full((len(queries), pool), -1, dtype=np.int64)
     counts = dict.fromkeys(
         ("candidates", "dropped_absolute_margin", "dropped_relative_margin", "dropped_max_score"), 0
     )
-    counts.update(dropped=0, positives_found=0, short_queries=0, negatives=0)
+    counts.update(dropped=0, positives_found=0, seen_removed=0, short_queries=0, negatives=0)
+    extra = 0 if seen is None else seen.shape[1]
     for i, positive in enumerate(positives):
         ranking = [int(j) for j in np.argsort(-scores[i], kind="stable")]
-        counts["positives_found"] += positive in ranking[: skip + pool + 1]
-        ranking.remove(positive)
+        returned = ranking[: skip + pool + 1 + extra]  # what the miner is asked for
+        counts["positives_found"] += positive in returned
+        own = set() if seen is None else {int(j) for j in seen[i] if j >= 0 and j != positive}
+        counts["seen_removed"] += len(own & set(returned))
+        ranking = [j for j in returned if j != positive and j not in own]
         window = ranking[skip : skip + pool]
         counts["candidates"] += len(window)
         ceilings = {}
@@ -265,3 +271,29 @@ def test_save_and_load(tmp_path: Path) -> None:
     (tmp_path / "junk.npy").write_bytes(b"not an array")
     with pytest.raises(DataError, match="mine again"):
         HardNegativeTable.load(tmp_path / "junk.npy")
+
+
+def test_a_querys_own_context_items_are_not_spent_as_its_negatives(data: Data) -> None:
+    """--exclude-context: context ids leave the ranking like the positive, and the window is
+    counted after them, as the brute force here does; the positive inside its own context is
+    still only the positive."""
+    bank, queries, positives = data
+    scores = queries.astype(np.float64) @ bank.T.astype(np.float64)
+    ranked = np.argsort(-scores, axis=1)
+    seen = np.full((len(queries), 4), -1, dtype=np.int64)
+    seen[:, 0] = ranked[:, 1]  # a context item inside every window...
+    seen[:, 1] = ranked[:, 3]
+    seen[:, 2] = positives  # ...the positive in its own context...
+    seen[::2, 3] = ranked[::2, 200]  # ...and one far below (never returned); -1 elsewhere
+    miner = ExactMiner()
+    miner.build(bank)
+    table, report = mine_hard_negatives(miner, queries, positives, bank, SKIP, POOL, seen=seen)
+    expected, counts = expected_mining(queries, positives, bank, SKIP, POOL, seen=seen)
+
+    np.testing.assert_array_equal(table.ids, expected)
+    own = seen[:, :2]
+    assert not (table.ids[:, :, None] == own[:, None, :]).any()
+    assert report.as_dict() == {"queries": 40, "skip": SKIP, "pool": POOL, **counts}
+    assert report.seen_removed >= 40 and report.short_queries == 0
+    plain, _ = mine_hard_negatives(miner, queries, positives, bank, SKIP, POOL)
+    assert (plain.ids[:, :, None] == own[:, None, :]).any(), "the control: they would be mined"

@@ -162,6 +162,7 @@ def mine_table(
         relative_margin=config.relative_margin,
         max_score=config.max_score,
         chunk_size=chunk_size,
+        seen=dataset.seen_ids(rows) if config.exclude_context else None,
     )
     table = HardNegativeTable.empty(dataset.num_samples, config.mine_pool)
     table.ids[rows] = mined.ids

@@ -91,6 +91,7 @@ class MiningReport:
     dropped_max_score: int
     dropped: int  # candidates dropped by at least one filter
     positives_found: int  # queries whose positive was among the miner's results
+    seen_removed: int  # the query's own context items among the miner's results, set aside
     short_queries: int  # queries left with fewer than `pool` negatives
     negatives: int  # ids kept in the table
 
@@ -113,6 +114,7 @@ def mine_hard_negatives(
     relative_margin: float | None = None,
     max_score: float | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    seen: np.ndarray | None = None,
 ) -> tuple[HardNegativeTable, MiningReport]:
     """Mine each query's hard negatives with a miner already built on bank.
 
@@ -121,6 +123,11 @@ def mine_hard_negatives(
     skip + pool + 1 ids per query: one more than the window needs, so that
     removing the positive (when it is among them) never leaves a row short.
     With the positive removed, ranks [skip, skip + pool) form the window.
+
+    seen (N, T) int64, -1 padded (--exclude-context): each query's own context
+    ids, removed like the positive before the window is counted (the loss masks
+    them anyway, so a slot spent on one would be a wasted negative); the miner
+    is then asked for T more ids.
 
     The filters apply after the window, to its candidates: one is dropped if
     its score exceeds positive_score - absolute_margin, or
@@ -133,6 +140,9 @@ def mine_hard_negatives(
     queries = np.asarray(queries)
     positive_ids = np.asarray(positive_ids)
     _check_arguments(queries, positive_ids, bank, skip, pool, relative_margin, chunk_size)
+    if seen is not None and (seen.ndim != 2 or len(seen) != len(queries)):
+        raise ValueError(f"seen must be ({len(queries)}, T), got {seen.shape}")
+    extra = 0 if seen is None else seen.shape[1]
     n = len(queries)
     table = np.full((n, pool), -1, dtype=np.int64)
     counts = Counter(dict.fromkeys(_COUNTED, 0))
@@ -142,12 +152,13 @@ def mine_hard_negatives(
             part = slice(start, start + chunk_size)
             chunk = np.ascontiguousarray(queries[part], dtype=np.float32)
             positives = positive_ids[part].astype(np.int64)
-            scores, ids = miner.search(chunk, skip + pool + 1)
+            scores, ids = miner.search(chunk, skip + pool + 1 + extra)
             positive_scores = np.einsum("nd,nd->n", chunk, bank[positives], dtype=np.float64)
             ceilings = _filter_ceilings(
                 positive_scores, absolute_margin, relative_margin, max_score
             )
-            table[part] = _window(scores, ids, positives, ceilings, skip, pool, counts)
+            own = None if seen is None else np.asarray(seen[part], dtype=np.int64)
+            table[part] = _window(scores, ids, positives, own, ceilings, skip, pool, counts)
             bar.update(len(chunk))
     return HardNegativeTable(table), MiningReport(queries=n, skip=skip, pool=pool, **counts)
 
@@ -156,14 +167,20 @@ def _window(
     scores: np.ndarray,
     ids: np.ndarray,
     positives: np.ndarray,
+    seen: np.ndarray | None,
     ceilings: dict[str, np.ndarray],
     skip: int,
     pool: int,
     counts: Counter[str],
 ) -> np.ndarray:
-    """Table rows (n, pool) from a miner's answer (n, skip + pool + 1); adds to counts."""
+    """Table rows (n, pool) from a miner's answer (n, skip + pool + 1 [+ T]); seen (n, T) or
+    None: ids removed like the positive; adds to counts."""
     is_positive = ids == positives[:, None]
     negative = ~is_positive & (ids >= 0)
+    if seen is not None:
+        is_seen = negative & (ids[:, :, None] == seen[:, None, :]).any(axis=2)
+        counts["seen_removed"] += int(np.count_nonzero(is_seen))
+        negative &= ~is_seen
     rank = np.cumsum(negative, axis=1) - 1  # rank among the negatives
     kept = negative & (rank >= skip) & (rank < skip + pool)
     dropped = np.zeros_like(kept)
