@@ -10,8 +10,14 @@ The seed-scale case (TWOTOWER_BENCH_SEED_SCALE=1) is issue 9's: a synthesized
 faiss IVF4096,Flat in its worker, a refresh every 500 steps, two refresh cycles.
 The default case is the same shape scaled down to run in a few minutes.
 TWOTOWER_BENCH_MINE_EVERY / TWOTOWER_BENCH_MINING_CYCLES shorten the seed-scale
-case on a busy machine; TWOTOWER_BENCH_MINING_CASES=overlapped skips the
-synchronous case.
+case on a busy machine; TWOTOWER_BENCH_MINING_CASES picks the mining cases (a
+comma-separated subset of CASES; by default the thread budget's overlapped run
+and the synchronous one).
+
+The overlapped cases differ only in threads: the budget's default (the trainer
+drops to its share while a search runs, then takes every core again), a fixed
+split (`--threads` + `--miner-threads` summing to the cores for the whole run),
+and every core for both (each library's default).
 
 Each case is a `twotower train` child. Its time is from its first step record to its last
 in metrics.jsonl: set-up,
@@ -45,6 +51,7 @@ from twotower import backends, miners
 from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
 from twotower.paths import user_cache_dir
+from twotower.threads import usable_cores
 from twotower.training.batching import StepPlan, assemble_batch, gather_step
 from twotower.training.evaluation import encode_rows, held_out_split
 from twotower.training.mining import HardNegativeTable
@@ -83,7 +90,8 @@ def dataset() -> Dataset:
 
 
 def train_args(dataset: Dataset, out: Path, mining: bool, overlap: bool) -> list[str]:
-    """`twotower train` arguments of one case: the same steps, mining on or off."""
+    """`twotower train` arguments of one case: the same steps, mining on or off (its thread
+    options are the case's own)."""
     args = f"--no-supervise --backend torch-cpu --steps {STEPS} --batch-size {B} --hidden {H} "
     args += f"--queue-size {Q} --checkpoint-every {10**9} --max-eval 64 --mine-every {MINE_EVERY} "
     args += f"--hard-negatives {K if mining else 0} --miner faiss --faiss-index {INDEX} "
@@ -118,12 +126,16 @@ def refreshes(records: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def run_case(dataset: Dataset, out: Path, mining: bool, overlap: bool = True) -> dict[str, Any]:
-    """Train one case in a child: wall time of its steps, its CPU seconds (trainer and miner
-    worker, set-up included), the time to its first step, its records."""
+def run_case(
+    dataset: Dataset, out: Path, label: str, threads: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Train case `label` ('off', 'synchronous' or one of the overlapped CASES) in a child,
+    with `threads` (its thread options): wall time of its steps, its CPU seconds (trainer
+    and miner worker, set-up included), the time to its first step, its records."""
+    args = train_args(dataset, out, mining=label != "off", overlap=label != "synchronous")
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     child = subprocess.run(
-        [sys.executable, "-m", "twotower", "train", *train_args(dataset, out, mining, overlap)],
+        [sys.executable, "-m", "twotower", "train", *args, *threads],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -135,7 +147,6 @@ def run_case(dataset: Dataset, out: Path, mining: bool, overlap: bool = True) ->
     case = {"wall": wall, "records": records, "to_first_step": first_step - started}
     case["cpu"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     with LOG.open("a") as log:
-        label = "off" if not mining else "overlapped" if overlap else "synchronous"
         log.write(
             f"{time.strftime('%H:%M:%S')} {label}: steps {FIRST}..{STEPS - 1} in {wall:.1f} s, "
             f"cpu {case['cpu']:.1f} s, first step after {case['to_first_step']:.1f} s; "
@@ -146,7 +157,7 @@ def run_case(dataset: Dataset, out: Path, mining: bool, overlap: bool = True) ->
 
 @pytest.fixture(scope="module")
 def mining_off(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return run_case(dataset, tmp_path_factory.mktemp("off") / "run", mining=False)
+    return run_case(dataset, tmp_path_factory.mktemp("off") / "run", "off")
 
 
 def test_steps_without_mining(benchmark, report: RatioReport, mining_off: dict[str, Any]) -> None:
@@ -154,39 +165,51 @@ def test_steps_without_mining(benchmark, report: RatioReport, mining_off: dict[s
     report.add(
         "mining off",
         benchmark,
-        median_s=mining_off["wall"] / STEPS,
+        median_s=mining_off["wall"] / (STEPS - FIRST),
         cpu_s=round(mining_off["cpu"], 1),
         to_first_step_s=round(mining_off["to_first_step"], 1),
     )
 
 
-CASES = os.environ.get("TWOTOWER_BENCH_MINING_CASES", "overlapped,synchronous").split(",")
+def case_threads(case: str) -> tuple[str, ...]:
+    """The thread options of a mining case on this machine's cores (`usable_cores`)."""
+    cores = usable_cores()
+    if case == "overlapped-fixed-split":
+        miner = max(1, cores // 2)
+        return ("--threads", str(max(1, cores - miner)), "--miner-threads", str(miner))
+    if case == "overlapped-every-core":
+        return ("--threads", str(cores), "--miner-threads", str(cores))
+    return ()
 
 
-@pytest.mark.parametrize(
-    "overlap", [case == "overlapped" for case in CASES], ids=[case for case in CASES]
-)
+CASES = ("overlapped", "overlapped-fixed-split", "overlapped-every-core", "synchronous")
+CHOSEN = os.environ.get("TWOTOWER_BENCH_MINING_CASES", "overlapped,synchronous").split(",")
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case in CHOSEN])
 def test_steps_with_mining(
     benchmark,
     report: RatioReport,
     dataset: Dataset,
     mining_off: dict[str, Any],
     tmp_path: Path,
-    overlap: bool,
+    case: str,
 ) -> None:
-    case = run_case(dataset, tmp_path / "run", mining=True, overlap=overlap)
+    threads = case_threads(case)
+    found = run_case(dataset, tmp_path / "run", case, threads)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    mined = [r for r in case["records"] if r["event"] == "mined"]
+    mined = [r for r in found["records"] if r["event"] == "mined"]
     assert len(mined) == CYCLES
     assert all(r["negatives"] > 0 for r in mined)
     report.add(
-        f"mining, {'overlapped' if overlap else 'synchronous'}",
+        f"mining, {case}",
         benchmark,
         baseline="mining off",
-        median_s=case["wall"] / STEPS,
-        cpu_ratio=round(case["cpu"] / mining_off["cpu"], 3),
-        to_first_step_s=round(case["to_first_step"], 1),
-        refreshes=refreshes(case["records"]),
+        median_s=found["wall"] / (STEPS - FIRST),
+        threads=" ".join(threads) or "the budget's default",
+        cpu_ratio=round(found["cpu"] / mining_off["cpu"], 3),
+        to_first_step_s=round(found["to_first_step"], 1),
+        refreshes=refreshes(found["records"]),
     )
 
 

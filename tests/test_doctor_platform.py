@@ -78,6 +78,8 @@ def test_memory_pressure_warns_only_when_little_is_left() -> None:
 
 def test_the_thread_finding_shows_each_case_of_the_rule() -> None:
     finding = check_threads(4)
-    shares = {case: (b["trainer"], b["miner"]) for case, b in finding.details.items()}
-    assert sorted(shares.values(), key=str) == sorted([(4, None), (4, 4), (2, 2)], key=str)
+    shares = [(b["trainer"], b["beside_search"], b["miner"]) for b in finding.details.values()]
+    expected = [(4, None, None), (4, None, 4), (4, 2, 2)]  # overlapped: 2 + 2 during a search
+    assert sorted(shares, key=str) == sorted(expected, key=str)
     assert "4 usable cores" in finding.evidence
+    assert "trainer 4 (2 while the worker searches) + miner worker 2 threads" in finding.evidence

@@ -18,35 +18,40 @@ from tests.processes import REPO, child_env, train_in_child
 from twotower import backends, miners
 from twotower.data import synthesize
 from twotower.threads import thread_budget, usable_cores
+from twotower.training.rundir import read_metrics
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @pytest.mark.parametrize(
-    ("cores", "worker", "overlapped", "trainer", "miner"),
+    ("cores", "worker", "overlapped", "trainer", "beside", "miner"),
     [
-        (2, False, False, 2, None),  # exact in the trainer: mining blocks the step
-        (2, True, False, 2, 2),  # a worker the trainer waits for: they take turns
-        (2, True, True, 1, 1),  # overlapped on 2 cores: 1 + 1
-        (3, True, True, 2, 1),  # the odd core goes to the trainer
-        (8, True, True, 4, 4),
-        (1, True, True, 1, 1),  # one core: oversubscribed, and said so
+        (2, False, False, 2, 2, None),  # exact in the trainer: mining blocks the step
+        (2, True, False, 2, 2, 2),  # a worker the trainer waits for: they take turns
+        (2, True, True, 2, 1, 1),  # overlapped on 2 cores: 1 + 1 while the worker searches
+        (3, True, True, 3, 2, 1),  # the odd core goes to the trainer
+        (8, True, True, 8, 4, 4),
+        (1, True, True, 1, 1, 1),  # one core: oversubscribed, and said so
     ],
 )
 def test_the_budget_rule(
-    cores: int, worker: bool, overlapped: bool, trainer: int, miner: int | None
+    cores: int, worker: bool, overlapped: bool, trainer: int, beside: int, miner: int | None
 ) -> None:
     budget = thread_budget(cores, miner_in_worker=worker, overlapped=overlapped)
-    assert (budget.trainer, budget.miner, budget.miner_in_worker) == (trainer, miner, worker)
-    assert ("oversubscribe" in budget.rule) == (overlapped and trainer + (miner or 0) > cores)
+    assert (budget.trainer, budget.trainer_beside_search) == (trainer, beside)
+    assert (budget.miner, budget.miner_in_worker) == (miner, worker)
+    assert ("oversubscribe" in budget.rule) == (overlapped and beside + (miner or 0) > cores)
 
 
 def test_an_overlapped_split_sums_to_the_cores_and_explicit_shares_win() -> None:
     for cores in range(2, 65):
         budget = thread_budget(cores, miner_in_worker=True, overlapped=True)
-        assert budget.trainer + (budget.miner or 0) == cores and budget.trainer >= budget.miner
+        assert budget.trainer == cores  # between searches the trainer has every core
+        beside, miner = budget.trainer_beside_search, budget.miner or 0
+        assert beside + miner == cores and beside >= miner
     mine = thread_budget(8, threads=6, miner_threads=3, miner_in_worker=True, overlapped=True)
-    assert (mine.trainer, mine.miner) == (6, 3) and "oversubscribe 8 cores" in mine.rule
+    assert (mine.trainer, mine.trainer_beside_search, mine.miner) == (6, 6, 3)
+    assert "oversubscribe 8 cores" in mine.rule
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
@@ -137,3 +142,26 @@ def test_reading_thread_pools_leaves_the_duplicate_openmp_check_on() -> None:
 
     assert seen("threadpoolctl") == "True"  # the control: the library does set it
     assert seen("twotower.threads") == "None"
+
+
+@pytest.mark.skipif(
+    usable_cores() < 2 or "torch-cpu" not in backends.available(), reason="needs 2 cores, torch"
+)
+def test_the_trainer_gives_up_cores_only_while_its_worker_searches(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """Overlapped mining in a worker: each refresh's record carries the trainer's threads as
+    threadpoolctl read them when the search started (its share), and the last heartbeat its
+    pools after the searches (every core again)."""
+    out = tmp_path / "run"
+    args = "--no-supervise --backend torch-cpu --hidden 16 --steps 12 --max-eval 20".split()
+    args += "--hard-negatives 2 --miner exact --miner-isolation process --mine-overlap".split()
+    result = train_in_child(small_data, out, *args, "--mine-every", "4")
+    assert result.returncode == 0, result.stderr
+    cores = usable_cores()
+    mined = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "mined"]
+    assert len(mined) >= 2 and {r["trainer_threads"] for r in mined} == {cores - cores // 2}
+    beat = json.loads((out / "heartbeat.json").read_text())
+    assert {pool["num_threads"] for pool in beat["threadpools"]} == {cores}
+    log_text = (out / "log.txt").read_text()
+    assert f"threads: trainer {cores} ({cores - cores // 2} while the worker searches)" in log_text

@@ -150,7 +150,9 @@ class TrainConfig:
     miner_fallback: list[str] = knob(lambda: ["exact"], "miners to switch to if one crashes")
     miner_isolation: str | None = knob(None, "process | none (default: process for faiss, hnswlib)")
     threads: int | None = knob(
-        None, "threads of the trainer (default: every core; its share when mining overlaps)"
+        None,
+        "threads of the trainer (default: every core; its share while the miner worker "
+        "searches beside training)",
     )
     miner_threads: int | None = knob(
         None, "threads of the miner worker (default: every core; its share when mining overlaps)"

@@ -10,11 +10,14 @@ the machine: threads preempt each other and both slow down. The rule
 - the miner has its own worker and the trainer waits for each search (mining
   is synchronous): they take turns, so each takes all C;
 - the worker searches while the trainer keeps stepping (mining overlaps
-  training): the cores are split, the miner floor(C / 2) and the trainer the
-  rest (at least 1 each): 1 + 1 on 2 cores, 4 + 4 on 8, trainer 2 + miner 1
-  on 3 (the trainer's steps are the critical path).
+  training): the worker gets floor(C / 2), and the trainer the rest while a
+  search runs (`beside_search`, at least 1 each): 1 + 1 on 2 cores, 4 + 4 on
+  8, trainer 2 + miner 1 on 3 (the trainer's steps are the critical path).
+  Between searches the worker is idle and the trainer takes all C again, so
+  the split holds only while both are busy.
 
-`--threads` and `--miner-threads` override either share. `limit_threads`
+`--threads` and `--miner-threads` override either share (`--threads` fixes
+the trainer's for the whole run). `limit_threads`
 applies a share in a process: threadpoolctl's limits on every OpenMP and BLAS
 pool loaded so far, and torch's own setting when torch is loaded.
 """
@@ -38,7 +41,8 @@ class ThreadBudget:
     cores: the cores counted (`usable_cores`); trainer: the trainer's threads;
     miner: the miner's threads (None: not limited; an in-process miner uses the
     trainer's pools); miner_in_worker: whether the miner has its own process;
-    rule: why, in words.
+    rule: why, in words; beside_search: the trainer's threads while its worker
+    searches beside it (None: the same as trainer).
     """
 
     cores: int
@@ -46,16 +50,25 @@ class ThreadBudget:
     miner: int | None
     miner_in_worker: bool
     rule: str
+    beside_search: int | None = None
+
+    @property
+    def trainer_beside_search(self) -> int:
+        """The trainer's threads while its worker searches beside it."""
+        return self.beside_search or self.trainer
 
     def as_dict(self) -> dict[str, Any]:
         """The budget as a JSON-ready object (heartbeat, doctor)."""
         return asdict(self)
 
     def describe(self) -> str:
-        """'trainer 1 + miner worker 1 thread of 2 cores (mining overlaps training: ...)'."""
+        """'trainer 2 (1 while the worker searches) + miner worker 1 threads of 2 cores (...)'."""
+        trainer = f"trainer {self.trainer}"
+        if self.trainer_beside_search != self.trainer:
+            trainer += f" ({self.trainer_beside_search} while the worker searches)"
         miner = f" + miner worker {self.miner or self.cores}" if self.miner_in_worker else ""
         plural = "s" * (self.trainer != 1 or self.miner_in_worker)
-        return f"trainer {self.trainer}{miner} thread{plural} of {self.cores} cores ({self.rule})"
+        return f"{trainer}{miner} thread{plural} of {self.cores} cores ({self.rule})"
 
 
 def usable_cores() -> int:
@@ -86,11 +99,11 @@ def thread_budget(
         rule = "they take turns: the trainer waits for each search"
         return ThreadBudget(cores, threads or cores, miner_threads or cores, True, rule)
     miner = miner_threads or max(1, cores // 2)
-    trainer = threads or max(1, cores - miner)
-    rule = "mining overlaps training: the cores are split"
-    if trainer + miner > cores:
-        rule += f"; {trainer} + {miner} threads oversubscribe {cores} cores"
-    return ThreadBudget(cores, trainer, miner, True, rule)
+    beside = threads or max(1, cores - miner)
+    rule = "mining overlaps training: the cores are split while the worker searches"
+    if beside + miner > cores:
+        rule += f"; {beside} + {miner} threads oversubscribe {cores} cores"
+    return ThreadBudget(cores, threads or cores, miner, True, rule, beside)
 
 
 def limit_threads(count: int) -> list[dict[str, Any]]:

@@ -117,6 +117,8 @@ class Trainer:
         self.table_path: Path | None = None
         self.pending: Refresh | None = None  # the refresh taken and not yet in use
         self.job: MiningJob | None = None  # its search
+        self.sharing_cores = False  # the trainer holds only its share: a search runs beside it
+        self.search_threads: int | None = None  # the trainer's threads while it did
         self.probe_miner: miners.Miner | None = None
         self._stop_signal: int | None = None
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
@@ -172,16 +174,29 @@ class Trainer:
         return miner
 
     def _thread_budget(self) -> ThreadBudget:
-        """The budget of `twotower.threads` for this config: the trainer keeps every core
-        (overlapped=False) even when a search runs beside it, since a search takes a few
-        seconds per refresh and halving the trainer's threads would slow every step."""
+        """The budget of `twotower.threads` for this config: with a worker that searches
+        beside training, the trainer drops to its share only while a search runs."""
         c = self.config
-        isolation = c.miner_isolation or miners.DEFAULT_ISOLATION.get(c.miner, "process")
-        in_worker = c.hard_negatives > 0 and isolation == "process"
+        in_worker = c.hard_negatives > 0 and self._miner_isolation(c.miner) == "process"
         cores = usable_cores()
         if self.world is not None:  # the ranks on this machine share its cores
             cores = max(1, cores // self.world.local_size)
-        return thread_budget(cores, c.threads, c.miner_threads, in_worker, False)
+        overlapped = in_worker and self._mines_beside_training(c.miner)
+        return thread_budget(cores, c.threads, c.miner_threads, in_worker, overlapped)
+
+    def _miner_isolation(self, miner: str) -> str:
+        """'process' or 'none': where `miner` searches (--miner-isolation, else its default)."""
+        return miners.isolation_of(miner, self.config.miner_isolation)
+
+    def _mines_beside_training(self, miner: str) -> bool:
+        """Whether a refresh is searched in a thread beside training: --mine-overlap, else
+        when the miner has its own process (it competes least with training there); never
+        under torchrun, whose ranks' collectives must stay in one order."""
+        if self.world is not None:
+            return False
+        if self.config.mine_overlap is not None:
+            return self.config.mine_overlap
+        return self._miner_isolation(miner) != "none"
 
     def _make_probe_miner(self) -> miners.Miner | None:
         """The exact miner the recall probe compares with; None when no miner of the chain
@@ -258,14 +273,27 @@ class Trainer:
         """Start the search of `refresh`: beside training, or now in this thread."""
         assert self.miner is not None, "mining needs --hard-negatives > 0"
         self.pending = refresh
-        background = self.config.mine_overlap
-        if background is None:  # in its own process a miner competes least with training
-            background = miners.isolation_of(self.miner.name, self.config.miner_isolation) != "none"
-        if self.group is not None:  # the ranks' collectives must stay in one order: at once
-            background = False
+        background = self._mines_beside_training(self.miner.name)
         if not background:  # a crash of an in-process miner is blamed on the mine phase
             self._phase("mine", refresh.take)
+        else:
+            self._share_cores(True)
         self.job = MiningJob(refresh, self._run_refresh, self.miner, background)
+
+    def _share_cores(self, searching: bool) -> None:
+        """Limit the trainer to its share of the cores while its worker searches beside it
+        (searching), or give it its whole budget again once the search is over. The pools
+        as threadpoolctl reads them after go into the heartbeat (and, while searching, into
+        `search_threads` for the refresh's metrics record)."""
+        if self.threads.trainer_beside_search == self.threads.trainer:
+            return
+        if searching != self.sharing_cores:
+            count = self.threads.trainer_beside_search if searching else self.threads.trainer
+            pools = limit_threads(count)
+            self.heartbeat.describe(threadpools=pools)
+            if searching:
+                self.search_threads = max((pool["num_threads"] for pool in pools), default=None)
+            self.sharing_cores = searching
 
     def _run_refresh(self, refresh: Refresh, miner: miners.Miner) -> Mined:
         if self.group is None:
@@ -283,7 +311,10 @@ class Trainer:
         """Put the refresh used at `step` into use, waiting for its search if it still runs."""
         assert self.job is not None and self.pending is not None and self.pending.use == step
         self._phase("mine", step)
-        mined, waited = self.job.result()
+        try:
+            mined, waited = self.job.result()
+        finally:
+            self._share_cores(False)
         refresh = self.pending
         self.table = mined.table
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
@@ -291,6 +322,7 @@ class Trainer:
             self.table.save(self.table_path)
         self.job = self.pending = None
         probe = mined.probe
+        search_threads, self.search_threads = self.search_threads, None
         self.metrics.write(
             "mined",
             step=step,
@@ -300,6 +332,7 @@ class Trainer:
             seconds=round(mined.search_seconds, 3),
             encode_seconds=round(refresh.encode_seconds, 3),
             wait_seconds=round(waited, 3),
+            trainer_threads=search_threads or self.threads.trainer,
             **(probe.as_dict() if probe else {}),
             **mined.report.as_dict(),
         )
@@ -634,6 +667,7 @@ class Trainer:
             prefetch.close()
             if self.job is not None:  # the checkpoints keep its queries; a resume redoes it
                 self.job.abandon()
+                self._share_cores(False)
         if self.stopped_early:
             assert self.validator is not None  # only an evaluating process stops early
             selection = self.validator.selection
