@@ -21,6 +21,7 @@ import pytest
 
 from tests.agreement import assert_agrees, assert_differs
 from tests.processes import REPO, child_env, run_twotower, train_in_child
+from tests.test_selection import expected_stop
 from twotower import backends
 from twotower.batch import Batch
 from twotower.data import synthesize
@@ -197,6 +198,22 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_ranks: Path, tmp_path: P
     result = train_in_child(Path(data), out, "--no-supervise", "--resume", *TRAIN_ARGS)
     assert result.returncode == 0, result.stderr
     assert_same_state(out, two_ranks)
+
+
+def test_patience_stops_every_rank_after_the_same_evaluation(dataset: Path, tmp_path: Path) -> None:
+    """Rank 0 alone evaluates; its early stop reaches rank 1, so both leave the loop after the
+    same step and write its checkpoint together (a rank left training would hang them both
+    until --collective-timeout)."""
+    out = tmp_path / "run"
+    args = "--steps 60 --lr 1e-6 --warmup-steps 0 --eval-every 3 --patience 2".split()
+    result = torchrun(dataset, out, *args)
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    stop = expected_stop([r for r in records if r["event"] == "eval"], 2)
+    assert stop is not None and stop < 60  # a rate this small leaves nothing to gain
+    assert [r["step"] for r in records if r["event"] == "early-stop"] == [stop]
+    assert max(r["step"] for r in records if r["event"] == "step") == stop
+    assert load_checkpoint(out)[0]["step"] == stop
 
 
 def test_numpy_backend_and_uneven_batch_are_refused_under_torchrun(

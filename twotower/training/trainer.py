@@ -503,11 +503,6 @@ class Trainer:
             )
         if self.world is not None:
             check_config(c, self.world)
-            if c.patience:
-                raise UsageError(
-                    "--patience is not supported under torchrun yet (rank 0 alone evaluates, "
-                    "and every rank would have to stop at the same step); leave it out"
-                )
             c.resume = c.resume or self.world.restart > 0  # torchrun restarted the group
         enable_crash_dumps()
         if c.tensorboard:
@@ -652,9 +647,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{stats.loss:.4f}", **{"R@10": recall})
                 if self.eval_every and step % self.eval_every == 0 and step < total:
                     metrics = self._evaluate(step)
-                    self.stopped_early = bool(
-                        self.validator and self.validator.selection.exhausted(c.patience)
-                    )
+                    self.stopped_early = self._patience_exhausted()
                 self.last_metrics = metrics
                 if self._stop_requested():
                     raise StopRequested
@@ -669,27 +662,42 @@ class Trainer:
                 self.job.abandon()
                 self._share_cores(False)
         if self.stopped_early:
-            assert self.validator is not None  # only an evaluating process stops early
-            selection = self.validator.selection
-            self.metrics.write(
-                "early-stop", step=step, best_step=selection.best_step, patience=c.patience
-            )
-            log.info(
-                "step %d: stopping early: %s has not improved in %d evaluations (best %.4f at "
-                "step %s)",
-                step,
-                c.select_metric,
-                c.patience,
-                selection.best_value,
-                selection.best_step,
-            )
-            for line in self.validator.compare(metrics).table(f"step {step}"):
-                log.info("%s", line)
+            self._report_early_stop(step, metrics)
         else:
             metrics = self._evaluate(step, report=True)
         self._checkpoint(step, metrics)
         self.metrics.write("done", step=step, **metrics)
         return step, metrics
+
+    def _patience_exhausted(self) -> bool:
+        """Whether --patience evaluations in a row have not improved the selection metric.
+        Under torchrun rank 0 alone evaluates: its answer reaches every rank, so all stop
+        after the same step."""
+        c = self.config
+        exhausted = bool(self.validator and self.validator.selection.exhausted(c.patience))
+        if self.group is not None and c.patience:
+            return self.group.any(exhausted)
+        return exhausted
+
+    def _report_early_stop(self, step: int, metrics: dict[str, float]) -> None:
+        """Log and record the early stop at `step` (the evaluating process only)."""
+        if self.validator is None:
+            return
+        c = self.config
+        selection = self.validator.selection
+        self.metrics.write(
+            "early-stop", step=step, best_step=selection.best_step, patience=c.patience
+        )
+        log.info(
+            "step %d: stopping early: %s has not improved in %d evaluations (best %.4f at step %s)",
+            step,
+            c.select_metric,
+            c.patience,
+            selection.best_value,
+            selection.best_step,
+        )
+        for line in self.validator.compare(metrics).table(f"step {step}"):
+            log.info("%s", line)
 
     def _stop_requested(self) -> bool:
         """A stop signal arrived here (or, under torchrun, on any rank: all stop at one step)."""
