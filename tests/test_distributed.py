@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 STEPS = 12
+RANK_FILES = (("heartbeat", "json"), ("collectives", "bin"))  # each rank's own, beside rank 0's
 TRAIN_ARGS = (
     f"--backend torch-cpu --steps {STEPS} --batch-size 16 --hidden 12 --hard-negatives 3 "
     "--mine-every 5 --mine-pool 6 --queue-size 40 --checkpoint-every 4 --keep-checkpoints 5 "
@@ -155,7 +156,7 @@ def test_only_rank_0_writes_run_files(one_process: Path, two_ranks: Path) -> Non
     def files(run: Path) -> set[str]:
         return {str(path.relative_to(run)) for path in run.rglob("*") if path.is_file()}
 
-    rank_files = {"heartbeat-rank0.json", "heartbeat-rank1.json"}
+    rank_files = {f"{name}-rank{rank}.{ext}" for rank in (0, 1) for name, ext in RANK_FILES}
     assert files(two_ranks) - rank_files == files(one_process) - {"heartbeat.json"}
     log = (two_ranks / "log.txt").read_text()
     assert "rank 0 of 2 joined" in log
@@ -184,6 +185,28 @@ def test_rank_killed_torchrun_restarts_and_the_run_resumes(
     assert load_checkpoint(out)[0]["step"] == STEPS
     assert_same_state(out, two_ranks)
     assert_agrees(step_losses(out), step_losses(two_ranks), np.float32, "loss per step")
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_outside_a_collective_is_named_by_the_rank_that_waited(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """Rank 1 hangs at step 6 before its gradient all-reduce; rank 0's all-reduce times out
+    after 5 s. Rank 0's report names rank 1 from the ranks' collective ledgers, and its
+    evidence carries rank 1's heartbeat (the hang's step). About a minute: torchrun gives
+    the stuck rank 30 s after SIGTERM before it kills it."""
+    out = tmp_path / "run"
+    fault = {"TWOTOWER_FAULT_RANK": "1", "TWOTOWER_INJECT_FAULT": "hang@step:6"}
+    result = torchrun(dataset, out, "--collective-timeout", "5", **fault)
+    assert result.returncode != 0, result.stderr
+    report = json.loads((out / "crashes" / "rank0-attempt-1.json").read_text())
+    waited, stuck = report["collectives"]["0"], report["collectives"]["1"]
+    assert waited["waiting"] and (waited["kind"], waited["step"]) == ("gradients", 6)
+    assert not stuck["waiting"] and stuck["entered"] == waited["entered"] - 1
+    cause = report["causes"][0]
+    assert cause["cause"].startswith(f"rank 1 never reached collective #{waited['entered']}")
+    assert "phase step at step 6" in cause["evidence"][1]
+    assert "rank 1 never reached collective" in result.stderr  # the summary on stderr
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from twotower.backends.base import StepSettings, join_state, split_state
 from twotower.backends.torch_data_parallel import GradientSum
 from twotower.batch import Batch, StepStats
+from twotower.collective_ledger import CollectiveLedger
 from twotower.towers import TowerSpec
 
 GRU_PATHS = ("packed", "masked")
@@ -191,11 +192,14 @@ class TorchBackend:
         self.data_parallel: GradientSum | None = None  # set by join_data_parallel
         self.load_state(params)
 
-    def join_data_parallel(self, rank: int, world: int) -> GradientSum:
+    def join_data_parallel(
+        self, rank: int, world: int, ledger: CollectiveLedger | None = None
+    ) -> GradientSum:
         """Train as rank `rank` of `world` (torch.distributed's default group must be up):
         each batch then holds this rank's shard of the queries and the global batch's
-        positives, and gradients and loss are summed over ranks before clip and AdamW."""
-        self.data_parallel = GradientSum(rank, world)
+        positives, and gradients and loss are summed over ranks before clip and AdamW
+        (counted in `ledger`)."""
+        self.data_parallel = GradientSum(rank, world, ledger)
         return self.data_parallel
 
     def _new_optimizer(self) -> torch.optim.AdamW:

@@ -18,17 +18,21 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from twotower.collective_ledger import CollectiveLedger, counted
+
 
 class GradientSum:
     """Sums gradients and loss over the ranks of the default process group.
 
-    rank, world: this process's rank and the number of ranks. `seconds` adds up
+    rank, world: this process's rank and the number of ranks; ledger: where the
+    rank counts its collectives (`twotower.collective_ledger`). `seconds` adds up
     the wall time spent in the collective (for the benchmark and the step log).
     """
 
-    def __init__(self, rank: int, world: int):
+    def __init__(self, rank: int, world: int, ledger: CollectiveLedger | None = None):
         self.rank = rank
         self.world = world
+        self.ledger = ledger
         self.seconds = 0.0
 
     def first_row(self, local_rows: int) -> int:
@@ -49,7 +53,8 @@ class GradientSum:
         started = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        with counted(self.ledger, "gradients"):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(g)

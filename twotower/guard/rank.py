@@ -12,6 +12,12 @@ for signal N). torchrun's agent then stops the other ranks and, within its
 `--max-restarts`, starts a new group, which resumes from the newest
 checkpoint (A = torchrun's restart count + 1).
 
+A rank that fails because another never came to a collective (the group's
+timeout, or a peer's broken connection) would otherwise only report its own
+error: the report adds every rank's collective ledger it can read
+(`twotower.collective_ledger`) and, first among its causes, the ranks that
+never reached the collective this one waited in, with their heartbeats.
+
 Division of work: torchrun restarts (the group, from the newest checkpoint);
 twotower reports and commits checkpoints. The guard neither restarts nor
 switches engines: every rank must run the same engine. A guard writes only its
@@ -24,15 +30,19 @@ import dataclasses
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from twotower import faults
+from twotower.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_USAGE
 from twotower.guard import forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild
 from twotower.guard.supervisor import trainer_env
 from twotower.training.distributed import World, check_config
+from twotower.training.heartbeat import read_heartbeat
 from twotower.training.rundir import RunDir
 
 NEXT_STEP = "torchrun restarts the group from the newest checkpoint, within its --max-restarts"
@@ -67,7 +77,52 @@ def guard_rank(config: TrainConfig, world: World) -> int:
         report = forensics.examine(
             outcome, label, armed, next=NEXT_STEP, rank=world.rank, world_size=world.size
         )
+        ledgers = read_ledgers(run_dir.root, world)
+        report["collectives"] = {str(rank): entry.as_dict() for rank, entry in ledgers.items()}
+        peers = peer_cause(run_dir.root, world, ledgers)
+        if peers is not None:
+            report["causes"].insert(0, peers.__dict__)
         path = forensics.write_report(run_dir.crashes / f"{stem}.json", report)
         lines = [*forensics.summary_lines(report), f"  report: {path}", f"  next: {NEXT_STEP}"]
         print(f"twotower[rank {world.rank}]: " + "\n".join(lines), file=sys.stderr, flush=True)
     return outcome.exit.shell_code()
+
+
+def read_ledgers(run_dir: Path, world: World) -> dict[int, LedgerEntry]:
+    """Every rank's collective ledger this machine can read, by rank."""
+    found = {rank: read_ledger(ledger_path(run_dir, rank)) for rank in range(world.size)}
+    return {rank: entry for rank, entry in found.items() if entry is not None}
+
+
+def peer_cause(
+    run_dir: Path, world: World, ledgers: dict[int, LedgerEntry]
+) -> forensics.Cause | None:
+    """'rank 1 never reached collective #12 ...' when this rank was waiting in a collective
+    that other ranks never entered (their ledgers and heartbeats as evidence); else None."""
+    behind = laggards(ledgers, world.rank)
+    if not behind:
+        return None
+    mine = ledgers[world.rank]
+    names = ", ".join(f"rank {rank}" for rank in behind)
+    evidence = [f"rank {world.rank}: {mine.describe()}"]
+    for rank in behind:
+        beat = read_heartbeat(dataclasses.replace(world, rank=rank).heartbeat_path(run_dir))
+        evidence.append(f"rank {rank}: {ledgers[rank].describe()}; {heartbeat_text(beat)}")
+    return forensics.Cause(
+        "likely",
+        f"{names} never reached collective #{mine.entered} ({mine.kind} at step {mine.step}) "
+        f"that rank {world.rank} was waiting in: this rank failed waiting for it (the group's "
+        "--collective-timeout, or its broken connection), not on its own",
+        evidence,
+        f"read {names}'s own report and stacks in crashes/ (rank{behind[0]}-attempt-"
+        f"{world.restart + 1}.*); a rank stuck without dying leaves none: run with "
+        "--hang-timeout so its guard dumps its stacks",
+    )
+
+
+def heartbeat_text(beat: dict[str, Any] | None) -> str:
+    """'its heartbeat: phase step at step 6, 35.2 s old' (or that it has none)."""
+    if not beat:
+        return "no heartbeat"
+    age = max(0.0, time.time() - beat.get("time", time.time()))
+    return f"its heartbeat: phase {beat.get('phase')} at step {beat.get('step')}, {age:.1f} s old"

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from twotower.collective_ledger import CollectiveLedger, counted
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import UsageError
@@ -141,14 +142,18 @@ class Group:
 
     world: this process's place; device: "cuda" for torch-cuda (nccl, one GPU per
     local rank), anything else gloo on the CPU; timeout_s: how long a collective
-    may wait for the other ranks before it fails.
+    may wait for the other ranks before it fails; ledger: where this rank counts
+    the collectives it enters (`twotower.collective_ledger`).
     """
 
-    def __init__(self, world: World, device: str, timeout_s: float):
+    def __init__(
+        self, world: World, device: str, timeout_s: float, ledger: CollectiveLedger | None = None
+    ):
         import torch
         import torch.distributed as dist
 
         self.world = world
+        self.ledger = ledger
         self.seconds = 0.0  # in gathers since the last take_seconds()
         self._dist = dist
         self._torch = torch
@@ -182,7 +187,8 @@ class Group:
 
     def barrier(self) -> None:
         """Wait until every rank has reached this point."""
-        self._dist.barrier()
+        with counted(self.ledger, "barrier"):
+            self._dist.barrier()
 
     def rank_zero_first(self, make: Callable[[], _T]) -> _T:
         """`make()` on rank 0, then on the others: for work that fills a shared cache."""
@@ -196,7 +202,8 @@ class Group:
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on at least one."""
         value = self._torch.tensor([1 if flag else 0], device=self.device)
-        self._dist.all_reduce(value, op=self._dist.ReduceOp.MAX)
+        with counted(self.ledger, "flag"):
+            self._dist.all_reduce(value, op=self._dist.ReduceOp.MAX)
         return bool(value.item())
 
     def gather_rows(self, array: np.ndarray) -> np.ndarray:
@@ -204,7 +211,8 @@ class Group:
         started = time.perf_counter()
         local = self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
         parts = [self._torch.empty_like(local) for _ in range(self.world.size)]
-        self._dist.all_gather(parts, local)
+        with counted(self.ledger, "gather"):
+            self._dist.all_gather(parts, local)
         result = self._torch.cat(parts).cpu().numpy()
         self.seconds += time.perf_counter() - started
         return result

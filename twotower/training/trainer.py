@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from twotower import backends, faults, miners
 from twotower.batch import StepStats
+from twotower.collective_ledger import CollectiveLedger, ledger_path
 from twotower.config import TrainConfig
 from twotower.crash_dump import SUPERVISOR_PID_ENV, die_with_parent, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
@@ -511,7 +512,10 @@ class Trainer:
             if self._supervisor_pid is not None:
                 die_with_parent()  # torchrun ends a stuck rank by killing its guard
             device = backends.resolve(c.backend).removeprefix("torch-")
-            self.group = Group(self.world, device, c.collective_timeout)
+            ledger = CollectiveLedger(
+                ledger_path(self.run.root, self.world.rank), self.world.restart + 1
+            )
+            self.group = Group(self.world, device, c.collective_timeout, ledger)
         self.dataset = self._rank_zero_first(self._open_dataset)
         self.config = c = c.for_data(self.dataset.context_ids is not None)
         if c.exclude_context:
@@ -519,7 +523,9 @@ class Trainer:
         stored = self._check_run_dir()
         self.backend = backends.make_backend(c, self.dataset.dim)
         if self.world is not None:
-            self.backend.join_data_parallel(self.world.rank, self.world.size)  # type: ignore[attr-defined]
+            self.backend.join_data_parallel(  # type: ignore[attr-defined]
+                self.world.rank, self.world.size, self.group.ledger if self.group else None
+            )
         split = held_out(c, self.dataset)
         self.train_rows = split.train_rows
         refresh_queries = len(self.train_rows)  # the most one refresh encodes and searches
@@ -796,6 +802,7 @@ class Trainer:
     def _train_step(self, step: int, data: StepData) -> StepStats:
         first_row = 0
         if self.group is not None:  # this rank's rows, the global batch's positives
+            faults.set_step(step)  # its ledger counts these gathers as this step's
             data = self.group.gather_positives(data, self.plan.rows_for(step))
             first_row = self.group.world.shard(self.config.batch_size).start
         batch = assemble_batch(
