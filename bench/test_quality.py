@@ -17,6 +17,10 @@ MRR@100 training selected on, and wall seconds (the machine may be shared: compa
 one run only). Every test ranking drops the query's own context items (the positive
 excepted), so a baseline cannot score its own last item. The table is printed and saved to
 .benchmarks/quality.json and .benchmarks/quality.md.
+
+TWOTOWER_BENCH_QUALITY_SEEDS=1,2 adds, per seed, the defaults and the plain loop trained
+with that seed (`test_seed`; every other row is seed 0): whether the gap between them
+is larger than what a seed moves.
 """
 
 from __future__ import annotations
@@ -133,7 +137,8 @@ def test_baseline(name: str, data: tuple[Dataset, Dataset], table: dict) -> None
     table[name] = {"r10": metrics["recall@10"], "mrr": metrics["mrr@100"]}
 
 
-def test_plain_gru_loop(data: tuple[Dataset, Dataset], table: dict) -> None:
+def plain_loop_row(data: tuple[Dataset, Dataset], seed: int) -> dict[str, Any]:
+    """Train the plain loop with `seed` on the training rows; its row of the table."""
     from bench.quality.plain_loop import encoder, train_plain_gru
 
     train_data, test = data
@@ -146,21 +151,18 @@ def test_plain_gru_loop(data: tuple[Dataset, Dataset], table: dict) -> None:
         np.asarray(train_data.positives),
         epochs=EPOCHS,
         hidden=HIDDEN,
+        seed=seed,
     )
     seconds = time.perf_counter() - started
     rows = np.arange(test.num_samples)
     metrics = rank_rows(encoder(model), test, rows, exact(test), exclude_context=True)
-    table["plain PyTorch GRU loop (in-batch only)"] = {
-        "r10": metrics["recall@10"],
-        "mrr_final": metrics["mrr@100"],
-        "seconds": round(seconds),
-    }
+    return {"r10": metrics["recall@10"], "mrr_final": metrics["mrr@100"], "seconds": round(seconds)}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_twotower(case: str, data: tuple[Dataset, Dataset], table: dict, tmp_path: Path) -> None:
+def twotower_row(data: tuple[Dataset, Dataset], out: Path, **settings: Any) -> dict[str, Any]:
+    """Train twotower with `settings` into `out`; its row of the table (best/ and the final
+    parameters on every test row)."""
     train_data, test = data
-    out = tmp_path / "run"
     config = TrainConfig(
         data=str(train_data.path),
         out=str(out),
@@ -168,29 +170,50 @@ def test_twotower(case: str, data: tuple[Dataset, Dataset], table: dict, tmp_pat
         hidden=HIDDEN,
         backend="torch-cpu",
         supervise=False,
-        **CASES[case],
+        **settings,
     )
     started = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - started
     assert result.exit_code == 0
-    on_test = {
-        which: evaluate_run(
-            run=str(out),
-            data=str(test.path),
-            rows="all",
-            checkpoint=which,
-            exclude_context=True,
-            backend="torch-cpu",
-        ).comparison.model
-        for which in ("best", "latest")
-    }
-    table[case] = {
-        "r10_best": on_test["best"]["recall@10"],
-        "mrr_best": on_test["best"]["mrr@100"],
-        "mrr_final": on_test["latest"]["mrr@100"],
+    best, final = on_test(out, test, "best"), on_test(out, test, "latest")
+    return {
+        "r10_best": best["recall@10"],
+        "mrr_best": best["mrr@100"],
+        "mrr_final": final["mrr@100"],
         "heldout_best": result.best_metrics.get("mrr@100"),
         "best_step": result.best_step,
         "steps": result.steps,
         "seconds": round(seconds),
     }
+
+
+def on_test(run: Path, test: Dataset, which: str) -> dict[str, float]:
+    """The metrics of RUN's `which` checkpoint ("best", "latest") on every test row."""
+    return evaluate_run(
+        run=str(run),
+        data=str(test.path),
+        rows="all",
+        checkpoint=which,
+        exclude_context=True,
+        backend="torch-cpu",
+    ).comparison.model
+
+
+def test_plain_gru_loop(data: tuple[Dataset, Dataset], table: dict) -> None:
+    table["plain PyTorch GRU loop (in-batch only)"] = plain_loop_row(data, seed=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_twotower(case: str, data: tuple[Dataset, Dataset], table: dict, tmp_path: Path) -> None:
+    table[case] = twotower_row(data, tmp_path / "run", **CASES[case])
+
+
+SEEDS = os.environ.get("TWOTOWER_BENCH_QUALITY_SEEDS", "")
+
+
+@pytest.mark.parametrize("seed", [int(seed) for seed in SEEDS.split(",") if seed])
+def test_seed(seed: int, data: tuple[Dataset, Dataset], table: dict, tmp_path: Path) -> None:
+    """The plain loop and the defaults, both trained with `seed`."""
+    table[f"plain PyTorch GRU loop, seed {seed}"] = plain_loop_row(data, seed)
+    table[f"defaults, seed {seed}"] = twotower_row(data, tmp_path / "run", seed=seed)
