@@ -90,7 +90,8 @@ def test_a_long_task_gets_lines_without_a_terminal_while_nothing_advances(sink) 
             time.sleep(0.05)
     assert len(shown()) >= 2
     assert "1,000 / 5,000 queries (20%)" in shown()[0]
-    assert recorder.lines[-1].startswith("encode: done in ")
+    assert recorder.lines[-1].startswith("encode: 1,000 queries in ")  # the end, with its rate
+    assert recorder.lines[-1].endswith(" queries/s)")
 
 
 def test_relayed_tasks_from_a_dead_worker_are_closed(sink) -> None:

@@ -264,9 +264,11 @@ def test_encode_from_the_cli_selects_the_runs_held_out_rows(
     flags = "--rows heldout --backend numpy".split()
     result = run_twotower("encode", "--run", str(runs["meanpool"]), *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "rows/s" in result.stderr
     heldout = json.loads((runs["meanpool"] / "metrics.jsonl").read_text().splitlines()[0])["eval"]
     assert np.load(out).shape == (heldout, DIM)
+    assert f"twotower: encode: {heldout:,} rows with numpy\n" in result.stderr  # at the start
+    assert f"twotower: encode: {heldout:,} rows in " in result.stderr  # at the end, with its rate
+    assert f"twotower: wrote {out} ({heldout:,} x {DIM} float32)" in result.stderr
 
 
 @pytest.mark.parametrize("old", [True, False], ids=["old-file", "no-file"])

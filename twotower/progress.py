@@ -12,6 +12,10 @@ attribute writes.
 (the miner worker) is still working: its CPU time advanced. A process that
 waits without using CPU (a deadlock, a stall) never advances it, so a
 watchdog fed only by progress and liveness still catches a real hang.
+
+`TaskLines` is the sink that turns tasks into lines of text: the trainer's
+sink logs them (with its heartbeat), and `twotower encode` / `search` print
+them on stderr.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 _ids = itertools.count(1)
+LINE_EVERY = 30.0  # seconds between progress lines of one task
+FIRST_LINE_AFTER = 5.0  # a task not announced at its start is shown once it runs this long
 
 
 @dataclass
@@ -69,6 +75,16 @@ class Task:
             share = f" ({self.done / self.total:.0%})"
             text += f": {self.done:,} / {self.total:,} {self.unit}{share}"
         return text + f", {self.seconds:.1f} s"
+
+    def finished(self) -> str:
+        """'encode: 1,733 rows in 2.1 s (825 rows/s)', or 'build-index: done in 2.1 s'."""
+        if not self.total:
+            return f"{self.name}: done in {self.seconds:.1f} s"
+        rate = self.done / max(self.seconds, 1e-9)
+        return (
+            f"{self.name}: {self.done:,} {self.unit} in {self.seconds:.1f} s "
+            f"({rate:,.0f} {self.unit}/s)"
+        )
 
     def summary(self) -> dict[str, Any]:
         """What a heartbeat shows of it: name, what, done, total, unit, seconds."""
@@ -174,3 +190,89 @@ def alive(source: str, cpu_seconds: float) -> None:
     """Tell the sink that `source` (e.g. "miner worker pid 12") has used `cpu_seconds` so far."""
     if _sink is not None:
         _sink.alive(source, cpu_seconds)
+
+
+class TaskLines:
+    """A Sink that says each long task in lines of text, through `say(line)`: when a task
+    that announces itself starts, once any task has run `first_line_after` seconds, then
+    every `line_every` seconds, and when a task that was shown ends (with its rate).
+
+    Lines come from a ticker thread, so they appear even while the main thread sits in
+    one long native call. `tasks` (open, outermost first) and `lock` are shared with a
+    sink that builds on this one (the trainer's `PhaseReporter`).
+    """
+
+    def __init__(
+        self,
+        say: Callable[[str], None],
+        line_every: float = LINE_EVERY,
+        first_line_after: float = FIRST_LINE_AFTER,
+    ):
+        self.say = say
+        self.line_every = line_every
+        self.first_line_after = first_line_after
+        self.tasks: list[Task] = []
+        self.lock = threading.Lock()
+        self._shown: dict[str, float] = {}  # task id -> when its last line was said
+        self.cpu: dict[str, tuple[float, float]] = {}  # source -> (CPU seconds, when seen)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True, name="twotower-lines")
+        self._ticker.start()
+
+    def close(self) -> None:
+        """Stop the ticker thread."""
+        self._stop.set()
+        self._ticker.join()
+
+    def start(self, task: Task) -> None:
+        with self.lock:
+            self.tasks.append(task)
+            if task.announce:
+                self._show(task, f"{task.name}: {task.what}")
+
+    def advance(self, task: Task) -> None:
+        """Nothing: the ticker says progress at its own pace."""
+
+    def end(self, task: Task) -> None:
+        with self.lock:
+            if task in self.tasks:
+                self.tasks.remove(task)
+            if self._shown.pop(task.id, None) is not None:
+                self.say(task.finished())
+
+    def alive(self, source: str, cpu_seconds: float) -> None:
+        self.cpu_advanced(source, cpu_seconds)
+
+    def cpu_advanced(self, source: str, cpu_seconds: float) -> bool:
+        """Record `source`'s CPU time (the lines name it); True when it grew since last seen."""
+        if cpu_seconds <= self.cpu.get(source, (-1.0, 0.0))[0]:
+            return False
+        self.cpu[source] = (cpu_seconds, time.monotonic())
+        return True
+
+    def _show(self, task: Task, line: str) -> None:
+        self._shown[task.id] = time.monotonic()
+        self.say(line)
+
+    def _tick(self) -> None:
+        every = min(1.0, self.first_line_after, self.line_every) / 2
+        while not self._stop.wait(every):
+            with self.lock:
+                if not self.tasks:
+                    continue
+                task = self.tasks[-1]
+                last = self._shown.get(task.id)
+                due = (
+                    task.seconds >= self.first_line_after
+                    if last is None
+                    else (time.monotonic() - last >= self.line_every)
+                )
+                if due:
+                    recent = time.monotonic() - self.line_every
+                    waiting = [
+                        f"{source} used {cpu:.0f} s of CPU"
+                        for source, (cpu, seen) in self.cpu.items()
+                        if seen >= recent
+                    ]
+                    suffix = f" ({', '.join(waiting)})" if waiting and task.phase else ""
+                    self._show(task, task.describe() + suffix)

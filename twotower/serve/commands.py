@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twotower import faults, miners
+from twotower import faults, miners, progress
 from twotower.data import Dataset, load_dataset
 from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
 from twotower.serve.encode import encode_to_file, open_tower, select_rows, tower_backend
 from twotower.serve.search import search_to_file
 from twotower.serve.tower_dir import TowerFiles
+
+
+@contextlib.contextmanager
+def _progress_on_stderr() -> Iterator[None]:
+    """While entered, long tasks (encoding, an index's build or load, the search) print
+    lines on stderr: at the start, after 5 s, every 30 s, and at the end with their rate."""
+    lines = progress.TaskLines(lambda line: print(f"twotower: {line}", file=sys.stderr, flush=True))
+    previous = progress.install(lines)
+    try:
+        yield
+    finally:
+        progress.install(previous)
+        lines.close()
+
+
+def _say_wrote(path: Path, what: str) -> None:
+    print(f"twotower: wrote {path} ({what})", file=sys.stderr, flush=True)
 
 
 def _open(
@@ -50,7 +70,10 @@ def encode_command(
     """Encode a dataset's rows with an exported tower or a run's; returns the .npy written."""
     files, dataset, selected = _open(model, run, checkpoint, data, rows)
     faults.arm(None)
-    return encode_to_file(tower_backend(files, backend), dataset, selected, out)
+    with _progress_on_stderr():
+        written = encode_to_file(tower_backend(files, backend), dataset, selected, out)
+    _say_wrote(written, f"{len(selected):,} x {dataset.dim} float32")
+    return written
 
 
 def search_command(
@@ -73,11 +96,14 @@ def search_command(
     faults.arm(None)  # TWOTOWER_INJECT_FAULT=segv@mine:0:faiss crashes the worker's search
     search = miners.get(miner, cache_dir=user_cache_dir() / "index", **options)
     try:
-        search.build(dataset.bank, fingerprint=dataset.fingerprint)
-        return search_to_file(
-            tower_backend(files, backend), search, dataset, selected, k, out, exclude_context
-        )
+        with _progress_on_stderr():
+            search.build(dataset.bank, fingerprint=dataset.fingerprint)
+            written = search_to_file(
+                tower_backend(files, backend), search, dataset, selected, k, out, exclude_context
+            )
     finally:
         close = getattr(search, "close", None)
         if close is not None:
             close()
+    _say_wrote(written, f"ids and scores, {len(selected):,} x {k}")
+    return written

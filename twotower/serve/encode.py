@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower import backends, faults
+from twotower import backends, faults, progress
 from twotower.atomic import fsync_dir
 from twotower.backends import Backend
 from twotower.config import TrainConfig
@@ -23,7 +23,6 @@ from twotower.data import Dataset
 from twotower.data.chunks import CHUNK_BYTES
 from twotower.errors import UsageError
 from twotower.serve.export import tower_from_run
-from twotower.serve.progress import RowProgress
 from twotower.serve.tower_dir import TowerFiles, read_tower_files
 from twotower.training.heldout import held_out
 
@@ -128,19 +127,19 @@ def encode_to_file(
         raise UsageError("no rows to encode (--rows selects none)")
     tmp = temporary_beside(out)
     size = chunk or chunk_rows(dataset)
-    progress = RowProgress(f"encode with {encoder.name}", len(rows))
+    what = f"{len(rows):,} rows with {encoder.name}"
     try:
-        result = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float32, shape=(len(rows), dataset.dim)
-        )
-        for done, (start, part) in enumerate(chunks(rows, size)):
-            faults.set_step(done)  # TWOTOWER_INJECT_FAULT=kill@encode:N dies after N chunks
-            faults.point("encode", [encoder.name])
-            contexts, lengths, _ = dataset.gather(part)
-            result[start : start + len(part)] = encoder.encode(contexts, lengths)
-            progress.update(len(part))
-        commit(tmp, out, [result])
+        with progress.task("encode", what, len(rows), "rows", announce=True) as task:
+            result = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.float32, shape=(len(rows), dataset.dim)
+            )
+            for done, (start, part) in enumerate(chunks(rows, size)):
+                faults.set_step(done)  # TWOTOWER_INJECT_FAULT=kill@encode:N dies after N chunks
+                faults.point("encode", [encoder.name])
+                contexts, lengths, _ = dataset.gather(part)
+                result[start : start + len(part)] = encoder.encode(contexts, lengths)
+                task.advance(len(part))
+            commit(tmp, out, [result])
     finally:
         tmp.unlink(missing_ok=True)
-    progress.finish(f"wrote {out} ({len(rows)} x {dataset.dim} float32)")
     return out

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from twotower import progress
 from twotower.backends import Backend
 from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners import Miner
 from twotower.serve.encode import chunk_rows, chunks, commit, temporary_beside
-from twotower.serve.progress import RowProgress
 from twotower.training.evaluation import unseen_first
 
 RESULT_KEYS = ("ids", "scores", "rows")
@@ -73,32 +73,34 @@ def search_to_file(
     tmp_ids, tmp_scores, tmp = (
         temporary_beside(out.with_name(out.name + suffix)) for suffix in (".ids", ".scores", "")
     )
-    progress = RowProgress(f"search with {miner.name}", len(rows))
+    what = f"top {k} of {len(dataset.bank):,} bank rows for {len(rows):,} rows with {miner.name}"
     try:
-        ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(len(rows), k))
-        scores = np.lib.format.open_memmap(
-            tmp_scores, mode="w+", dtype=np.float32, shape=(len(rows), k)
-        )
-        for start, part in chunks(rows, chunk or chunk_rows(dataset)):
-            contexts, lengths, positives = dataset.gather(part)
-            found_scores, found_ids = miner.search(encoder.encode(contexts, lengths), asked)
-            if exclude_context:
-                found_scores, found_ids = drop_context(
-                    found_scores, found_ids, dataset.seen_ids(part), positives, k
-                )
-            ids[start : start + len(part)] = found_ids[:, :k]
-            scores[start : start + len(part)] = found_scores[:, :k]
-            progress.update(len(part))
-        ids.flush()
-        scores.flush()
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            arrays = (ids, scores, np.asarray(rows, np.int64))
-            for key, array in zip(RESULT_KEYS, arrays, strict=True):
-                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
-        commit(tmp, out, [])
+        with progress.task("search", what, len(rows), "rows", announce=True) as task:
+            ids = np.lib.format.open_memmap(
+                tmp_ids, mode="w+", dtype=np.int64, shape=(len(rows), k)
+            )
+            scores = np.lib.format.open_memmap(
+                tmp_scores, mode="w+", dtype=np.float32, shape=(len(rows), k)
+            )
+            for start, part in chunks(rows, chunk or chunk_rows(dataset)):
+                contexts, lengths, positives = dataset.gather(part)
+                found_scores, found_ids = miner.search(encoder.encode(contexts, lengths), asked)
+                if exclude_context:
+                    found_scores, found_ids = drop_context(
+                        found_scores, found_ids, dataset.seen_ids(part), positives, k
+                    )
+                ids[start : start + len(part)] = found_ids[:, :k]
+                scores[start : start + len(part)] = found_scores[:, :k]
+                task.advance(len(part))
+            ids.flush()
+            scores.flush()
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                arrays = (ids, scores, np.asarray(rows, np.int64))
+                for key, array in zip(RESULT_KEYS, arrays, strict=True):
+                    with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, array, allow_pickle=False)
+            commit(tmp, out, [])
     finally:
         for path in (tmp_ids, tmp_scores, tmp):
             path.unlink(missing_ok=True)
-    progress.finish(f"wrote {out} (ids and scores, {len(rows)} x {k})")
     return out
