@@ -151,16 +151,21 @@ def test_the_trainer_gives_up_cores_only_while_its_worker_searches(
     small_data: Path, tmp_path: Path
 ) -> None:
     """Overlapped mining in a worker: each refresh's record carries the trainer's threads as
-    threadpoolctl read them when the search started (its share), and the last heartbeat its
-    pools after the searches (every core again)."""
-    out = tmp_path / "run"
-    args = "--no-supervise --backend torch-cpu --hidden 16 --steps 12 --max-eval 20".split()
+    threadpoolctl read them when the search started (its share) and the steps it trained so;
+    a search this small ends long before its use, so the trainer takes its cores back before
+    the LEAD steps are over (the rule before: all LEAD of them). The last heartbeat has the
+    pools after the searches: every core again."""
+    out, lead = tmp_path / "run", 10
+    args = "--no-supervise --backend torch-cpu --hidden 16 --steps 36 --max-eval 20".split()
     args += "--hard-negatives 2 --miner exact --miner-isolation process --mine-overlap".split()
-    result = train_in_child(small_data, out, *args, "--mine-every", "4")
+    args += ["--mine-every", "12", "--mine-lead", str(lead)]
+    result = train_in_child(small_data, out, *args)
     assert result.returncode == 0, result.stderr
     cores = usable_cores()
     mined = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "mined"]
     assert len(mined) >= 2 and {r["trainer_threads"] for r in mined} == {cores - cores // 2}
+    assert all(0 <= r["shared_steps"] <= lead for r in mined)
+    assert any(r["shared_steps"] < lead for r in mined), mined
     beat = json.loads((out / "heartbeat.json").read_text())
     assert {pool["num_threads"] for pool in beat["threadpools"]} == {cores}
     log_text = (out / "log.txt").read_text()
