@@ -262,11 +262,6 @@ class MiningJob:
         except BaseException as error:  # handed to the training thread by result()
             self._outcome = error
 
-    @property
-    def done(self) -> bool:
-        """Whether the mining has finished (result() would not wait)."""
-        return self._thread is None or not self._thread.is_alive()
-
     def result(self) -> tuple[Mined, float]:
         """(the finished refresh, seconds this call waited for it); re-raises its exception.
 

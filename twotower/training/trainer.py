@@ -118,8 +118,8 @@ class Trainer:
         self.table_path: Path | None = None
         self.pending: Refresh | None = None  # the refresh taken and not yet in use
         self.job: MiningJob | None = None  # its search
-        self.sharing_since: int | None = None  # the step the trainer dropped to its share at
-        self.shared: dict[str, int] = {}  # of the last share: trainer_threads, shared_steps
+        self.sharing_cores = False  # a refresh is taken and not used: the trainer has its share
+        self.search_threads: int | None = None  # its threads meanwhile, as threadpoolctl read them
         self.probe_miner: miners.Miner | None = None
         self._stop_signal: int | None = None
         self.steps_done = 0  # what a stop request checkpoints: the last completed step ...
@@ -278,29 +278,25 @@ class Trainer:
         if not background:  # a crash of an in-process miner is blamed on the mine phase
             self._phase("mine", refresh.take)
         else:
-            self._share_cores(True, refresh.take)
+            self._share_cores(True)
         self.job = MiningJob(refresh, self._run_refresh, self.miner, background)
 
-    def _share_cores(self, searching: bool, step: int) -> None:
-        """Limit the trainer to its share of the cores while its worker searches beside it
-        (searching), or give it its whole budget again once the search is over. The pools
-        as threadpoolctl reads them after go into the heartbeat; `shared` keeps the
-        trainer's threads during the search and the steps it trained so, for the refresh's
-        metrics record."""
+    def _share_cores(self, searching: bool) -> None:
+        """Limit the trainer to its share of the cores from the step a refresh is taken (its
+        worker searches) to the step it is used or abandoned, or give it its whole budget
+        again. The switches follow from the config, not from when the search ends: torch's
+        results depend on the thread count in their last bits, and a rerun or a resumed run
+        must compute every step on the same count. The pools threadpoolctl reads after a
+        switch go into the heartbeat; `search_threads` keeps the share for the metrics."""
         if self.threads.trainer_beside_search == self.threads.trainer:
             return
-        if searching and self.sharing_since is None:
-            pools = limit_threads(self.threads.trainer_beside_search)
-            threads = max((pool["num_threads"] for pool in pools), default=0)
-            self.shared = {"trainer_threads": threads}
-            self.sharing_since = step
-        elif not searching and self.sharing_since is not None:
-            pools = limit_threads(self.threads.trainer)
-            self.shared["shared_steps"] = step - self.sharing_since
-            self.sharing_since = None
-        else:
-            return
-        self.heartbeat.describe(threadpools=pools)
+        if searching != self.sharing_cores:
+            count = self.threads.trainer_beside_search if searching else self.threads.trainer
+            pools = limit_threads(count)
+            self.heartbeat.describe(threadpools=pools)
+            if searching:
+                self.search_threads = max((pool["num_threads"] for pool in pools), default=None)
+            self.sharing_cores = searching
 
     def _run_refresh(self, refresh: Refresh, miner: miners.Miner) -> Mined:
         if self.group is None:
@@ -321,7 +317,7 @@ class Trainer:
         try:
             mined, waited = self.job.result()
         finally:
-            self._share_cores(False, step)
+            self._share_cores(False)
         refresh = self.pending
         self.table = mined.table
         self.table_path = self.run.mined / f"table-{step_dir_name(step)}.npy"
@@ -329,7 +325,7 @@ class Trainer:
             self.table.save(self.table_path)
         self.job = self.pending = None
         probe = mined.probe
-        shared, self.shared = self.shared, {}
+        search_threads, self.search_threads = self.search_threads, None
         self.metrics.write(
             "mined",
             step=step,
@@ -339,7 +335,7 @@ class Trainer:
             seconds=round(mined.search_seconds, 3),
             encode_seconds=round(refresh.encode_seconds, 3),
             wait_seconds=round(waited, 3),
-            **{"trainer_threads": self.threads.trainer, **shared},
+            trainer_threads=search_threads or self.threads.trainer,
             **(probe.as_dict() if probe else {}),
             **mined.report.as_dict(),
         )
@@ -651,8 +647,6 @@ class Trainer:
                     self._take_refresh(step)
                     if self.mining.is_use(step):
                         self._use_refresh(step)
-                    elif self.sharing_since is not None and self.job and self.job.done:
-                        self._share_cores(False, step)  # searched before its use: all cores
                 stats = self._train_step(step, prefetch.get(step))
                 step += 1
                 self.steps_done = step
@@ -674,7 +668,7 @@ class Trainer:
             prefetch.close()
             if self.job is not None:  # the checkpoints keep its queries; a resume redoes it
                 self.job.abandon()
-                self._share_cores(False, step)
+                self._share_cores(False)
         if self.stopped_early:
             self._report_early_stop(step, metrics)
         else:
