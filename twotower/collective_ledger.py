@@ -26,6 +26,7 @@ from twotower import faults
 # what each collective of a step is for; the ledger stores the index
 KINDS = ("barrier", "flag", "gather", "gradients")
 FIELDS = ("attempt", "entered", "left", "step", "kind", "since_ns")
+ATTEMPT, ENTERED, LEFT, STEP, KIND, SINCE_NS = range(len(FIELDS))
 
 
 def ledger_path(run_dir: Path, rank: int) -> Path:
@@ -75,17 +76,17 @@ class CollectiveLedger:
     def __init__(self, path: Path, attempt: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._counts = np.memmap(path, dtype=np.int64, mode="w+", shape=(len(FIELDS),))
-        self._counts[FIELDS.index("attempt")] = attempt
+        self._counts[ATTEMPT] = attempt
 
     @contextlib.contextmanager
     def collective(self, kind: str, step: int) -> Iterator[None]:
         """Count a collective of `kind` at `step` as entered, and as left once it returns
         (an exception leaves it entered: the rank never got out)."""
         counts = self._counts
-        counts[3], counts[4], counts[5] = step, KINDS.index(kind), time.time_ns()
-        counts[1] += 1
+        counts[STEP], counts[KIND], counts[SINCE_NS] = step, KINDS.index(kind), time.time_ns()
+        counts[ENTERED] += 1
         yield
-        counts[2] += 1
+        counts[LEFT] += 1
 
 
 def counted(ledger: CollectiveLedger | None, kind: str) -> contextlib.AbstractContextManager[None]:
@@ -103,7 +104,7 @@ def read_ledger(path: Path) -> LedgerEntry | None:
         counts = np.fromfile(path, dtype=np.int64)
     except OSError:
         return None
-    if counts.shape != (len(FIELDS),) or not 0 <= counts[4] < len(KINDS):
+    if counts.shape != (len(FIELDS),) or not 0 <= counts[KIND] < len(KINDS):
         return None
     attempt, entered, left, step, kind, since_ns = (int(value) for value in counts)
     return LedgerEntry(attempt, entered, left, step, KINDS[kind], since_ns / 1e9)

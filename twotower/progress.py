@@ -244,11 +244,13 @@ class TaskLines:
         self.cpu_advanced(source, cpu_seconds)
 
     def cpu_advanced(self, source: str, cpu_seconds: float) -> bool:
-        """Record `source`'s CPU time (the lines name it); True when it grew since last seen."""
-        if cpu_seconds <= self.cpu.get(source, (-1.0, 0.0))[0]:
-            return False
-        self.cpu[source] = (cpu_seconds, time.monotonic())
-        return True
+        """Record `source`'s CPU time (the lines name it); True when it grew since last seen.
+        Under the lock: the ticker thread iterates `cpu`."""
+        with self.lock:
+            if cpu_seconds <= self.cpu.get(source, (-1.0, 0.0))[0]:
+                return False
+            self.cpu[source] = (cpu_seconds, time.monotonic())
+            return True
 
     def _show(self, task: Task, line: str) -> None:
         self._shown[task.id] = time.monotonic()

@@ -10,11 +10,11 @@ the machine: threads preempt each other and both slow down. The rule
 - the miner has its own worker and the trainer waits for each search (mining
   is synchronous): they take turns, so each takes all C;
 - the worker searches while the trainer keeps stepping (mining overlaps
-  training): the worker gets floor(C / 2), and the trainer the rest while a
-  search runs (`beside_search`, at least 1 each): 1 + 1 on 2 cores, 4 + 4 on
-  8, trainer 2 + miner 1 on 3 (the trainer's steps are the critical path).
-  Between searches the worker is idle and the trainer takes all C again, so
-  the split holds only while both are busy.
+  training): the worker gets floor(C / 2), and the trainer the rest from the
+  step a refresh is taken to the step it is used (`beside_search`, at least 1
+  each): 1 + 1 on 2 cores, 4 + 4 on 8, trainer 2 + miner 1 on 3 (the trainer's
+  steps are the critical path). Between refreshes the worker is idle and the
+  trainer takes all C again, so the split holds only while both can be busy.
 
 `--threads` and `--miner-threads` override either share (`--threads` fixes
 the trainer's for the whole run). `limit_threads`
