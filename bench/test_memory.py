@@ -2,7 +2,7 @@
 
 A child runs `twotower train` (torch-cpu, GRU D=H=768, K=8, a 50k queue, 20 steps,
 mining at step 10 by exact search over the whole bank, a checkpoint at 10 and 20)
-while this process reads its memory every 20 ms through `twotower.memory`. The
+while this process reads its memory every 20 ms through `twotower.process.memory`. The
 claim (Linux, where the reading splits RSS): the child's anonymous memory
 (RssAnon: heap, torch, queue, model; not the mapped bank) stays below 1 GB plus
 the model's and the queue's own size, however big the bank. On macOS the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.report import RatioReport
 from twotower.data import synthesize
-from twotower.memory import process_memory
+from twotower.process.memory import process_memory
 
 SEED_SCALE = os.environ.get("TWOTOWER_BENCH_SEED_SCALE", "") not in ("", "0")
 BANK = 771_000 if SEED_SCALE else 100_000

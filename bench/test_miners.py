@@ -220,7 +220,7 @@ TRAINER = """
 import json, sys
 import numpy as np
 from twotower import miners
-from twotower.memory import process_memory
+from twotower.process.memory import process_memory
 
 bank_path, queries_path, name, cache_dir, opts, fingerprint = sys.argv[1:]
 bank, queries = np.load(bank_path, mmap_mode="r"), np.load(queries_path)

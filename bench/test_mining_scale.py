@@ -51,7 +51,7 @@ from twotower import backends, miners
 from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
 from twotower.paths import user_cache_dir
-from twotower.threads import usable_cores
+from twotower.process.threads import usable_cores
 from twotower.training.batching import StepPlan, assemble_batch, gather_step
 from twotower.training.evaluation import encode_rows, held_out_split
 from twotower.training.mining import HardNegativeTable

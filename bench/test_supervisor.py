@@ -32,7 +32,7 @@ from tests.processes import run_twotower
 from twotower import supervise
 from twotower.cli import build_parser, config_from_args
 from twotower.data import Dataset, synthesize
-from twotower.memory import process_memory
+from twotower.process.memory import process_memory
 from twotower.training.rundir import read_metrics
 
 STEPS = 400
@@ -86,7 +86,7 @@ def supervised_in_process(dataset: Dataset, out: Path) -> tuple[list[dict], floa
 
 
 def cpu_seconds() -> float:
-    """This process's user + system CPU seconds, from the one reader (`twotower.memory`)."""
+    """This process's user + system CPU seconds, from the one reader (`twotower.process.memory`)."""
     reading = process_memory()
     assert reading is not None
     return float(reading["cpu_s"])

@@ -1,5 +1,5 @@
 """The thread budget: a trainer's step time while its miner worker searches, with and without
-the split of `twotower.threads`.
+the split of `twotower.process.threads`.
 
 The trainer (torch-cpu, GRU B=32 T=10 D=H=768 K=8 Q=4096, in this process) steps while an
 isolated miner (faiss Flat, else exact, in its worker) searches 256 queries for their top 64
@@ -30,7 +30,7 @@ import pytest
 
 from bench.report import RatioReport
 from twotower import Batch, backends, miners
-from twotower.threads import limit_threads, thread_budget, usable_cores
+from twotower.process.threads import limit_threads, thread_budget, usable_cores
 
 B, T, D, H, K, Q, M = 32, 10, 768, 768, 8, 4096, 50_000
 QUERIES, TOP = 256, 64

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 from tests.processes import REPO, child_env
-from twotower.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
+from twotower.process.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
 
 WRITER = """
 import os, signal, sys
 from pathlib import Path
-from twotower.collective_ledger import CollectiveLedger
+from twotower.process.collective_ledger import CollectiveLedger
 ledger = CollectiveLedger(Path(sys.argv[1]), attempt=2)
 with ledger.collective("gather", 3):
     pass

@@ -58,7 +58,7 @@ def known_modules(root: Path) -> set[str]:
 def imported_modules(path: Path, root: Path, known: set[str]) -> list[tuple[int, str]]:
     """(line, absolute module name) for every import in a file, relative ones resolved.
 
-    `from twotower import faults` counts as importing twotower.faults, not the package root.
+    `from twotower import faults` counts as importing twotower.process.faults, not the package root.
     """
     tree = ast.parse(path.read_text(), filename=str(path))
     here = module_name(path, root)
@@ -129,3 +129,11 @@ def test_the_check_catches_an_upward_import(
     found = violations(copy)
     assert len(found) == 1, found
     assert found[0].startswith(here) and complaint in found[0]
+
+
+TOP_LEVEL_LIMIT = 16  # past this the shared layer stops being a short list a newcomer can hold
+
+
+def test_the_top_of_the_package_stays_short() -> None:
+    top = sorted(path.name for path in (ROOT / "twotower").glob("*.py"))
+    assert len(top) <= TOP_LEVEL_LIMIT, top

@@ -1,4 +1,4 @@
-"""The one memory reader (`twotower.memory`) against independent readings of the same process:
+"""The one memory reader (`twotower.process.memory`) against independent readings:
 psutil called here, and on Linux /proc parsed here, for this process, a child holding a known
 amount of memory, and a process that has exited (None, not an error). The portable (psutil)
 path is exercised on Linux too, so what used to be None off Linux is shown to have a value."""
@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from twotower import memory
 from twotower.guard.evidence import memory_limit_kb
+from twotower.process import memory
 
 LINUX = Path("/proc/self/status").exists()
 MIB = 1024 * 1024

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from tests.neighbours import assert_same_neighbours, brute_force
-from twotower import faults, miners
-from twotower.faults import ENV_VAR
+from twotower import miners
 from twotower.miners import MinerCrashed
+from twotower.process import faults
+from twotower.process.faults import ENV_VAR
 
 pytestmark = pytest.mark.skipif(
     not {"faiss", "hnswlib"} <= set(miners.available()), reason="needs faiss and hnswlib"

@@ -19,7 +19,7 @@ import pytest
 from tests.processes import REPO, child_env, train_in_child
 from twotower import backends, miners
 from twotower.data import synthesize
-from twotower.threads import thread_budget, usable_cores
+from twotower.process.threads import thread_budget, usable_cores
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.rundir import read_metrics
 
@@ -144,7 +144,7 @@ def test_reading_thread_pools_leaves_the_duplicate_openmp_check_on() -> None:
         return done.stdout.strip()
 
     assert seen("threadpoolctl") == "True"  # the control: the library does set it
-    assert seen("twotower.threads") == "None"
+    assert seen("twotower.process.threads") == "None"
 
 
 @pytest.mark.skipif(

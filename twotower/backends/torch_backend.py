@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from twotower.backends.base import StepSettings, join_state, split_state
 from twotower.backends.torch_data_parallel import GradientSum
 from twotower.batch import Batch, StepStats
-from twotower.collective_ledger import CollectiveLedger
+from twotower.process.collective_ledger import CollectiveLedger
 from twotower.towers import TowerSpec
 
 GRU_PATHS = ("packed", "masked")

@@ -18,14 +18,14 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from twotower.collective_ledger import CollectiveLedger, counted
+from twotower.process.collective_ledger import CollectiveLedger, counted
 
 
 class GradientSum:
     """Sums gradients and loss over the ranks of the default process group.
 
     rank, world: this process's rank and the number of ranks; ledger: where the
-    rank counts its collectives (`twotower.collective_ledger`). `seconds` adds up
+    rank counts its collectives (`twotower.process.collective_ledger`). `seconds` adds up
     the wall time spent in the collective (for the benchmark and the step log).
     """
 

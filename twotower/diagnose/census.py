@@ -3,7 +3,7 @@
 `take_census()` starts a fresh interpreter (`python -c`) that runs
 `census_main`: it imports numpy, torch and faiss (each one installed, in that
 order) and reports threadpoolctl's view of its thread pools
-(`twotower.openmp.threadpools`): each OpenMP runtime (libgomp, libomp,
+(`twotower.process.openmp.threadpools`): each OpenMP runtime (libgomp, libomp,
 libiomp5, vcomp) and BLAS build (OpenBLAS, MKL, ...) with its file path,
 version and thread count. `Census` says whether two distinct OpenMP runtimes
 share the process: the clash behind silent segfaults in faiss + torch
@@ -28,7 +28,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twotower.openmp import owner_of, threadpools
+from twotower.process.openmp import owner_of, threadpools
 
 MODULES = ("numpy", "torch", "faiss")
 TIMEOUT = 120.0  # seconds for the child's imports (torch alone takes a few on a cold disk)

@@ -35,8 +35,8 @@ from twotower.diagnose.doctor_platform import (
     version_tuple,
 )
 from twotower.diagnose.findings import STATUSES, Finding
-from twotower.memory import machine_memory
-from twotower.threads import usable_cores
+from twotower.process.memory import machine_memory
+from twotower.process.threads import usable_cores
 
 INDENT = " " * 8  # evidence lines after the first, and what to do
 DISTRIBUTIONS = ("numpy", "torch", "faiss-cpu", "faiss-gpu", "hnswlib")

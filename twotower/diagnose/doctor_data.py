@@ -21,8 +21,8 @@ from twotower.data.npy import Header, Source, data_error, file_source, npz_sourc
 from twotower.data.validate import check_layout, dataset_keys
 from twotower.diagnose.findings import Finding
 from twotower.errors import DataError
-from twotower.memory import available_bytes
 from twotower.paths import user_cache_dir
+from twotower.process.memory import available_bytes
 from twotower.towers import TowerSpec
 
 GB = 1e9

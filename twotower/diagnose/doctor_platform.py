@@ -2,7 +2,7 @@
 what matters on a Mac.
 
 Everywhere (psutil): the machine's available memory and swap in use, and the
-thread budget a run would get (`twotower.threads`). On macOS: MPS built into
+thread budget a run would get (`twotower.process.threads`). On macOS: MPS built into
 this torch and available, Python running natively on Apple silicon (not under
 Rosetta 2, where torch has no MPS), `PYTORCH_ENABLE_MPS_FALLBACK`, and the
 torch / numpy combination an Intel Mac is stuck with. A Mac-only check
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from twotower.diagnose.findings import Finding
-from twotower.threads import thread_budget
+from twotower.process.threads import thread_budget
 
 GB = 1e9
 LOW_AVAILABLE = 0.10  # share of physical memory below which a run is likely to be killed
@@ -186,7 +186,7 @@ def check_memory_pressure(memory: Mapping[str, int]) -> Finding:
 
 
 def check_threads(cores: int) -> Finding:
-    """The thread budget a run would get on `cores` cores, by `twotower.threads`' rule."""
+    """The thread budget a run would get on `cores` cores, by `twotower.process.threads`' rule."""
     cases = {
         "exact miner in the trainer": thread_budget(cores),
         "faiss/hnswlib worker": thread_budget(cores, miner_in_worker=True),

@@ -1,7 +1,7 @@
 """Evidence about a process, read from outside it: how it ended, its memory, its libraries.
 
 `ExitStatus` (a return code as a signal or an exit code), `MemoryTrend` (RSS
-samples, read through `twotower.memory`), the memory limit (physical memory
+samples, read through `twotower.process.memory`), the memory limit (physical memory
 from psutil, on every platform; the cgroup's limit as a Linux addition), the
 cgroup's OOM-kill counter, the kernel log (segfault and OOM-killer lines), and
 the tracebacks in a child's stderr. `forensics` weighs them into causes.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twotower.memory import machine_memory
+from twotower.process.memory import machine_memory
 
 TAIL_LINES = 40
 SIGNAL_MEANINGS = {

@@ -2,7 +2,7 @@
 
 Shared by `twotower train` (the supervisor) and `twotower watch`:
 
-- the child's side of the contract lives in `twotower.crash_dump`, which the
+- the child's side of the contract lives in `twotower.process.crash_dump`, which the
   trainer imports without reaching up into guard/;
 - `ChildOutcome`: how a child ended and what was seen while it ran (the
   evidence itself comes from `twotower.guard.evidence`);
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from twotower.atomic import replace_file
-from twotower.faults import Fault
 from twotower.guard.evidence import (
     ExitStatus,
     MemoryTrend,
@@ -33,6 +32,7 @@ from twotower.guard.evidence import (
     size_text,
     tail,
 )
+from twotower.process.faults import Fault
 
 NEAR_LIMIT = 0.8  # peak RSS at or above this share of the memory limit counts as "near"
 NATIVE_CRASHES = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")

@@ -27,8 +27,8 @@ from typing import IO, Any
 
 from twotower.errors import UsageError
 from twotower.guard import evidence, forensics
-from twotower.memory import rss_kb
-from twotower.openmp import mapped_openmp_runtimes
+from twotower.process.memory import rss_kb
+from twotower.process.openmp import mapped_openmp_runtimes
 
 POLL_SECONDS = 0.1  # how often the child is checked (its exit, heartbeat, watchdog)
 RSS_EVERY = 2.0  # seconds between direct RSS samples (a heartbeat brings its own)

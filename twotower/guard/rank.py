@@ -15,7 +15,7 @@ checkpoint (A = torchrun's restart count + 1).
 A rank that fails because another never came to a collective (the group's
 timeout, or a peer's broken connection) would otherwise only report its own
 error: the report adds every rank's collective ledger it can read
-(`twotower.collective_ledger`) and, first among its causes, the ranks that
+(`twotower.process.collective_ledger`) and, first among its causes, the ranks that
 never reached the collective this one waited in, with their heartbeats.
 
 Division of work: torchrun restarts (the group, from the newest checkpoint);
@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twotower import faults
-from twotower.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_USAGE
 from twotower.guard import forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild
 from twotower.guard.supervisor import trainer_env
+from twotower.process import faults
+from twotower.process.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
 from twotower.training.distributed import World, check_config
 from twotower.training.heartbeat import read_heartbeat
 from twotower.training.rundir import RunDir

@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twotower import backends, faults, miners
+from twotower import backends, miners
 from twotower.config import METRICS, TrainConfig
-from twotower.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
 from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
+from twotower.process import faults
+from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
 from twotower.training.checkpoint import list_checkpoints
 from twotower.training.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.trainer import PROGRESS_ENV, RunResult

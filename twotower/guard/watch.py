@@ -21,11 +21,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from twotower import faults
 from twotower.errors import UsageError
 from twotower.guard import forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env
 from twotower.guard.supervisor import next_number
+from twotower.process import faults
 
 DEFAULT_OUT = Path("twotower-watch")
 

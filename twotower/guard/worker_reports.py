@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twotower import faults
 from twotower.config import TrainConfig
 from twotower.guard import forensics
 from twotower.guard.evidence import ExitStatus
+from twotower.process import faults
 from twotower.training.trainer import RunResult
 from twotower.training.trainer import train as train_without_reports
 

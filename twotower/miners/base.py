@@ -12,8 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from twotower import faults
 from twotower.errors import TwotowerError
+from twotower.process import faults
 
 BUILD_FAULT_PHASE = "build-index"  # the fault point a miner's build reaches (where it builds)
 

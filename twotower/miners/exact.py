@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from twotower import progress
-from twotower.memory import available_bytes
+from twotower.process.memory import available_bytes
 
 TILE = 32  # columns per tile; bank blocks are whole tiles
 MAX_QUERY_CHUNK = 4096

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults
 from twotower.miners.base import Miner, MinerCrashed, check_miner
+from twotower.process import faults
 
 log = logging.getLogger("twotower.miners")
 

@@ -36,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults, progress
+from twotower import progress
 from twotower.errors import UsageError
-from twotower.memory import portable_reading
 from twotower.miners import DEFAULT_TIMEOUT
 from twotower.miners.base import BUILD_FAULT_PHASE, MinerCrashed
 from twotower.miners.worker_death import WorkerRecord
+from twotower.process import faults
+from twotower.process.memory import portable_reading
 
 EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -43,14 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults, miners, progress
-from twotower.crash_dump import enable_crash_dumps
+from twotower import miners, progress
 from twotower.errors import UsageError
-from twotower.memory import process_memory
 from twotower.miners.base import Miner
 from twotower.miners.isolation import result_views
-from twotower.openmp import openmp_runtimes, threadpools
-from twotower.threads import limit_threads
+from twotower.process import faults
+from twotower.process.crash_dump import enable_crash_dumps
+from twotower.process.memory import process_memory
+from twotower.process.openmp import openmp_runtimes, threadpools
+from twotower.process.threads import limit_threads
 
 ORPHAN_CHECK_SECONDS = 1.0
 PROGRESS_EVERY = 0.25  # seconds between the advance messages of one task

@@ -1,7 +1,7 @@
 """What a miner worker leaves behind when it dies, for a crash report like a trainer's.
 
 The worker writes faulthandler's stacks into a file of its own ($TWOTOWER_CRASH_FILE, see
-`twotower.crash_dump`); it tells its OpenMP runtimes in its replies; its peak RSS comes from
+`twotower.process.crash_dump`); it tells its OpenMP runtimes in its replies; its peak RSS comes from
 the kernel's rusage when it is reaped. `WorkerRecord.evidence` gathers those with the signal,
 the request it was serving (phase, step) and its timing into one JSON-ready dict, which
 `MinerCrashed.evidence` carries up to whoever writes the report (guard/, via the trainer).
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twotower import faults
-from twotower.crash_dump import CRASH_FILE_ENV
+from twotower.process import faults
+from twotower.process.crash_dump import CRASH_FILE_ENV
 
 PROCESS = "miner worker"
 STACKS_LIMIT = 64 << 10  # bytes of faulthandler output kept in a report

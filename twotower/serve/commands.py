@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults, miners, progress
+from twotower import miners, progress
 from twotower.data import Dataset, load_dataset
 from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
+from twotower.process import faults
 from twotower.serve.encode import encode_to_file, open_tower, select_rows, tower_backend
 from twotower.serve.search import search_to_file
 from twotower.serve.tower_dir import TowerFiles

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from twotower import backends, faults, progress
+from twotower import backends, progress
 from twotower.atomic import fsync_dir
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.data.chunks import CHUNK_BYTES
 from twotower.errors import UsageError
+from twotower.process import faults
 from twotower.serve.export import tower_from_run
 from twotower.serve.tower_dir import TowerFiles, read_tower_files
 from twotower.training.heldout import held_out

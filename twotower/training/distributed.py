@@ -32,11 +32,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from twotower.collective_ledger import CollectiveLedger, counted
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners.base import Miner
+from twotower.process.collective_ledger import CollectiveLedger, counted
 from twotower.training.batching import StepData, StepPlan, mine_table
 from twotower.training.mining import HardNegativeTable, MiningReport
 
@@ -143,7 +143,7 @@ class Group:
     world: this process's place; device: "cuda" for torch-cuda (nccl, one GPU per
     local rank), anything else gloo on the CPU; timeout_s: how long a collective
     may wait for the other ranks before it fails; ledger: where this rank counts
-    the collectives it enters (`twotower.collective_ledger`).
+    the collectives it enters (`twotower.process.collective_ledger`).
     """
 
     def __init__(

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from twotower.atomic import replace_file
-from twotower.memory import process_memory
+from twotower.process.memory import process_memory
 
 
 class Heartbeat:
     """Writes {pid, step, phase, backend, miner, ..., rss_kb, peak_rss_kb, cpu_s, time} on
-    every beat (memory and CPU seconds from `twotower.memory`), plus `constant`'s fields."""
+    every beat (memory and CPU seconds from `twotower.process.memory`), plus `constant`'s fields."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults, progress
+from twotower import progress
 from twotower.atomic import replace_file
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import DataError
 from twotower.miners.base import Miner
+from twotower.process import faults
 from twotower.training.batching import StepPlan, mine_table
 from twotower.training.checkpoint import step_dir_name
 from twotower.training.mining import HardNegativeTable, MiningReport

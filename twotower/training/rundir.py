@@ -6,7 +6,7 @@ log.txt          human-readable log, flushed line by line
 checkpoints/     step-NNNNNNN/ + LATEST (twotower.training.checkpoint)
 mined/           hard-negative tables (twotower.training.mining)
 crashes/         one JSON report per abnormal exit (twotower.guard.supervisor)
-faults/          fire-once markers of injected faults (twotower.faults)
+faults/          fire-once markers of injected faults (twotower.process.faults)
 """
 
 from __future__ import annotations

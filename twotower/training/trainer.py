@@ -22,17 +22,18 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from twotower import backends, faults, miners
+from twotower import backends, miners
 from twotower.batch import StepStats
-from twotower.collective_ledger import CollectiveLedger, ledger_path
 from twotower.config import TrainConfig
-from twotower.crash_dump import SUPERVISOR_PID_ENV, die_with_parent, enable_crash_dumps
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
-from twotower.openmp import openmp_runtimes
 from twotower.paths import user_cache_dir
+from twotower.process import faults
+from twotower.process.collective_ledger import CollectiveLedger, ledger_path
+from twotower.process.crash_dump import SUPERVISOR_PID_ENV, die_with_parent, enable_crash_dumps
+from twotower.process.openmp import openmp_runtimes
+from twotower.process.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.progress import install as install_progress_sink
-from twotower.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import Prefetcher, StepData, StepPlan, assemble_batch
 from twotower.training.cadence import EVAL_BUDGET, EVALS_PER_EPOCH, auto_eval_every
 from twotower.training.checkpoint import (
@@ -175,7 +176,7 @@ class Trainer:
         return miner
 
     def _thread_budget(self) -> ThreadBudget:
-        """The budget of `twotower.threads` for this config: with a worker that searches
+        """The budget of `twotower.process.threads` for this config: with a worker that searches
         beside training, the trainer drops to its share only while a search runs."""
         c = self.config
         in_worker = c.hard_negatives > 0 and self._miner_isolation(c.miner) == "process"

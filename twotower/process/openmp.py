@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from twotower.memory import process_tree
+from twotower.process.memory import process_tree
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from twotower.openmp import limit_pools, threadpools
+from twotower.process.openmp import limit_pools, threadpools
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower import faults
+from twotower.process import faults
 
 # what each collective of a step is for; the ledger stores the index
 KINDS = ("barrier", "flag", "gather", "gradients")
