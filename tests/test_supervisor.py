@@ -23,9 +23,10 @@ from tests.test_resume import STEPS, TRAIN_ARGS, step_digests
 from twotower import backends, miners
 from twotower.cli import build_parser, config_from_args
 from twotower.data import synthesize
-from twotower.guard.evidence import ExitStatus, MemoryTrend
+from twotower.guard.evidence import MemoryTrend
 from twotower.guard.forensics import ChildOutcome, crashing_thread_first, likely_causes
 from twotower.guard.monitor import STACK_WAIT
+from twotower.process.exit_status import ExitStatus
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.heartbeat import read_heartbeat
 from twotower.training.rundir import read_metrics
@@ -344,12 +345,6 @@ LIMITS = {"limit_kb": 16 * 1024 * 1024, "limit_source": "cgroup memory.max", "ke
 
 def outcome(returncode: int, **fields) -> ChildOutcome:
     return ChildOutcome(["python"], 1234, ExitStatus(returncode), 0.0, 10.0, **fields)
-
-
-def test_exit_statuses_decode_to_signal_names() -> None:
-    assert ExitStatus(-11).signal == "SIGSEGV" and ExitStatus(-11).shell_code() == 139
-    assert ExitStatus(-9).describe().startswith("killed by SIGKILL")
-    assert ExitStatus(3).signal is None and ExitStatus(3).describe() == "exited with code 3"
 
 
 def test_sigkill_near_the_memory_limit_is_likely_memory_pressure() -> None:

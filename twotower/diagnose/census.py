@@ -21,13 +21,13 @@ import importlib
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from twotower.process.exit_status import ExitStatus
 from twotower.process.openmp import owner_of, threadpools
 
 MODULES = ("numpy", "torch", "faiss")
@@ -135,17 +135,6 @@ def classify(pools: list[dict[str, Any]]) -> tuple[list[Library], list[Library]]
     return runtimes, blas
 
 
-def _how_it_died(returncode: int, last_import: str | None) -> str:
-    where = f"while importing {last_import}" if last_import else "after its imports"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name} {where}"
-    return f"exited with code {returncode} {where}"
-
-
 def take_census(modules: tuple[str, ...] = MODULES, timeout: float = TIMEOUT) -> Census:
     """Import `modules` in a fresh child of this interpreter and list its thread pools.
 
@@ -181,5 +170,6 @@ def take_census(modules: tuple[str, ...] = MODULES, timeout: float = TIMEOUT) ->
             census.bridge = record["bridge"]
             census.warnings = record["warnings"]
     if child.returncode != 0:
-        census.died = _how_it_died(child.returncode, importing)
+        where = f"while importing {importing}" if importing else "after its imports"
+        census.died = f"{ExitStatus(child.returncode).describe(meaning=False)} {where}"
     return census

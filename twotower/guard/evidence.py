@@ -1,6 +1,6 @@
-"""Evidence about a process, read from outside it: how it ended, its memory, its libraries.
+"""Evidence about a process, read from outside it: its memory, its libraries, its last words.
 
-`ExitStatus` (a return code as a signal or an exit code), `MemoryTrend` (RSS
+How it ended is `twotower.process.exit_status.ExitStatus`. Here: `MemoryTrend` (RSS
 samples, read through `twotower.process.memory`), the memory limit (physical memory
 from psutil, on every platform; the cgroup's limit as a Linux addition), the
 cgroup's OOM-kill counter, the kernel log (segfault and OOM-killer lines), and
@@ -13,62 +13,14 @@ file is unreadable, that piece of evidence is None and the report says less.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twotower.process.memory import machine_memory
 
 TAIL_LINES = 40
-SIGNAL_MEANINGS = {
-    "SIGSEGV": "segmentation fault: native code touched memory it does not own",
-    "SIGBUS": "bus error: a bad memory access, e.g. a memory-mapped file that shrank",
-    "SIGABRT": "abort: native code gave up: a failed assertion, a double free, OpenMP refusing",
-    "SIGKILL": "killed outright from outside: OOM killer, macOS jetsam, a watchdog or kill -9",
-    "SIGILL": "illegal instruction: machine code this CPU cannot run",
-    "SIGFPE": "arithmetic fault in native code (integer division by zero)",
-    "SIGTERM": "asked to terminate",
-    "SIGINT": "interrupted",
-}
-
-# --- exits ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """A child's return code: negative means killed by that signal (Popen's convention)."""
-
-    returncode: int
-
-    @property
-    def signal(self) -> str | None:
-        """'SIGSEGV' for -11, None for a normal exit."""
-        if self.returncode >= 0:
-            return None
-        try:
-            return signal.Signals(-self.returncode).name
-        except ValueError:
-            return f"signal {-self.returncode}"
-
-    @property
-    def code(self) -> int | None:
-        """The exit code of a normal exit, None when a signal ended the process."""
-        return self.returncode if self.returncode >= 0 else None
-
-    def describe(self) -> str:
-        """'killed by SIGSEGV (segmentation fault: ...)' or 'exited with code 1'."""
-        if self.signal is None:
-            return f"exited with code {self.returncode}"
-        meaning = SIGNAL_MEANINGS.get(self.signal)
-        return f"killed by {self.signal}" + (f" ({meaning})" if meaning else "")
-
-    def shell_code(self) -> int:
-        """The exit code a shell would report: the code itself, or 128 + signal number."""
-        return self.returncode if self.returncode >= 0 else 128 - self.returncode
-
 
 # --- memory -----------------------------------------------------------------------------
 

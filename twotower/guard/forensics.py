@@ -24,7 +24,6 @@ from typing import Any
 
 from twotower.atomic import replace_file
 from twotower.guard.evidence import (
-    ExitStatus,
     MemoryTrend,
     kernel_log,
     memory_limit_kb,
@@ -32,6 +31,7 @@ from twotower.guard.evidence import (
     size_text,
     tail,
 )
+from twotower.process.exit_status import ExitStatus
 from twotower.process.faults import Fault
 
 NEAR_LIMIT = 0.8  # peak RSS at or above this share of the memory limit counts as "near"

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from twotower.errors import UsageError
 from twotower.guard import evidence, forensics
+from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import rss_kb
 from twotower.process.openmp import mapped_openmp_runtimes
 
@@ -221,7 +222,7 @@ class WatchedChild:
         return forensics.ChildOutcome(
             command=self.command,
             pid=process.pid,
-            exit=evidence.ExitStatus(process.returncode),
+            exit=ExitStatus(process.returncode),
             started=started,
             seconds=time.monotonic() - t0,
             peak_rss_kb=peak or None,

@@ -15,8 +15,8 @@ from typing import Any
 
 from twotower.config import TrainConfig
 from twotower.guard import forensics
-from twotower.guard.evidence import ExitStatus
 from twotower.process import faults
+from twotower.process.exit_status import ExitStatus
 from twotower.training.trainer import RunResult
 from twotower.training.trainer import train as train_without_reports
 

@@ -42,6 +42,7 @@ from twotower.miners import DEFAULT_TIMEOUT
 from twotower.miners.base import BUILD_FAULT_PHASE, MinerCrashed
 from twotower.miners.worker_death import WorkerRecord
 from twotower.process import faults
+from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import portable_reading
 
 EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
@@ -49,21 +50,6 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MIN_BUFFER_BYTES = 1 << 20
 STACK_DUMP_WAIT = 0.5  # seconds a silent worker gets to write its stacks before SIGKILL
 WAIT_SLICE = 0.5  # seconds between looks at a busy worker's CPU time while waiting on it
-
-
-def signal_name(number: int) -> str:
-    """11 -> 'SIGSEGV'; an unknown number -> 'signal N'."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def describe_exit(returncode: int, pid: int) -> str:
-    """A Popen return code as words: 'worker pid 12 killed by SIGSEGV', '... exited with code 1'."""
-    if returncode < 0:
-        return f"worker pid {pid} killed by {signal_name(-returncode)}"
-    return f"worker pid {pid} exited with code {returncode}"
 
 
 def result_views(
@@ -212,7 +198,7 @@ class _Worker:
         if returncode is None:
             self.kill()
             return f"worker pid {self.pid} closed its pipe and was killed"
-        return describe_exit(returncode, self.pid)
+        return f"worker pid {self.pid} {ExitStatus(returncode).describe(meaning=False)}"
 
     def kill(self) -> None:
         """SIGKILL the worker (if it still runs) and reap it."""
