@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from twotower.errors import UsageError
 from twotower.training.checkpoint import (
     CheckpointError,
+    choose_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -241,3 +243,24 @@ def test_nothing_to_load_is_a_one_line_error(tmp_path: Path, layout: str) -> Non
     message = str(raised.value)
     assert str(run) in message and "\n" not in message
     assert latest_checkpoint(run) is None
+
+
+def test_every_checkpoint_choice_is_parsed_in_one_place(tmp_path: Path) -> None:
+    """best, latest and step-N (any digits) mean the same to every command; without a choice
+    best/ is taken where the run kept one; another word is a one-line UsageError."""
+    run = tmp_path / "run"
+    for step in (3, 6):
+        save(run, step)
+    assert choose_checkpoint(run) == ("latest", run / "checkpoints")  # no best/ yet
+    assert load_checkpoint(run, which="step-3")[0]["step"] == 3
+    assert choose_checkpoint(run, "step-0000006")[1] == run / "checkpoints" / "step-0000006"
+    with pytest.raises(CheckpointError, match="no checkpoint step-0000004"):
+        choose_checkpoint(run, "step-4")
+    with pytest.raises(CheckpointError, match="no best/"):
+        load_checkpoint(run, which="best")
+    save_checkpoint(run, 3, arrays_for(3), META, keep=1, store="best")
+    assert choose_checkpoint(run) == ("best", run / "best")
+    assert load_checkpoint(run, which="best")[0]["step"] == 3
+    for word in ("newest", "step-", "step-x", "Best"):
+        with pytest.raises(UsageError, match="use best, latest or step-N"):
+            choose_checkpoint(run, word)

@@ -114,7 +114,7 @@ def test_an_exported_tower_encodes_like_the_run_and_the_reference(
     expected = reference.encode(kind, params, clean, lengths, residual)
     trained = run_engine(run, "numpy").encode(contexts, lengths)
     for format in formats:
-        out = export_tower(run, tmp_path / format, format=format)
+        out = export_tower(run, tmp_path / format, checkpoint="latest", format=format)
         doc = json.loads((out / "tower.json").read_text())
         assert doc["kind"] == kind and doc["dim"] == DIM and doc["residual"] == residual
         assert doc["source"]["step"] == 8
@@ -135,7 +135,7 @@ def test_the_torch_module_is_an_nn_module_in_eval_mode_with_torch_names(
 ) -> None:
     import torch
 
-    out = export_tower(runs["gru-2"], tmp_path / "t", format="torch")
+    out = export_tower(runs["gru-2"], tmp_path / "t", checkpoint="latest", format="torch")
     tower = twotower.load_tower(out)
     assert isinstance(tower, torch.nn.Module) and not tower.training
     saved = torch.load(out / "tower.pt")
@@ -164,7 +164,7 @@ def test_onnx_agrees_with_the_reference(runs: dict[str, Path], tower: str, tmp_p
     pytest.importorskip("onnxruntime")
     if not HAS_TORCH:
         pytest.skip("exporting ONNX needs torch")
-    out = export_tower(runs[tower], tmp_path / "onnx", format="onnx")
+    out = export_tower(runs[tower], tmp_path / "onnx", checkpoint="latest", format="onnx")
     _, state = load_checkpoint(runs[tower])
     session = twotower.load_tower(out, engine="onnx")
     kind, residual = TOWERS[tower]["tower"], TOWERS[tower].get("residual", "none")
@@ -204,6 +204,29 @@ def test_checkpoint_best_reads_run_best(runs: dict[str, Path], tmp_path: Path) -
     assert best.params.keys() <= state.keys()
     for name, value in best.params.items():
         np.testing.assert_array_equal(value, state[name])
+
+
+def test_export_takes_best_unless_told_and_says_which(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Like HF Trainer's load_best_model_at_end: a run that kept best/ exports it by default,
+    in one line on stderr; --checkpoint latest exports the newest checkpoint instead."""
+    run = runs["gru-1"]
+    best_meta, best = load_checkpoint(run, which="best")
+    latest_meta, latest = load_checkpoint(run, which="latest")
+    assert best_meta["step"] != latest_meta["step"]  # else the test could not tell them apart
+    cases = (([], best_meta, best), (["--checkpoint", "latest"], latest_meta, latest))
+    for flags, meta, state in cases:
+        out = tmp_path / f"export{len(flags)}"
+        result = run_twotower("export", "--run", str(run), "--out", str(out), *flags)
+        assert result.returncode == 0, result.stderr
+        said = [line for line in result.stderr.splitlines() if "--checkpoint" in line]
+        assert len(said) == 1 and f"step {meta['step']}" in said[0], result.stderr
+        assert ("best/" in said[0]) == (not flags)
+        exported = read_tower_files(out)
+        assert exported.doc["source"]["checkpoint"] == ("latest" if flags else "best")
+        for name, value in exported.params.items():
+            np.testing.assert_array_equal(value, state[name])
 
 
 def test_a_bad_export_directory_is_one_line(tmp_path: Path, runs: dict[str, Path]) -> None:
@@ -335,7 +358,7 @@ def test_exclude_context_never_returns_a_context_item_but_the_positive(
     runs: dict[str, Path], data: Path, tmp_path: Path
 ) -> None:
     dataset = load_dataset(data)
-    model = export_tower(runs["gru-1"], tmp_path / "m")
+    model = export_tower(runs["gru-1"], tmp_path / "m", checkpoint="latest")
     k = 20
     out = search_to_file(
         tower_backend(read_tower_files(model), "numpy"),

@@ -14,8 +14,10 @@ from typing import Any
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_GAVE_UP, EXIT_OK, UsageError
 from twotower.miners.base import MinerCrashed
+from twotower.training.checkpoint import CHOICES
 
 LIST_FIELDS = {"fallback", "miner_fallback"}
+CHECKPOINT_HELP = f"{CHOICES} (default: best/ where the run kept one, else latest)"
 
 
 def _parse_list(text: str) -> list[str]:
@@ -232,7 +234,7 @@ def add_tower_flags(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="an exported tower directory (`twotower export`)")
     which.add_argument("--run", dest="run_dir", help="a run directory")
-    parser.add_argument("--checkpoint", default="latest", help="with --run: best, latest or step-N")
+    parser.add_argument("--checkpoint", help=f"with --run: {CHECKPOINT_HELP}")
     parser.add_argument("--data", help="dataset (default: the one the tower was trained on)")
     parser.add_argument("--rows", default="all", help="all, train or heldout (the run's split)")
     parser.add_argument(
@@ -305,9 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--checkpoint",
-        choices=("latest", "best"),
         default="latest",
-        help="with --run: the newest checkpoint, or best/ (the best held-out metric)",
+        help="with --run: best (best/, the best held-out metric), latest (the newest) or step-N",
     )
     ev.add_argument(
         "--rows",
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a run's tower as a self-contained directory")
     export.add_argument("--run", dest="run_dir", required=True, help="run directory")
-    export.add_argument("--checkpoint", default="latest", help="best, latest or step-N")
+    export.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     export.add_argument("--out", required=True, help="directory to write")
     export.add_argument(
         "--format",

@@ -16,6 +16,7 @@ from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
 from twotower.process import faults
 from twotower.serve.encode import encode_to_file, open_tower, select_rows, tower_backend
+from twotower.serve.export import say_checkpoint
 from twotower.serve.search import search_to_file
 from twotower.serve.tower_dir import TowerFiles
 
@@ -38,10 +39,13 @@ def _say_wrote(path: Path, what: str) -> None:
 
 
 def _open(
-    model: str | None, run: str | None, checkpoint: str, data: str | None, rows: str
+    model: str | None, run: str | None, checkpoint: str | None, data: str | None, rows: str
 ) -> tuple[TowerFiles, Dataset, np.ndarray]:
-    """The tower, its dataset and the rows selected (see `encode_command`)."""
+    """The tower (a run's checkpoint named in one line), its dataset and the rows selected
+    (see `encode_command`)."""
     files = open_tower(model, run, checkpoint)
+    if run is not None:
+        say_checkpoint(files)
     dataset = _dataset(files, data)
     return files, dataset, select_rows(dataset, rows, files.split)
 
@@ -64,7 +68,7 @@ def encode_command(
     data: str | None = None,
     model: str | None = None,
     run: str | None = None,
-    checkpoint: str = "latest",
+    checkpoint: str | None = None,
     rows: str = "all",
     backend: str = "auto",
 ) -> Path:
@@ -83,7 +87,7 @@ def search_command(
     data: str | None = None,
     model: str | None = None,
     run: str | None = None,
-    checkpoint: str = "latest",
+    checkpoint: str | None = None,
     rows: str = "all",
     miner: str = "exact",
     exclude_context: bool = False,

@@ -31,9 +31,10 @@ ROW_SETS = ("all", "train", "heldout")
 
 
 def open_tower(
-    model: str | None = None, run: str | None = None, checkpoint: str = "latest"
+    model: str | None = None, run: str | None = None, checkpoint: str | None = None
 ) -> TowerFiles:
-    """The tower of an exported directory (`model`) or of a run's checkpoint (`run`)."""
+    """The tower of an exported directory (`model`) or of a run's checkpoint (`run`;
+    `checkpoint` as `tower_from_run` takes it)."""
     if (model is None) == (run is None):
         raise UsageError("give exactly one of --model DIR (an export) or --run RUN")
     if model is not None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,44 +21,30 @@ from twotower.serve.tower_dir import (
 )
 from twotower.towers import TowerSpec
 from twotower.training.checkpoint import (
-    BEST_DIR,
+    CHOICES,
     CheckpointError,
+    choose_checkpoint,
     load_checkpoint,
-    step_dir_name,
 )
 
 FORMATS = ("safetensors", "torch", "onnx")
-_STEP = re.compile(r"step-(\d+)")
 
 
 # what decides a run's held-out rows (training.heldout.held_out), kept so `encode --rows` agrees
 SPLIT_SETTINGS = ("eval_fraction", "max_eval", "seed", "eval_split", "eval_data")
 
 
-def checkpoint_path(run: Path, which: str) -> Path:
-    """What `load_checkpoint` should read for --checkpoint best|latest|step-N of `run`.
-
-    latest: the run directory (LATEST, with its fallback); best: RUN/best/ (a one-checkpoint
-    store, read like the run's LATEST); step-N:
-    RUN/checkpoints/step-NNNNNNN/. UsageError for another word or a missing checkpoint.
-    """
-    if which == "latest":
-        return run
-    if which == BEST_DIR:
-        best = run / BEST_DIR
-        if not best.is_dir():
-            raise UsageError(
-                f"{run}: no {BEST_DIR}/ (this run kept no best checkpoint); "
-                "use --checkpoint latest or step-N"
-            )
-        return best
-    match = _STEP.fullmatch(which)
-    if match is None:
-        raise UsageError(f"--checkpoint {which!r}: use best, latest or step-N (e.g. step-1200)")
-    path = run / "checkpoints" / step_dir_name(int(match.group(1)))
-    if not path.is_dir():
-        raise UsageError(f"{run}: no checkpoint {path.name} (see {run / 'checkpoints'})")
-    return path
+def say_checkpoint(files: TowerFiles) -> None:
+    """One line on stderr naming the checkpoint of the run a command took (the default is
+    best/ where the run kept one, so the user sees which)."""
+    source = files.doc["source"]
+    which = {"best": "best/ (its best held-out evaluation)", "latest": "its latest checkpoint"}
+    print(
+        f"twotower: {source['run']}: {which.get(source['checkpoint'], source['checkpoint'])}, "
+        f"step {source['step']} (--checkpoint {CHOICES} picks another)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _run_settings(run: Path) -> dict[str, Any]:
@@ -72,13 +58,14 @@ def _run_settings(run: Path) -> dict[str, Any]:
     return dict(settings)
 
 
-def tower_from_run(run: str | os.PathLike[str], checkpoint: str = "latest") -> TowerFiles:
-    """A run's tower at --checkpoint best|latest|step-N: spec from config.json, dim and
-    parameters from the checkpoint, and the run's held-out split settings."""
+def tower_from_run(run: str | os.PathLike[str], checkpoint: str | None = None) -> TowerFiles:
+    """A run's tower at --checkpoint best|latest|step-N (None: best/ where the run kept one,
+    else latest; see `choose_checkpoint`): spec from config.json, dim and parameters from the
+    checkpoint, and the run's held-out split settings."""
     run = Path(run)
     settings = _run_settings(run)
-    source = checkpoint_path(run, checkpoint)
     try:
+        checkpoint, source = choose_checkpoint(run, checkpoint)
         meta, state = load_checkpoint(source)
     except CheckpointError as error:
         raise UsageError(str(error)) from None
@@ -108,10 +95,11 @@ def tower_from_run(run: str | os.PathLike[str], checkpoint: str = "latest") -> T
 def export_tower(
     run: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    checkpoint: str = "latest",
+    checkpoint: str | None = None,
     format: str = "safetensors",
 ) -> Path:
-    """Export `run`'s checkpoint to directory `out`; returns `out`.
+    """Export `run`'s checkpoint (`tower_from_run`; named in one line on stderr) to directory
+    `out`; returns `out`.
 
     tower.json and tower.safetensors always; format "torch" adds tower.pt (a torch state
     dict), "onnx" adds tower.onnx (needs `pip install twotower[onnx]`). The directory is
@@ -124,6 +112,7 @@ def export_tower(
     if out.exists() and not (out / TOWER_JSON).is_file() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not an exported tower; choose another --out")
     tower = tower_from_run(run, checkpoint)
+    say_checkpoint(tower)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     extra_files = {"torch": ["tower.pt"], "onnx": ["tower.onnx"]}.get(format, [])

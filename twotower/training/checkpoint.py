@@ -12,7 +12,8 @@ temporary leftover it finds, whoever left it.
 `RUN/best/` (the parameters of the evaluation with the best held-out metric) is a
 store of the same kind holding one checkpoint: `best/step-NNNNNNN/` and `best/LATEST`,
 written by the same code, so a crash while a new best is written leaves the previous
-one loadable. `load_checkpoint(run, which="best")` reads it.
+one loadable. `load_checkpoint(run, which="best")` reads it. `choose_checkpoint` parses
+every command's `--checkpoint best|latest|step-N` (default: best/ where the run kept one).
 """
 
 from __future__ import annotations
@@ -31,18 +32,20 @@ import numpy as np
 
 from twotower import progress
 from twotower.atomic import fsync_dir
-from twotower.errors import TwotowerError
+from twotower.errors import TwotowerError, UsageError
 
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
-STORES = {"latest": CHECKPOINTS_DIR, "best": BEST_DIR}  # load_checkpoint's `which`
+STORES = {"latest": CHECKPOINTS_DIR, "best": BEST_DIR}  # --checkpoint's words for a store
+CHOICES = "best, latest or step-N"  # every --checkpoint (choose_checkpoint)
 LATEST = "LATEST"
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
 RESERVED_META = ("format_version", "step", "arrays")
 _STEP_DIR = re.compile(r"step-(\d{7,})")
+_CHOICE_STEP = re.compile(r"step-(\d+)")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _HASH_CHUNK = 1 << 20
 _T = TypeVar("_T")
@@ -343,6 +346,37 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         return None
 
 
+def choose_checkpoint(
+    run_dir: str | os.PathLike[str], which: str | None = None
+) -> tuple[str, Path]:
+    """`--checkpoint` of every command, parsed here: 'latest' (checkpoints/, LATEST with its
+    fallback), 'best' (RUN/best/: the best held-out evaluation's parameters) or 'step-N'
+    (checkpoints/step-NNNNNNN/); None: best where the run kept one, else latest (what HF
+    Trainer's load_best_model_at_end users expect of a finished run).
+
+    Returns (the choice taken, the path `load_checkpoint` reads for it). UsageError for another
+    word; CheckpointError, one line, when the run has no best/ or no such step.
+    """
+    run_dir = Path(run_dir)
+    if which is None:
+        which = "best" if _committed(run_dir / BEST_DIR) else "latest"
+    if which in STORES:
+        store = run_dir / STORES[which]
+        if which == "best" and not store.is_dir():
+            raise CheckpointError(
+                f"{run_dir}: no {BEST_DIR}/ (this run kept no best checkpoint); "
+                "use --checkpoint latest or step-N"
+            )
+        return which, store
+    match = _CHOICE_STEP.fullmatch(which)
+    if match is None:
+        raise UsageError(f"--checkpoint {which!r}: use {CHOICES} (e.g. step-1200)")
+    path = run_dir / CHECKPOINTS_DIR / step_dir_name(int(match.group(1)))
+    if not path.is_dir():
+        raise CheckpointError(f"{run_dir}: no checkpoint {path.name} (see {path.parent})")
+    return which, path
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], which: str = "latest"
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -352,20 +386,21 @@ def load_checkpoint(
     A run directory gives, with which="latest", the checkpoint checkpoints/LATEST names or,
     if it fails verification, the newest earlier one that passes (a warning names each one
     skipped and why), without a usable LATEST the newest that passes; with which="best", the
-    same from `best/`. A store folder is read the same way; a checkpoint directory is verified
-    with no fallback. Returns (meta.json as a dict, {array name: array with its saved shape
-    and dtype}). Raises CheckpointError, one line naming the directory and each candidate's
-    fault; ValueError for another `which`.
+    same from `best/`; with which="step-N", that checkpoint (see `choose_checkpoint`). A store
+    folder is read the same way; a checkpoint directory is verified with no fallback. Returns
+    (meta.json as a dict, {array name: array with its saved shape and dtype}). Raises
+    CheckpointError, one line naming the directory and each candidate's fault; UsageError for
+    another `which`.
     """
-    if which not in STORES:
-        raise ValueError(f"which must be one of {', '.join(STORES)}, got {which!r}")
     path = Path(path)
+    is_store = path.name in STORES.values() and not (path / CHECKPOINTS_DIR).is_dir()
+    if not is_store and not (path / META).exists() and not _STEP_DIR.fullmatch(path.name):
+        path = choose_checkpoint(path, which)[1]
     if (path / META).exists() or _STEP_DIR.fullmatch(path.name):
         try:
             meta = _verify(path)
             return meta, _read_arrays(path, meta)
         except _Invalid as why:
             raise CheckpointError(f"checkpoint {path} is not valid: {why}") from None
-    is_store = path.name in STORES.values() and not (path / CHECKPOINTS_DIR).is_dir()
-    _, meta, state = _first_valid(path if is_store else path / STORES[which], read=True)
+    _, meta, state = _first_valid(path, read=True)
     return meta, state

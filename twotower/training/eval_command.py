@@ -1,4 +1,4 @@
-"""`twotower eval`: a run's tower (its newest or its best checkpoint), or an untrained one,
+"""`twotower eval`: a run's tower (its best, latest or step-N checkpoint), or an untrained one,
 beside the parameter-free baselines on the run's held-out rows or on every row of a dataset.
 """
 
@@ -76,11 +76,12 @@ def evaluate_run(
     checkpoint: str = "latest",
     rows: str = "held-out",
 ) -> EvalReport:
-    """Evaluate a run's checkpoint (`checkpoint`: latest | best), or without `run` a freshly
-    initialised tower (meanpool with proj=False is the mean-of-context baseline itself), next
-    to the baselines on the same rows. rows: 'held-out' (the run's split of the data, or of
-    `data`) or 'all' (every row of `data`: a test set of the user's own). exclude_context:
-    seen-item masking of the ranking (None: as the run trained). Raises UsageError."""
+    """Evaluate a run's checkpoint (`checkpoint`: best, latest or step-N), or without `run`
+    a freshly initialised tower (meanpool with proj=False is the mean-of-context baseline
+    itself), next to the baselines on the same rows. rows: 'held-out' (the run's split of the
+    data, or of `data`) or 'all' (every row of `data`: a test set of the user's own).
+    exclude_context: seen-item masking of the ranking (None: as the run trained). Raises
+    UsageError."""
     if rows not in ROWS:
         raise UsageError(f"--rows must be one of {', '.join(ROWS)}, got {rows!r}")
     settings: dict[str, Any] = {}
