@@ -53,7 +53,8 @@ from twotower.data import Dataset, synthesize
 from twotower.paths import user_cache_dir
 from twotower.process.threads import usable_cores
 from twotower.training.batching import StepPlan, assemble_batch, gather_step
-from twotower.training.evaluation import encode_rows, held_out_split
+from twotower.training.evaluation import encode_rows
+from twotower.training.heldout import held_out_split
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.rundir import read_metrics

@@ -37,13 +37,13 @@ from twotower.data import (
     DEMO_SIZES,
     Dataset,
     convert,
-    holdout_split,
     load_dataset,
     npz_cache_dirs,
     parse_key_map,
     synthesize,
 )
 from twotower.errors import EXIT_USAGE, DataError, UsageError
+from twotower.training.heldout import held_out_split
 
 # --- independent expectations -------------------------------------------------
 
@@ -481,23 +481,23 @@ def test_an_unwritable_manifest_is_kept_in_memory(
     )  # no manifest, no partial file left behind
 
 
-# --- holdout_split ----------------------------------------------------------------
+# --- held_out_split ----------------------------------------------------------------
 
 
-def test_holdout_split() -> None:
-    train, held = holdout_split(1000, 0.1, 50, seed=4)
+def test_held_out_split() -> None:
+    train, held = held_out_split(1000, 0.1, 50, seed=4)
     assert train.dtype == held.dtype == np.int64
     assert len(held) == 50 and len(train) == 950
     np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(1000))
     assert np.all(np.diff(train) > 0) and np.all(np.diff(held) > 0)
-    again_train, again_held = holdout_split(1000, 0.1, 50, seed=4)
+    again_train, again_held = held_out_split(1000, 0.1, 50, seed=4)
     np.testing.assert_array_equal(again_held, held)
-    assert not np.array_equal(holdout_split(1000, 0.1, 50, seed=5)[1], held)
-    assert len(holdout_split(1000, 0.02, 10**6, seed=0)[1]) == 20
-    assert len(holdout_split(1, 0.5, 10, seed=0)[0]) == 1  # at least one training row
+    assert not np.array_equal(held_out_split(1000, 0.1, 50, seed=5)[1], held)
+    assert len(held_out_split(1000, 0.02, 10**6, seed=0)[1]) == 20
+    assert len(held_out_split(1, 0.5, 10, seed=0)[0]) == 1  # at least one training row
     for bad in ((0, 0.1, 5), (10, 1.0, 5), (10, -0.1, 5), (10, 0.1, -1)):
         with pytest.raises(UsageError):
-            holdout_split(*bad, seed=0)
+            held_out_split(*bad, seed=0)
 
 
 # --- synthesize -----------------------------------------------------------------
@@ -612,7 +612,7 @@ def test_synthetic_data_is_learnable_by_a_gru_more_than_by_a_mean_pool(
     tmp_path: Path, one_torch_thread
 ) -> None:
     dataset = synthesize(tmp_path / "s", samples=4000, bank=2000, dim=32, seq_len=10)
-    train, held = holdout_split(dataset.num_samples, 0.125, 500, seed=0)
+    train, held = held_out_split(dataset.num_samples, 0.125, 500, seed=0)
     bank = np.asarray(dataset.bank)
     eval_contexts, eval_lengths, eval_positives = dataset.gather(held)
 

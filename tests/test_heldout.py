@@ -10,9 +10,9 @@ import pytest
 
 from tests.datasets import small_arrays, write_dir
 from twotower.config import TrainConfig
-from twotower.data import group_holdout_split, load_dataset, synthesize
+from twotower.data import load_dataset, synthesize
 from twotower.errors import UsageError
-from twotower.training.heldout import held_out
+from twotower.training.heldout import group_held_out_split, held_out, held_out_split
 from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
@@ -28,7 +28,7 @@ def uneven_groups(num_samples: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(5))
 def test_no_group_has_rows_on_both_sides(seed: int) -> None:
     groups = uneven_groups(3000, seed)
-    train_rows, eval_rows = group_holdout_split(groups, 0.05, 100, seed)
+    train_rows, eval_rows = group_held_out_split(groups, 0.05, 100, seed)
     assert not set(groups[train_rows]) & set(groups[eval_rows])
     assert len(eval_rows) == 100  # more held-out rows than max_eval: a sample of them
     assert len(np.intersect1d(train_rows, eval_rows)) == 0
@@ -36,22 +36,20 @@ def test_no_group_has_rows_on_both_sides(seed: int) -> None:
     held_groups = np.isin(groups, groups[eval_rows])
     assert np.array_equal(np.sort(train_rows), np.flatnonzero(~held_groups))
     assert 100 <= held_groups.sum() < 100 + 60  # whole groups up to max_eval rows
-    again = group_holdout_split(groups, 0.05, 100, seed)
+    again = group_held_out_split(groups, 0.05, 100, seed)
     assert all(np.array_equal(a, b) for a, b in zip(again, (train_rows, eval_rows), strict=True))
 
 
 def test_a_random_split_does_put_groups_on_both_sides() -> None:
     """The negative control: the leak the group split exists to prevent is real."""
-    from twotower.data import holdout_split
-
     groups = uneven_groups(3000, 0)
-    train_rows, eval_rows = holdout_split(3000, 0.05, 100, 0)
+    train_rows, eval_rows = held_out_split(3000, 0.05, 100, 0)
     assert set(groups[train_rows]) & set(groups[eval_rows])
 
 
 def test_one_group_cannot_be_split() -> None:
     with pytest.raises(UsageError, match="single group"):
-        group_holdout_split(np.zeros(50, dtype=np.int64), 0.1, 10, 0)
+        group_held_out_split(np.zeros(50, dtype=np.int64), 0.1, 10, 0)
 
 
 def grouped_dataset(tmp_path: Path) -> Path:
@@ -128,6 +126,4 @@ def test_encode_rows_of_an_exported_grouped_run_are_the_trainers_split(tmp_path:
 
 def held_out_split_random(config: TrainConfig, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """The random split of the same size and seed (what encode used to rebuild)."""
-    from twotower.training.heldout import held_out_split
-
     return held_out_split(num_samples, config.eval_fraction, config.max_eval, config.seed)

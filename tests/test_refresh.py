@@ -14,7 +14,8 @@ from twotower.config import TrainConfig
 from twotower.data import synthesize
 from twotower.training.batching import StepPlan, mine_table
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.evaluation import encode_rows, held_out_split
+from twotower.training.evaluation import encode_rows
+from twotower.training.heldout import held_out_split
 from twotower.training.refresh import (
     MiningSchedule,
     Refresh,

@@ -3,8 +3,6 @@
     load_dataset(path) -> Dataset            a directory of .npy files, or a .npz
     convert(npz, out_dir, key_map) -> Dataset    a .npz streamed into a directory
     synthesize(path, **sizes) -> Dataset     a learnable synthetic dataset
-    holdout_split(n, fraction, max_eval, seed) -> (train_rows, eval_rows)
-    group_holdout_split(groups, fraction, max_eval, seed) -> the same, whole groups held out
 
 Modules: dataset (Dataset, loading, convert), npy (.npy headers, .npz members
 mapped in place or streamed), validate (the checks), manifest (manifest.json
@@ -17,8 +15,6 @@ from twotower.data.dataset import (
     Dataset,
     bank_digest,
     convert,
-    group_holdout_split,
-    holdout_split,
     load_dataset,
     npz_cache_dirs,
     parse_key_map,
@@ -36,8 +32,6 @@ __all__ = [
     "Dataset",
     "bank_digest",
     "convert",
-    "group_holdout_split",
-    "holdout_split",
     "load_dataset",
     "npz_cache_dirs",
     "parse_key_map",

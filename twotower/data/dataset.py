@@ -4,7 +4,7 @@
 stored .npz member in place; a compressed one after streaming it once into a
 cache directory), then scans the values unless the manifest records that
 these exact files passed before. `convert` does the same into a directory the
-user names. `holdout_split` picks the evaluation rows.
+user names.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from twotower.data.validate import (
 from twotower.errors import UsageError
 
 CACHE_SUFFIX = ".twotower"  # FILE.npz is unpacked into FILE.npz.twotower/ beside it
-HOLDOUT_PURPOSE = 0x401D  # SeedSequence key of the held-out split
 
 
 @dataclass(eq=False, repr=False)
@@ -393,60 +392,3 @@ def parse_key_map(text: str) -> dict[str, str]:
             raise UsageError(f"--key {part!r}: expected KEY=NAME with KEY one of {', '.join(KEYS)}")
         key_map[key] = name
     return key_map
-
-
-def holdout_split(
-    num_samples: int, eval_fraction: float, max_eval: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split range(num_samples) into (train_rows, eval_rows): int64, sorted, disjoint.
-
-    eval_rows holds min(max_eval, floor(num_samples * eval_fraction)) rows,
-    leaving at least one training row, chosen by a permutation seeded by `seed`
-    alone (the same on every machine and every resume).
-    """
-    if num_samples < 1:
-        raise UsageError(f"cannot split {num_samples} samples; the dataset is empty")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise UsageError(f"eval fraction must be in [0, 1), got {eval_fraction}")
-    if max_eval < 0:
-        raise UsageError(f"max eval rows must be >= 0, got {max_eval}")
-    num_eval = min(max_eval, int(num_samples * eval_fraction), num_samples - 1)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, HOLDOUT_PURPOSE]))
-    order = rng.permutation(num_samples)
-    return np.sort(order[num_eval:]), np.sort(order[:num_eval])
-
-
-def group_holdout_split(
-    groups: np.ndarray, eval_fraction: float, max_eval: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split samples by group: (train_rows, eval_rows), int64, sorted, disjoint, and no group
-    with rows on both sides.
-
-    groups (N,): each sample's group id (read whole: one integer per sample). Whole groups,
-    in an order seeded by `seed` alone, are held out until they hold at least
-    min(max_eval, floor(N * eval_fraction)) rows; at least one group stays for training.
-    When the held-out groups hold more than max_eval rows, eval_rows is a seeded sample of
-    max_eval of them; the rest of those groups is used by neither side.
-    """
-    groups = np.asarray(groups)
-    num_samples = len(groups)
-    if num_samples < 1:
-        raise UsageError(f"cannot split {num_samples} samples; the dataset is empty")
-    names, group_of_row = np.unique(groups, return_inverse=True)
-    if len(names) < 2:
-        raise UsageError(
-            f"groups.npy holds a single group ({names[0]}): a split by group needs two or more; "
-            "use --eval-split random"
-        )
-    target = max(1, min(max_eval, int(num_samples * eval_fraction)))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, HOLDOUT_PURPOSE, 1]))
-    order = rng.permutation(len(names))
-    sizes = np.bincount(group_of_row, minlength=len(names))[order]
-    taken = min(int(np.searchsorted(np.cumsum(sizes), target)) + 1, len(names) - 1)
-    held = np.zeros(len(names), dtype=bool)
-    held[order[:taken]] = True
-    is_held = held[group_of_row]
-    eval_rows = np.flatnonzero(is_held)
-    if len(eval_rows) > max_eval:
-        eval_rows = np.sort(rng.choice(eval_rows, size=max_eval, replace=False))
-    return np.flatnonzero(~is_held).astype(np.int64), eval_rows.astype(np.int64)

@@ -23,7 +23,6 @@ from twotower.batch import seen_by_query
 from twotower.config import CUTOFFS, METRICS
 from twotower.data import Dataset
 from twotower.miners import Miner
-from twotower.training.heldout import held_out_split  # its home before heldout.py existed
 
 __all__ = [
     "BASELINES",
@@ -33,7 +32,6 @@ __all__ = [
     "encode_rows",
     "evaluate",
     "evaluate_baselines",
-    "held_out_split",
     "rank_rows",
     "retrieval_metrics",
     "without_seen",
