@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from twotower.atomic import TEMPORARY_GLOB
 from twotower.errors import DataError
 from twotower.miners.exact import ExactMiner
 from twotower.training.mining import HardNegativeTable, mine_hard_negatives
@@ -263,7 +264,7 @@ def test_save_and_load(tmp_path: Path) -> None:
     HardNegativeTable(TABLE).save(path)
     loaded = HardNegativeTable.load(path)
     np.testing.assert_array_equal(loaded.ids, TABLE)
-    assert loaded.ids.dtype == np.int64 and not list(path.parent.glob("*.tmp"))
+    assert loaded.ids.dtype == np.int64 and not list(path.parent.glob(TEMPORARY_GLOB))
 
     np.save(tmp_path / "floats.npy", TABLE.astype(np.float32))
     with pytest.raises(DataError, match="int64"):

@@ -16,7 +16,6 @@ a converted directory (np.save pads its headers to 64 bytes).
 from __future__ import annotations
 
 import math
-import os
 import struct
 import zipfile
 import zlib
@@ -28,6 +27,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from twotower.atomic import replacing
 from twotower.data.chunks import CHUNK_BYTES, progress
 from twotower.errors import DataError
 
@@ -193,21 +193,16 @@ def extract(source: Source, dest: Path) -> Source:
     Written under a temporary name and renamed, so `dest` is complete or absent.
     Returns the Source of `dest`, still labelled as the original for messages.
     """
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-    try:
-        with _open_bytes(source) as stream, open(partial, "wb") as out:
-            remaining = source.size
-            with progress(source.size, f"unpacking {source.label}:{source.name}") as bar:
-                while remaining > 0:
-                    chunk = stream.read(min(CHUNK_BYTES, remaining))
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    remaining -= len(chunk)
-                    bar.update(len(chunk))
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(dest) as partial, _open_bytes(source) as stream, open(partial, "wb") as out:
+        remaining = source.size
+        with progress(source.size, f"unpacking {source.label}:{source.name}") as bar:
+            while remaining > 0:
+                chunk = stream.read(min(CHUNK_BYTES, remaining))
+                if not chunk:
+                    break
+                out.write(chunk)
+                remaining -= len(chunk)
+                bar.update(len(chunk))
     return relocated(source, dest)
 
 

@@ -24,6 +24,7 @@ same dataset whatever the machine's memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from twotower.atomic import replacing
 from twotower.data.chunks import progress, row_ranges
 from twotower.data.dataset import Dataset, load_dataset, open_directory, sequences_from_ids
 from twotower.data.manifest import MANIFEST, read_manifest, save_manifest
@@ -175,32 +177,31 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 class _Writer:
-    """The dataset's .npy files, written under temporary names: renamed by `commit`,
-    removed if the `with` block fails."""
+    """The dataset's .npy files, written under temporary names (`atomic.replacing`): renamed
+    by `commit`, removed if the `with` block fails."""
 
     def __init__(self, out: Path):
         self.out = out
         self.arrays: dict[str, np.memmap] = {}
+        self.files = contextlib.ExitStack()
 
     def __enter__(self) -> _Writer:
         return self
 
-    def __exit__(self, kind: object, *_: object) -> None:
-        if kind is not None:
-            self.arrays.clear()
-            for partial in self.out.glob(".*.npy.partial"):
-                partial.unlink(missing_ok=True)
+    def __exit__(self, *exc: Any) -> None:
+        self.arrays.clear()
+        self.files.__exit__(*exc)
 
     def create(self, key: str, shape: tuple[int, ...], dtype: type) -> np.memmap:
-        partial = self.out / f".{key}.npy.partial"
+        partial = self.files.enter_context(replacing(self.out / f"{key}.npy"))
         self.arrays[key] = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
         return self.arrays[key]
 
     def commit(self) -> None:
-        for key, array in self.arrays.items():
+        for array in self.arrays.values():
             array.flush()
-            os.replace(self.out / f".{key}.npy.partial", self.out / f"{key}.npy")
         self.arrays.clear()
+        self.files.close()
 
 
 def _write_dataset(out: Path, recipe: Recipe) -> None:

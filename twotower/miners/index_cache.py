@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from twotower import progress
+from twotower.atomic import replacing
 
 CACHE_FORMAT = 1
 ADD_CHUNK_ROWS = 16384
@@ -109,10 +110,11 @@ class IndexCache:
             index = build()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-                with progress.task("save-index", f"to {path}", phase=False):
+                with (
+                    replacing(path) as partial,
+                    progress.task("save-index", f"to {path}", phase=False),
+                ):
                     save(index, str(partial))
-                os.replace(partial, path)
         info = BuildInfo("built", time.perf_counter() - start, None if path is None else str(path))
         log.info("built index %s in %.1f s", path or "(not cached)", info.seconds)
         return index, info

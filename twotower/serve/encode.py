@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from twotower import backends, progress
-from twotower.atomic import fsync_dir
+from twotower.atomic import replacing
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
@@ -97,22 +97,6 @@ def chunks(rows: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
         yield start, rows[start : start + size]
 
 
-def temporary_beside(path: Path) -> Path:
-    """A temporary name in `path`'s directory for this process (the rename stays atomic)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def commit(tmp: Path, path: Path, arrays: list[np.memmap]) -> None:
-    """Flush and fsync `arrays` (memory maps of `tmp`), rename `tmp` over `path`, fsync the
-    directory."""
-    for array in arrays:
-        array.flush()
-    with open(tmp, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def encode_to_file(
     encoder: Backend,
     dataset: Dataset,
@@ -127,21 +111,20 @@ def encode_to_file(
         raise UsageError(f"--out {out} is a directory; name the .npy file to write")
     if len(rows) == 0:
         raise UsageError("no rows to encode (--rows selects none)")
-    tmp = temporary_beside(out)
     size = chunk or chunk_rows(dataset)
     what = f"{len(rows):,} rows with {encoder.name}"
-    try:
-        with progress.task("encode", what, len(rows), "rows", announce=True) as task:
-            result = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.float32, shape=(len(rows), dataset.dim)
-            )
-            for done, (start, part) in enumerate(chunks(rows, size)):
-                faults.set_step(done)  # TWOTOWER_INJECT_FAULT=kill@encode:N dies after N chunks
-                faults.point("encode", [encoder.name])
-                contexts, lengths, _ = dataset.gather(part)
-                result[start : start + len(part)] = encoder.encode(contexts, lengths)
-                task.advance(len(part))
-            commit(tmp, out, [result])
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        replacing(out, durable=True) as tmp,
+        progress.task("encode", what, len(rows), "rows", announce=True) as task,
+    ):
+        result = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(len(rows), dataset.dim)
+        )
+        for done, (start, part) in enumerate(chunks(rows, size)):
+            faults.set_step(done)  # TWOTOWER_INJECT_FAULT=kill@encode:N dies after N chunks
+            faults.point("encode", [encoder.name])
+            contexts, lengths, _ = dataset.gather(part)
+            result[start : start + len(part)] = encoder.encode(contexts, lengths)
+            task.advance(len(part))
+        result.flush()
     return out

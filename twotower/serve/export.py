@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twotower.atomic import temporary_beside
 from twotower.errors import UsageError
 from twotower.serve.tower_dir import (
     RESIDUAL_NONE,
@@ -113,7 +114,7 @@ def export_tower(
         raise UsageError(f"{out} exists and is not an exported tower; choose another --out")
     tower = tower_from_run(run, checkpoint)
     say_checkpoint(tower)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temporary_beside(out)  # a directory: renamed by hand below, over an earlier export
     shutil.rmtree(tmp, ignore_errors=True)
     extra_files = {"torch": ["tower.pt"], "onnx": ["tower.onnx"]}.get(format, [])
     try:

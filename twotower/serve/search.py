@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from twotower import progress
+from twotower.atomic import replacing, temporary_beside
 from twotower.backends import Backend
 from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners import Miner
-from twotower.serve.encode import chunk_rows, chunks, commit, temporary_beside
+from twotower.serve.encode import chunk_rows, chunks
 from twotower.training.evaluation import unseen_first
 
 RESULT_KEYS = ("ids", "scores", "rows")
@@ -70,8 +71,8 @@ def search_to_file(
     if exclude_context:
         dataset.seen_ids(rows[:1])  # UsageError up front for a dataset without context ids
     asked = k + (dataset.seq_len if exclude_context else 0)
-    tmp_ids, tmp_scores, tmp = (
-        temporary_beside(out.with_name(out.name + suffix)) for suffix in (".ids", ".scores", "")
+    tmp_ids, tmp_scores = (
+        temporary_beside(out.with_name(out.name + suffix)) for suffix in (".ids", ".scores")
     )
     what = f"top {k} of {len(dataset.bank):,} bank rows for {len(rows):,} rows with {miner.name}"
     try:
@@ -94,13 +95,15 @@ def search_to_file(
                 task.advance(len(part))
             ids.flush()
             scores.flush()
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with (
+                replacing(out, durable=True) as tmp,
+                zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive,
+            ):
                 arrays = (ids, scores, np.asarray(rows, np.int64))
                 for key, array in zip(RESULT_KEYS, arrays, strict=True):
                     with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                         np.lib.format.write_array(member, array, allow_pickle=False)
-            commit(tmp, out, [])
     finally:
-        for path in (tmp_ids, tmp_scores, tmp):
+        for path in (tmp_ids, tmp_scores):
             path.unlink(missing_ok=True)
     return out

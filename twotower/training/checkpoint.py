@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 from twotower import progress
-from twotower.atomic import fsync_dir
+from twotower.atomic import TEMPORARY_GLOB, fsync_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
 
 FORMAT_VERSION = 1
@@ -123,11 +123,7 @@ def _remove(path: Path) -> None:
 
 def _set_latest(ckpt_dir: Path, name: str) -> None:
     """Replace `LATEST` atomically with `name`: write a temp file, fsync, rename, fsync dir."""
-    tmp = ckpt_dir / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    _write_durably(tmp, lambda file: file.write(name.encode()))
-    os.replace(tmp, ckpt_dir / LATEST)
-    fsync_dir(ckpt_dir)
+    replace_file(ckpt_dir / LATEST, name, durable=True)
 
 
 def _retire(ckpt_dir: Path, path: Path) -> Path:
@@ -171,7 +167,7 @@ def save_checkpoint(
     if not ckpt_dir.is_dir():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         fsync_dir(run_dir)
-    for leftover in ckpt_dir.glob(f"{TMP_PREFIX}*"):
+    for leftover in [*ckpt_dir.glob(f"{TMP_PREFIX}*"), *ckpt_dir.glob(TEMPORARY_GLOB)]:
         _remove(leftover)
 
     name = step_dir_name(step)
