@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.neighbours import assert_same_neighbours, brute_force, neighbour_disagreement
-from twotower import miners
+from twotower import miners, progress
 from twotower.miners.exact import (
     BYTES_PER_KEPT,
     BYTES_PER_SCORE,
@@ -192,3 +192,39 @@ def test_neighbour_comparison_tolerates_ties_and_fails_otherwise() -> None:
         )
         is not None
     )
+
+
+class _Events:
+    """A progress sink that keeps (event, task name, done, total)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int, int | None]] = []
+
+    def start(self, task: progress.Task) -> None:
+        self.events.append(("start", task.name, task.done, task.total))
+
+    def advance(self, task: progress.Task) -> None:
+        self.events.append(("advance", task.name, task.done, task.total))
+
+    def end(self, task: progress.Task) -> None:
+        self.events.append(("end", task.name, task.done, task.total))
+
+    def alive(self, source: str, cpu_seconds: float) -> None:
+        """Unused here."""
+
+
+def test_a_search_reports_its_blocks_as_one_progress_task() -> None:
+    """Progress has one mechanism (`twotower.progress`): whoever installed the sink decides
+    what to show (the trainer's log, a command's stderr lines, a worker's pipe)."""
+    rng = np.random.default_rng(0)
+    miner = ExactMiner(memory_budget_bytes=256 << 10)
+    miner.build(rng.standard_normal((5000, 16)).astype(np.float32))
+    events = _Events()
+    previous = progress.install(events)
+    try:
+        miner.search(rng.standard_normal((300, 16)).astype(np.float32), 10)
+    finally:
+        progress.install(previous)
+    (first, *_, last) = events.events
+    assert first[:2] == ("start", "search") and last[:2] == ("end", "search")
+    assert last[2] == last[3] and last[3] > 1  # every block counted

@@ -127,23 +127,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from twotower import progress
     from twotower.training.eval_command import evaluate_run, log_to_stderr
 
     log_to_stderr()
-
-    report = evaluate_run(
-        run=args.run_dir,
-        data=args.data,
-        tower=args.tower,
-        proj=not args.no_proj,
-        backend=args.backend,
-        miner=args.miner,
-        seed=args.seed,
-        max_eval=args.max_eval,
-        exclude_context=args.exclude_context,
-        checkpoint=args.checkpoint,
-        rows=args.rows,
-    )
+    with progress.lines_on_stderr():
+        report = evaluate_run(
+            run=args.run_dir,
+            data=args.data,
+            tower=args.tower,
+            proj=not args.no_proj,
+            backend=args.backend,
+            miner=args.miner,
+            seed=args.seed,
+            max_eval=args.max_eval,
+            exclude_context=args.exclude_context,
+            checkpoint=args.checkpoint,
+            rows=args.rows,
+        )
     print("\n".join(report.lines()))
     return EXIT_OK
 

@@ -14,14 +14,15 @@ waits without using CPU (a deadlock, a stall) never advances it, so a
 watchdog fed only by progress and liveness still catches a real hang.
 
 `TaskLines` is the sink that turns tasks into lines of text: the trainer's
-sink logs them (with its heartbeat), and `twotower encode` / `search` print
-them on stderr.
+sink logs them (with its heartbeat), and `twotower eval` / `encode` / `search` print
+them on stderr (`lines_on_stderr`).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -278,3 +279,17 @@ class TaskLines:
                     ]
                     suffix = f" ({', '.join(waiting)})" if waiting and task.phase else ""
                     self._show(task, task.describe() + suffix)
+
+
+@contextmanager
+def lines_on_stderr() -> Iterator[None]:
+    """While entered, long tasks (encoding, an evaluation, an index's build or load, a search)
+    print lines on stderr: at the start, after 5 s, every 30 s, and at the end with their
+    rate. What a command without a run directory (`eval`, `encode`, `search`) shows."""
+    lines = TaskLines(lambda line: print(f"twotower: {line}", file=sys.stderr, flush=True))
+    previous = install(lines)
+    try:
+        yield
+    finally:
+        install(previous)
+        lines.close()

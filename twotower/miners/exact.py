@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from twotower import progress
 from twotower.process.memory import available_bytes
@@ -40,8 +39,7 @@ BYTES_PER_SCORE = 32
 BYTES_PER_KEPT = 48  # per query and kept neighbour: running top-k and its merge workspace
 DENSE_TILE_FRACTION = 4  # a row with over 1/4 of its tiles worth a look is selected whole
 MAX_BUDGET = 1 << 30  # larger blocks buy no speed
-ASSUMED_FLOPS = 30e9  # for deciding whether a search is long enough to show progress
-PROGRESS_AFTER_SECONDS = 5.0
+ASSUMED_FLOPS = 30e9  # what --miner auto assumes an exact search runs at (miners/auto.py)
 
 
 def default_memory_budget() -> int:
@@ -167,9 +165,9 @@ class ExactMiner:
 
     memory_budget_bytes: what a search may use for scores and selection (default:
     a quarter of MemAvailable, at most 1 GiB; 256 MiB where that is unknown).
-    progress: show a tqdm bar on stderr (None: when a search looks longer than
-    a few seconds). threads: accepted like the other miners' option and ignored;
-    numpy's BLAS takes its thread count from OPENBLAS_NUM_THREADS at import.
+    Each search is the "search" progress task (`twotower.progress`), counted in blocks.
+    threads: accepted like the other miners' option and ignored; numpy's BLAS takes its
+    thread count from OPENBLAS_NUM_THREADS at import.
     """
 
     name = "exact"
@@ -177,13 +175,11 @@ class ExactMiner:
     def __init__(
         self,
         memory_budget_bytes: int | None = None,
-        progress: bool | None = None,
         threads: int | None = None,
     ):
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}")
         self.memory_budget_bytes = memory_budget_bytes
-        self.progress = progress
         self.bank: np.ndarray | None = None
 
     def build(self, bank: np.ndarray, fingerprint: str | None = None) -> None:
@@ -221,24 +217,13 @@ class ExactMiner:
             return scores, ids
         chunk, block = self.plan(n, k)
         steps = -(-n // chunk) * -(-m // block)
-        show = self.progress
-        if show is None:
-            show = 2.0 * n * m * bank.shape[1] / ASSUMED_FLOPS > PROGRESS_AFTER_SECONDS
         what = f"exact top-{k} of {n:,} queries over {m:,} x {bank.shape[1]} bank rows"
-        with (
-            tqdm(
-                total=steps, desc="exact search", unit="block", disable=not show, leave=False
-            ) as bar,
-            progress.task("search", what, steps, "blocks") as task,
-        ):
-
-            def tick() -> None:
-                bar.update()
-                task.advance()
-
+        with progress.task("search", what, steps, "blocks") as task:
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
-                top = self._search_chunk(np.ascontiguousarray(queries[part]), k, block, tick)
+                top = self._search_chunk(
+                    np.ascontiguousarray(queries[part]), k, block, task.advance
+                )
                 scores[part], ids[part] = top.ranked()
         return scores, ids
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +17,6 @@ from twotower.serve.encode import encode_to_file, open_tower, select_rows, tower
 from twotower.serve.export import say_checkpoint
 from twotower.serve.search import search_to_file
 from twotower.serve.tower_dir import TowerFiles
-
-
-@contextlib.contextmanager
-def _progress_on_stderr() -> Iterator[None]:
-    """While entered, long tasks (encoding, an index's build or load, the search) print
-    lines on stderr: at the start, after 5 s, every 30 s, and at the end with their rate."""
-    lines = progress.TaskLines(lambda line: print(f"twotower: {line}", file=sys.stderr, flush=True))
-    previous = progress.install(lines)
-    try:
-        yield
-    finally:
-        progress.install(previous)
-        lines.close()
 
 
 def _say_wrote(path: Path, what: str) -> None:
@@ -75,7 +60,7 @@ def encode_command(
     """Encode a dataset's rows with an exported tower or a run's; returns the .npy written."""
     files, dataset, selected = _open(model, run, checkpoint, data, rows)
     faults.arm(None)
-    with _progress_on_stderr():
+    with progress.lines_on_stderr():
         written = encode_to_file(tower_backend(files, backend), dataset, selected, out)
     _say_wrote(written, f"{len(selected):,} x {dataset.dim} float32")
     return written
@@ -101,7 +86,7 @@ def search_command(
     faults.arm(None)  # TWOTOWER_INJECT_FAULT=segv@mine:0:faiss crashes the worker's search
     search = miners.get(miner, cache_dir=user_cache_dir() / "index", **options)
     try:
-        with _progress_on_stderr():
+        with progress.lines_on_stderr():
             search.build(dataset.bank, fingerprint=dataset.fingerprint)
             written = search_to_file(
                 tower_backend(files, backend), search, dataset, selected, k, out, exclude_context

@@ -8,14 +8,11 @@ drops each query's own context items, the positive excepted, before cutting to 1
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-from tqdm import tqdm
 
 from twotower import progress
 from twotower.backends import Backend
@@ -40,8 +37,6 @@ __all__ = [
 Gather = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (contexts, lengths) -> (B, D)
 BLOCK = 1024  # rows encoded and searched at a time
-PROGRESS_SECONDS = 30.0  # a long ranking logs how far it got this often, terminal or not
-log = logging.getLogger("twotower")
 BASELINES = ("last item", "context mean")
 
 
@@ -57,9 +52,7 @@ def encode_rows(
     purpose = label.removesuffix("encode").removesuffix(": ")  # the task is named "encode"
     what = f"{len(rows):,} queries on {backend.name}" + (f" ({purpose})" if purpose else "")
     with progress.task("encode", what, len(rows), "queries") as task:
-        for start in tqdm(
-            range(0, len(rows), chunk), desc=label, unit="chunk", leave=False, disable=None
-        ):
+        for start in range(0, len(rows), chunk):
             contexts, lengths, _ = gather(rows[start : start + chunk])
             q = backend.encode(contexts, lengths)
             if out is None:
@@ -115,18 +108,12 @@ def rank_rows(
     ranked by `miner` over the dataset's bank, BLOCK rows at a time (means over all rows)."""
     k = max(CUTOFFS)
     totals = dict.fromkeys(METRICS, 0.0)
-    last_report = time.monotonic()
     what = f"{label}: {len(rows):,} queries with {miner.name}"
     with progress.task("evaluate", what, len(rows), "queries") as task:
-        for start in tqdm(
-            range(0, len(rows), BLOCK), desc=label, unit="block", leave=False, disable=None
-        ):
+        for start in range(0, len(rows), BLOCK):
             block = rows[start : start + BLOCK]
             _rank_block(encode, dataset, block, miner, exclude_context, k, totals)
             task.advance(len(block))
-            if time.monotonic() - last_report >= PROGRESS_SECONDS:
-                last_report = time.monotonic()
-                log.info("%s: %d of %d queries ranked", label, start + len(block), len(rows))
     return {name: total / max(len(rows), 1) for name, total in totals.items()}
 
 
