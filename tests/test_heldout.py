@@ -115,7 +115,7 @@ def test_encode_rows_of_an_exported_grouped_run_are_the_trainers_split(tmp_path:
     dataset = load_dataset(data)
     groups = np.load(data / "groups.npy")
     split = tower_from_run(run).doc["split"]
-    heldout = select_rows(dataset, "heldout", split)
+    heldout = select_rows(dataset, "held-out", split)
     training = select_rows(dataset, "train", split)
     assert not set(groups[heldout]) & set(groups[training])
     logged = read_metrics(run / "metrics.jsonl")[0]["eval"]

@@ -284,7 +284,7 @@ def test_encode_from_the_cli_selects_the_runs_held_out_rows(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "heldout.npy"
-    flags = "--rows heldout --backend numpy".split()
+    flags = "--rows held-out --backend numpy".split()
     result = run_twotower("encode", "--run", str(runs["meanpool"]), *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
     heldout = json.loads((runs["meanpool"] / "metrics.jsonl").read_text().splitlines()[0])["eval"]
@@ -414,11 +414,11 @@ def test_search_from_the_cli_with_an_isolated_miner(
 ) -> None:
     pytest.importorskip("faiss")
     out = tmp_path / "r.npz"
-    flags = "--k 5 --miner faiss --rows heldout --backend numpy".split()
+    flags = "--k 5 --miner faiss --rows held-out --backend numpy".split()
     result = run_twotower("search", "--run", str(runs["gru-1"]), *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
     exact = search_command(
-        str(tmp_path / "e.npz"), k=5, run=str(runs["gru-1"]), rows="heldout", backend="numpy"
+        str(tmp_path / "e.npz"), k=5, run=str(runs["gru-1"]), rows="held-out", backend="numpy"
     )
     np.testing.assert_array_equal(np.load(out)["ids"], np.load(exact)["ids"])
 
@@ -430,7 +430,7 @@ def test_a_search_whose_worker_segfaults_is_one_line_not_a_traceback(
     one line naming the signal and what to try, exit 3, and no partial output file."""
     pytest.importorskip("faiss")
     out = tmp_path / "r.npz"
-    flags = "--k 5 --miner faiss --rows heldout --backend numpy".split()
+    flags = "--k 5 --miner faiss --rows held-out --backend numpy".split()
     result = run_twotower(
         "search",
         "--run",

@@ -237,7 +237,7 @@ def add_tower_flags(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--run", dest="run_dir", help="a run directory")
     parser.add_argument("--checkpoint", help=f"with --run: {CHECKPOINT_HELP}")
     parser.add_argument("--data", help="dataset (default: the one the tower was trained on)")
-    parser.add_argument("--rows", default="all", help="all, train or heldout (the run's split)")
+    parser.add_argument("--rows", default="all", help="all, train or held-out (the run's split)")
     parser.add_argument(
         "--backend", default="auto", help="engine that encodes (default: torch-cpu, else numpy)"
     )

@@ -27,7 +27,7 @@ from twotower.serve.export import tower_from_run
 from twotower.serve.tower_dir import TowerFiles, read_tower_files
 from twotower.training.heldout import held_out
 
-ROW_SETS = ("all", "train", "heldout")
+ROW_SETS = ("all", "train", "held-out")
 
 
 def open_tower(
@@ -61,7 +61,7 @@ def tower_backend(files: TowerFiles, name: str = "auto") -> Backend:
 
 
 def select_rows(dataset: Dataset, which: str, split: dict[str, Any] | None) -> np.ndarray:
-    """Dataset rows (int64, ascending) of `which`: all, train or heldout (the run's split)."""
+    """Dataset rows (int64, ascending) of `which`: all, train or held-out (the run's split)."""
     if which not in ROW_SETS:
         raise UsageError(f"--rows {which!r}: choose one of {', '.join(ROW_SETS)}")
     if which == "all":
@@ -78,7 +78,7 @@ def select_rows(dataset: Dataset, which: str, split: dict[str, Any] | None) -> n
         eval_data=split.get("eval_data"),
     )
     rows = held_out(config, dataset)
-    if which == "heldout" and rows.kind == "eval-data":
+    if which == "held-out" and rows.kind == "eval-data":
         raise UsageError(
             f"the run held out a separate validation set ({config.eval_data}); "
             f"encode it with --data {config.eval_data} --rows all"

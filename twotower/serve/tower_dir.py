@@ -9,7 +9,7 @@
 
 `source` says which run and checkpoint it came from; `split` holds the run's
 held-out split settings (eval_fraction, max_eval, seed), so `encode --rows
-heldout` works from the export alone.
+held-out` works from the export alone.
 """
 
 from __future__ import annotations
