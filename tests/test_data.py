@@ -33,6 +33,7 @@ from tests.datasets import (
     write_npz,
 )
 from twotower import Batch, backends
+from twotower.cli import main
 from twotower.data import (
     DEMO_SIZES,
     Dataset,
@@ -589,6 +590,17 @@ def test_synthesize_writes_a_big_bank_in_bounded_memory(tmp_path: Path) -> None:
     assert report["bytes"] == 200_000 * 384 * 4
     assert report["growth"] < report["bytes"] / 4, (
         f"RssAnon grew by {report['growth'] / 1e6:.0f} MB"
+    )
+
+
+def test_synth_says_what_it_wrote_in_one_sentence(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s"
+    flags = "--samples 300 --bank 100 --dim 8 --seq-len 5".split()
+    assert main(["synth", "--out", str(out), *flags]) == 0
+    size = sum(file.stat().st_size for file in out.iterdir())
+    assert capsys.readouterr().out == (
+        f"{out} holds a synthetic dataset: 300 samples of up to 5 context items (layout ids: "
+        f"bank rows), a bank of 100 x 8 vectors, {size / 1024:,.0f} KiB on disk\n"
     )
 
 

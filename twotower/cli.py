@@ -114,7 +114,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None
     }
     dataset = synthesize(args.out, layout=args.layout, overwrite=args.overwrite, **sizes)
-    print(f"{dataset.path}: {dataset!r}")
+    print(f"{dataset.path} holds a synthetic dataset: {dataset.describe()}")
     return EXIT_OK
 
 
@@ -122,7 +122,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from twotower.data import convert, parse_key_map
 
     dataset = convert(args.npz, args.out, parse_key_map(args.key) if args.key else None)
-    print(f"{dataset.path}: {dataset!r}")
+    print(f"{dataset.path} holds {args.npz} converted: {dataset.describe()}")
     return EXIT_OK
 
 

@@ -85,6 +85,25 @@ class Dataset:
             f"T={self.seq_len}, D={self.dim}, M={self.bank_size})"
         )
 
+    def describe(self) -> str:
+        """The dataset in a sentence's words: '3,000 samples of up to 20 context items (layout
+        ids: bank rows), a bank of 1,000 x 64 vectors, 1.3 MiB on disk'."""
+        items = "bank rows" if self.layout == "ids" else "vectors"
+        size = self.disk_bytes
+        on_disk = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.0f} KiB"
+        return (
+            f"{self.num_samples:,} samples of up to {self.seq_len} context items (layout "
+            f"{self.layout}: {items}), a bank of {self.bank_size:,} x {self.dim} vectors, "
+            f"{on_disk} on disk"
+        )
+
+    @property
+    def disk_bytes(self) -> int:
+        """The size of its files: the .npz, or every file of the directory."""
+        if not self.path.is_dir():
+            return self.path.stat().st_size
+        return sum(file.stat().st_size for file in self.path.iterdir() if file.is_file())
+
     @property
     def num_samples(self) -> int:
         """N, the number of (context sequence, positive) samples."""
