@@ -1,4 +1,6 @@
-"""The float64 brute-force oracle and one comparison of neighbour lists up to ties, for every miner.
+"""The float64 brute-force oracle and one comparison of neighbour lists up to ties, for every miner;
+`recall` of a miner against the oracle, and `independent_recall`: a tower's retrieval metrics
+by a float64 search written here, not twotower's.
 
 Two correct miners may order tied rows differently, and when a group of tied
 scores straddles the cut-off k they may keep different members of it. So lists
@@ -85,3 +87,29 @@ def assert_same_neighbours(
     """Assert (scores, ids) (N, k) equal the reference lists up to ties; the message says where."""
     problem = neighbour_disagreement(scores, ids, ref_scores, ref_ids, atol)
     assert problem is None, problem
+
+
+def recall(ids: np.ndarray, ref_ids: np.ndarray) -> float:
+    """Mean fraction of each row's reference neighbours that `ids` found."""
+    found = [len(np.intersect1d(row, ref)) for row, ref in zip(ids, ref_ids, strict=True)]
+    return float(np.mean(found)) / ref_ids.shape[1]
+
+
+def independent_recall(
+    q: np.ndarray,
+    bank: np.ndarray,
+    positives: np.ndarray,
+    seen: np.ndarray | None = None,
+) -> dict[str, float]:
+    """recall@1/10/100 and MRR@100 by a float64 brute-force search written here; with seen
+    (N, T) context ids (-1 padded), those bank rows score -inf unless they are the positive."""
+    scores = q @ np.asarray(bank, dtype=np.float64).T
+    if seen is not None:
+        for i, ids in enumerate(seen):
+            masked = [j for j in ids if j >= 0 and j != positives[i]]
+            scores[i, masked] = -np.inf
+    positive_scores = scores[np.arange(len(q)), positives]
+    rank = (scores > positive_scores[:, None]).sum(axis=1)  # 0 = first
+    metrics = {f"recall@{c}": float(np.mean(rank < c)) for c in (1, 10, 100)}
+    metrics["mrr@100"] = float(np.mean(np.where(rank < 100, 1.0 / (rank + 1), 0.0)))
+    return metrics

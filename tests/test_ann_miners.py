@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.neighbours import assert_same_neighbours, brute_force
+from tests.neighbours import assert_same_neighbours, brute_force, recall
 from twotower import miners
 from twotower.errors import EngineUnavailable, UsageError
 
@@ -30,12 +30,6 @@ def clustered(rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
     centres = rng.standard_normal((clusters, dim))
     points = centres[rng.integers(clusters, size=rows)] + 0.4 * rng.standard_normal((rows, dim))
     return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
-
-
-def recall(ids: np.ndarray, ref_ids: np.ndarray) -> float:
-    """Mean fraction of each row's reference neighbours that `ids` found."""
-    found = [len(np.intersect1d(row, ref)) for row, ref in zip(ids, ref_ids, strict=True)]
-    return float(np.mean(found)) / ref_ids.shape[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import twotower
-from tests.test_setup_phases import tiny_config
+from tests.neighbours import recall
+from tests.runs import tiny_config
 from twotower import miners
 from twotower.data import synthesize
 from twotower.miners import auto
@@ -70,7 +71,6 @@ def test_the_tuned_nprobe_reaches_the_target_on_queries_it_never_saw() -> None:
     """Recall@32 of the tuned index on fresh queries from the bank's distribution (unclustered,
     where IVF needs many lists), computed here against brute force; nprobe 1 is the negative
     control."""
-    from tests.test_ann_miners import recall
 
     points = np.random.default_rng(5).standard_normal((20_300, 32)).astype(np.float32)
     bank, queries = points[:20_000], points[20_000:]

@@ -21,7 +21,7 @@ import pytest
 
 from tests.agreement import assert_agrees, assert_differs
 from tests.processes import REPO, child_env, run_twotower, train_in_child
-from tests.test_selection import expected_stop
+from tests.runs import expected_stop
 from twotower import backends
 from twotower.batch import Batch
 from twotower.data import synthesize

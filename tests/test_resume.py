@@ -17,20 +17,14 @@ import numpy as np
 import pytest
 
 from tests.processes import train_in_child
+from tests.runs import BATCH, STEPS, TRAIN_ARGS, step_digests
 from twotower import backends
 from twotower.data import synthesize
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.heldout import held_out_split
 from twotower.training.rundir import read_metrics
 
-STEPS = 30
 SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an epoch
-BATCH = 16
-TRAIN_ARGS = (
-    f"--no-supervise --steps {STEPS} --batch-size {BATCH} --hidden 12 --hard-negatives 3 "
-    "--mine-every 10 --mine-lead 4 --mine-pool 6 --queue-size 40 --checkpoint-every 7 "
-    "--keep-checkpoints 2 --max-eval 40 --deterministic"
-).split()
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +41,6 @@ def batches_per_epoch() -> int:
 
 def train(dataset: Path, out: Path, backend: str, *extra: str, **env: str):
     return train_in_child(dataset, out, "--backend", backend, *TRAIN_ARGS, *extra, **env)
-
-
-def step_digests(run: Path) -> dict[int, list[str]]:
-    """Step number -> every batch digest logged for it, in order (a resumed run repeats some)."""
-    logged: dict[int, list[str]] = {}
-    for record in read_metrics(run / "metrics.jsonl"):
-        if record["event"] == "step":
-            logged.setdefault(record["step"], []).append(record["batch"])
-    return logged
 
 
 @pytest.fixture(scope="module")

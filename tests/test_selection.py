@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import reference
+from tests.neighbours import independent_recall
 from tests.processes import train_in_child
-from tests.test_training import independent_recall
+from tests.runs import expected_stop
 from twotower.config import TrainConfig
 from twotower.data import load_dataset, synthesize
 from twotower.training.cadence import EVAL_BUDGET, auto_eval_every, eval_flops, step_flops
@@ -91,20 +92,6 @@ def test_best_holds_the_parameters_of_the_best_evaluation(data: Path, tmp_path: 
     assert load_checkpoint(out)[0]["step"] == 80
     # ... and reads best/ given as a path too
     assert load_checkpoint(out / BEST_DIR)[0]["step"] == best["step"]
-
-
-def expected_stop(evals: list[dict], patience: int, metric: str = "mrr@100") -> int | None:
-    """The step of the evaluation after which `patience` evaluations in a row did not beat
-    the best (strictly), by reading the log; None if that never happened."""
-    best, stale = None, 0
-    for record in evals:
-        if best is None or record[metric] > best:
-            best, stale = record[metric], 0
-        else:
-            stale += 1
-            if stale == patience:
-                return record["step"]
-    return None
 
 
 def test_patience_stops_where_the_log_says(data: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import twotower
 from tests.processes import run_twotower
+from tests.runs import tiny_config
 from twotower import miners
 from twotower.data import synthesize
 from twotower.errors import UsageError
@@ -33,20 +34,6 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small"
     synthesize(path, samples=300, bank=3000, dim=16, seq_len=5, seed=2)
     return path
-
-
-def tiny_config(data: Path, out: Path, **settings) -> twotower.TrainConfig:
-    """Two numpy steps over `data`, mining set up but not run: what a miner's build needs."""
-    return twotower.TrainConfig(
-        data=str(data),
-        out=str(out),
-        backend="numpy",
-        steps=2,
-        batch_size=8,
-        hidden=8,
-        max_eval=20,
-        **settings,
-    )
 
 
 def train(data: Path, out: Path, *args: str, **env: str):

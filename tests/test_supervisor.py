@@ -19,7 +19,7 @@ import pytest
 
 import twotower
 from tests.processes import REPO, child_env, run_twotower
-from tests.test_resume import STEPS, TRAIN_ARGS, step_digests
+from tests.runs import STEPS, TRAIN_ARGS, step_digests
 from twotower import backends, miners
 from twotower.cli import build_parser, config_from_args
 from twotower.data import synthesize

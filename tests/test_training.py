@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.neighbours import independent_recall
 from tests.processes import REPO, child_env, train_in_child
 from twotower import miners
 from twotower.config import TrainConfig
@@ -206,26 +207,6 @@ def test_a_mine_fault_does_not_fire_in_evaluation(small_data: Path, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert [e["step"] for e in events(out, "eval")] == [0, 6, 12]
     assert not any((out / "faults").glob("*"))
-
-
-def independent_recall(
-    q: np.ndarray,
-    bank: np.ndarray,
-    positives: np.ndarray,
-    seen: np.ndarray | None = None,
-) -> dict[str, float]:
-    """recall@1/10/100 and MRR@100 by a float64 brute-force search written here; with seen
-    (N, T) context ids (-1 padded), those bank rows score -inf unless they are the positive."""
-    scores = q @ np.asarray(bank, dtype=np.float64).T
-    if seen is not None:
-        for i, ids in enumerate(seen):
-            masked = [j for j in ids if j >= 0 and j != positives[i]]
-            scores[i, masked] = -np.inf
-    positive_scores = scores[np.arange(len(q)), positives]
-    rank = (scores > positive_scores[:, None]).sum(axis=1)  # 0 = first
-    metrics = {f"recall@{c}": float(np.mean(rank < c)) for c in (1, 10, 100)}
-    metrics["mrr@100"] = float(np.mean(np.where(rank < 100, 1.0 / (rank + 1), 0.0)))
-    return metrics
 
 
 def independent_baselines(contexts: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
