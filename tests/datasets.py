@@ -1,7 +1,9 @@
-"""Datasets for tests: small valid arrays written by hand, and a catalogue of broken ones.
+"""Datasets for tests: small valid arrays written by hand, what loading them must give, and a
+catalogue of broken ones.
 
 The arrays come from plain NumPy here, never from twotower, so a test that
-loads them checks twotower against an independent source.
+loads them checks twotower against an independent source; so do the expectations
+(arrays read whole by np.load, contexts gathered by a Python loop, sha256 from hashlib).
 
 BROKEN_DATASETS lists (case, make(tmp_dir) -> path, expected): loading `path`
 must raise twotower.errors.DataError whose one-line message contains
@@ -11,14 +13,21 @@ check exit code 2.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pytest
+
+    from twotower.data import Dataset
 
 N, T, D, M = 60, 6, 8, 40  # samples, max length, vector size, bank rows
 
@@ -71,6 +80,81 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+# --- independent expectations ------------------------------------------------
+
+
+def plain_arrays(directory: Path) -> dict[str, np.ndarray]:
+    """Every array of a dataset directory, read whole by np.load (no mmap)."""
+    keys = ("bank", "contexts", "context_ids", "lengths", "positives")
+    return {
+        key: np.load(directory / f"{key}.npy")
+        for key in keys
+        if (directory / f"{key}.npy").exists()
+    }
+
+
+def expected_gather(arrays: dict[str, np.ndarray], rows: np.ndarray):
+    """contexts (B, T, D) built one step at a time, zero past each length; lengths; positives."""
+    lengths = arrays["lengths"][rows].astype(np.int64)
+    seq_len = (arrays["contexts"] if "contexts" in arrays else arrays["context_ids"]).shape[1]
+    contexts = np.zeros((len(rows), seq_len, arrays["bank"].shape[1]), dtype=np.float32)
+    for b, row in enumerate(rows):
+        for t in range(lengths[b]):
+            if "contexts" in arrays:
+                contexts[b, t] = arrays["contexts"][row, t]
+            else:
+                contexts[b, t] = arrays["bank"][arrays["context_ids"][row, t]]
+    return contexts, lengths, arrays["positives"][rows].astype(np.int64)
+
+
+def assert_gathers(dataset: Dataset, arrays: dict[str, np.ndarray], rows) -> None:
+    """dataset.gather(rows) equals `expected_gather`, with its dtypes, C-contiguous."""
+    rows = np.asarray(rows)
+    got = dataset.gather(rows)
+    for actual, expected, dtype in zip(
+        got, expected_gather(arrays, rows), (np.float32, np.int64, np.int64), strict=True
+    ):
+        assert actual.dtype == dtype
+        assert actual.flags.c_contiguous
+        np.testing.assert_array_equal(actual, expected)
+
+
+def mapped_from(array: np.ndarray, path: Path) -> bool:
+    """True if `array` is a read-only memory map of the file `path`."""
+    return (
+        isinstance(array, np.memmap)
+        and Path(array.filename) == path.resolve()
+        and not array.flags.writeable
+    )
+
+
+def sha256_of_bank(bank: np.ndarray) -> str:
+    """The bank's fingerprint as DESIGN says it, by hashlib: header line, then float32 rows."""
+    rows, dim = bank.shape
+    header = f"twotower-bank <f4 {rows}x{dim}\n".encode()
+    return hashlib.sha256(header + np.ascontiguousarray(bank, dtype="<f4").tobytes()).hexdigest()
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Wrap module.name to count its calls; returns the one-element counter."""
+    calls = [0]
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def rewrite(path: Path, index: tuple, value: float) -> None:
+    """Save the .npy file at `path` again with array[index] = value: same size, new content."""
+    array = np.load(path)
+    array[index] = value
+    np.save(path, array)
 
 
 # --- the catalogue ---------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Running twotower in child processes the way a user's machine would: no PYTHONUNBUFFERED."""
+"""Running twotower in child processes the way a user's machine would: no PYTHONUNBUFFERED;
+`run_measured`: a snippet's memory growth in a fresh Python with a clean environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,3 +42,40 @@ def train_in_child(
 ) -> subprocess.CompletedProcess[str]:
     """`twotower train --data DATA --out OUT ARGS` in a child, `env` added to its environment."""
     return run_twotower("train", "--data", str(data), "--out", str(out), *args, **env)
+
+
+MEASURED = """
+import json, os, sys
+import numpy as np
+from twotower.data import load_dataset, synthesize
+
+def rss_anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+before = rss_anon()
+{body}
+report["growth"] = rss_anon() - before
+report["unbuffered"] = "PYTHONUNBUFFERED" in os.environ
+print(json.dumps(report))
+"""
+
+
+def run_measured(body: str, path: Path, home: Path) -> dict:
+    """Run `body` (which sets `report`, a dict; sys.argv[1] is `path`) in a fresh Python
+    with a clean environment, as on a user's machine (no PYTHONUNBUFFERED).
+
+    Returns `report` plus "growth": how much RssAnon (heap, not file-backed pages) grew.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURED.format(body=textwrap.dedent(body)), str(path)],
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert not report["unbuffered"]
+    return report

@@ -127,3 +127,19 @@ def test_encode_rows_of_an_exported_grouped_run_are_the_trainers_split(tmp_path:
 def held_out_split_random(config: TrainConfig, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """The random split of the same size and seed (what encode used to rebuild)."""
     return held_out_split(num_samples, config.eval_fraction, config.max_eval, config.seed)
+
+
+def test_held_out_split() -> None:
+    train, held = held_out_split(1000, 0.1, 50, seed=4)
+    assert train.dtype == held.dtype == np.int64
+    assert len(held) == 50 and len(train) == 950
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(1000))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(held) > 0)
+    again_train, again_held = held_out_split(1000, 0.1, 50, seed=4)
+    np.testing.assert_array_equal(again_held, held)
+    assert not np.array_equal(held_out_split(1000, 0.1, 50, seed=5)[1], held)
+    assert len(held_out_split(1000, 0.02, 10**6, seed=0)[1]) == 20
+    assert len(held_out_split(1, 0.5, 10, seed=0)[0]) == 1  # at least one training row
+    for bad in ((0, 0.1, 5), (10, 1.0, 5), (10, -0.1, 5), (10, 0.1, -1)):
+        with pytest.raises(UsageError):
+            held_out_split(*bad, seed=0)

@@ -137,3 +137,28 @@ TOP_LEVEL_LIMIT = 16  # past this the shared layer stops being a short list a ne
 def test_the_top_of_the_package_stays_short() -> None:
     top = sorted(path.name for path in (ROOT / "twotower").glob("*.py"))
     assert len(top) <= TOP_LEVEL_LIMIT, top
+
+
+def test_no_test_module_imports_another(tmp_path: Path) -> None:
+    """What tests share lives in helper modules (tests/datasets.py, processes.py, runs.py, ...);
+    a test module importing another would run (and couple to) that module's tests. With a
+    negative control: one such import planted in a copy is found."""
+
+    def test_module_imports(folder: Path) -> list[str]:
+        found = []
+        for path in sorted(folder.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [alias.name for alias in getattr(node, "names", [])]
+                if isinstance(node, ast.Import | ast.ImportFrom) and any(
+                    name.startswith("tests.test_") for name in names
+                ):
+                    found.append(f"{path.name}:{node.lineno}")
+        return found
+
+    assert test_module_imports(ROOT / "tests") == []
+    copy = tmp_path / "tests"
+    shutil.copytree(ROOT / "tests", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    planted = copy / "test_atomic.py"
+    planted.write_text(planted.read_text() + "\nfrom tests.test_queue import DIM\n")
+    assert len(test_module_imports(copy)) == 1
