@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from twotower import progress
 from twotower.atomic import replacing
@@ -123,20 +122,15 @@ class IndexCache:
 def add_in_chunks(
     add: Callable[[np.ndarray, int], None], bank: np.ndarray, desc: str, chunk_rows: int = 0
 ) -> None:
-    """Call add(bank[start:stop], start) over bank (M, D) in row chunks, with a progress bar.
+    """Call add(bank[start:stop], start) over bank (M, D) in row chunks, as the
+    "add-to-index" progress task (`twotower.progress`).
 
     Each chunk is a view of the bank (of the memory map), never a copy of the whole.
-    The bar goes to stderr and stays quiet when stderr is not a terminal; the
-    "add-to-index" progress task advances with it.
     """
     chunk_rows = chunk_rows or ADD_CHUNK_ROWS
     rows = len(bank)
-    with (
-        tqdm(total=rows, desc=desc, unit="rows", disable=None, leave=False) as bar,
-        progress.task("add-to-index", f"{desc}: {rows:,} rows", rows, "rows", phase=False) as task,
-    ):
+    with progress.task("add-to-index", f"{desc}: {rows:,} rows", rows, "rows", phase=False) as task:
         for start in range(0, rows, chunk_rows):
             chunk = bank[start : start + chunk_rows]
             add(chunk, start)
-            bar.update(len(chunk))
             task.advance(len(chunk))
