@@ -55,7 +55,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    """f(s) of DESIGN.md: the update of step `step` (steps done before it) uses lr * f(s).
+    """f(s) of docs/DESIGN.md: the update of step `step` (steps done before it) uses lr * f(s).
 
     Warm-up: f = (s + 1) / warmup for s < warmup. After it, over the planned
     total S = `total`: constant 1; linear max(0, (S - s) / (S - W)); cosine

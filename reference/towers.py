@@ -1,7 +1,7 @@
 """Query towers in float64: each forward with its backward right beside it.
 
 This is the spec the fast engines are checked against: slow, obvious, and
-written to read like the equations in DESIGN.md. It imports numpy only.
+written to read like the equations in docs/DESIGN.md. It imports numpy only.
 
 Parameter names are torch's (`gru.weight_ih_l0`, `proj.weight`, ...), so a
 state dict from `nn.GRU` + `nn.Linear` can be used as is.

@@ -1,4 +1,4 @@
-"""Small random batches for the numerical tests, with the awkward cases DESIGN.md names."""
+"""Small random batches for the numerical tests, with the awkward cases docs/DESIGN.md names."""
 
 from __future__ import annotations
 

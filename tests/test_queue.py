@@ -152,7 +152,7 @@ def masking_case() -> tuple[dict[str, np.ndarray], Batch, np.ndarray]:
 
 
 def loss_by_hand(q: np.ndarray, batch: Batch, queue_slots: list[list[int]]) -> float:
-    """InfoNCE as DESIGN.md writes it, with query i's queue candidates listed explicitly."""
+    """InfoNCE as docs/DESIGN.md writes it, with query i's queue candidates listed explicitly."""
     total = 0.0
     for i in range(len(q)):
         others = [j for j in range(len(q)) if j != i]

@@ -1,4 +1,4 @@
-"""The recipe options are the math DESIGN.md writes down: the learning-rate schedule's f(s),
+"""The recipe options are the math docs/DESIGN.md writes down: the learning-rate schedule's f(s),
 seen-item masking (against torch with those logits set to -inf) and the residual GRU tower,
 whose step 0 is exactly the last-item baseline."""
 
@@ -23,7 +23,7 @@ from twotower.training.trainer import train
 # --- the learning-rate schedule ---------------------------------------------------------
 
 WARMUP, TOTAL = 4, 20
-# (step, f) written out by hand from DESIGN.md for W = 4, S = 20: warm-up start and end,
+# (step, f) written out by hand from docs/DESIGN.md for W = 4, S = 20: warm-up start and end,
 # the first step after it, mid-decay (s = 8: 12 of 16 decay steps left; s = 12: half way)
 # and the last step of the plan
 EXPECTED = {
@@ -115,7 +115,7 @@ def test_masked_loss_equals_torch_with_those_logits_at_minus_infinity() -> None:
 
 
 def test_candidate_masks_mask_seen_items_but_never_the_positive() -> None:
-    """The masks every backend uses, against a loop over DESIGN.md's rule written here."""
+    """The masks every backend uses, against a loop over docs/DESIGN.md's rule written here."""
     batch = make_batch(np.random.default_rng(4), batch=6, steps=4, dim=8, context_ids=True)
     in_batch, hard, queue = batch.candidate_masks()
     for i in range(6):

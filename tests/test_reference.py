@@ -90,7 +90,7 @@ def torch_queries(spec: TowerSpec, params: dict[str, np.ndarray], batch: Batch) 
 
 
 def torch_loss(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
-    """InfoNCE built candidate by candidate, exactly as DESIGN.md words it."""
+    """InfoNCE built candidate by candidate, exactly as docs/DESIGN.md words it."""
     losses = []
     size = len(batch.positive_ids)
     for i in range(size):

@@ -27,7 +27,7 @@ from twotower.training.trainer import train
 
 
 def steps_rows(train_rows: np.ndarray, batch: int, seed: int, start: int, stop: int) -> set[int]:
-    """Rows steps [start, stop) train on, computed here from DESIGN.md's batch order:
+    """Rows steps [start, stop) train on, computed here from docs/DESIGN.md's batch order:
     epoch e's order is permutation(SeedSequence([seed, e])) of the training rows, step s takes
     the next B of it, the trailing partial batch is dropped."""
     per_epoch = len(train_rows) // batch

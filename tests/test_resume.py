@@ -103,7 +103,7 @@ RECIPE = "--lr-schedule cosine --warmup-steps 20 --residual last --exclude-conte
 
 
 def expected_lr(step: int) -> float:
-    """DESIGN.md's f(s) for W = 20 of S = 30 at the default lr 1e-3, written here."""
+    """docs/DESIGN.md's f(s) for W = 20 of S = 30 at the default lr 1e-3, written here."""
     if step < 20:
         return 1e-3 * (step + 1) / 20
     return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 20) / 10))

@@ -26,7 +26,7 @@ OPT_EXP_AVG_SQ = "opt.exp_avg_sq."
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Loss and optimizer hyper-parameters (DESIGN.md defaults)."""
+    """Loss and optimizer hyper-parameters (docs/DESIGN.md defaults)."""
 
     temperature: float = 0.05
     lr: float = 1e-3

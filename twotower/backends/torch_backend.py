@@ -120,7 +120,7 @@ def infonce(
     queue: DeviceQueue | None = None,
     first_row: int = 0,
 ) -> torch.Tensor:
-    """Masked InfoNCE of DESIGN.md for queries q (b, D); the positive of query i is in-batch
+    """Masked InfoNCE of docs/DESIGN.md for queries q (b, D); the positive of query i is in-batch
     column first_row + i. b = B: the batch's mean loss. b < B (one rank's shard of the
     global batch): sum_i loss_i / B, its share of the global mean.
 

@@ -2,7 +2,7 @@
 
 Step N means what it means in a crash report, a heartbeat and
 TWOTOWER_INJECT_FAULT: the update made when N steps were done (metrics.jsonl
-logs it as step N + 1). Determinism (DESIGN.md) makes it rebuildable from the
+logs it as step N + 1). Determinism (docs/DESIGN.md) makes it rebuildable from the
 run directory alone, which replay only reads:
 
 - start from the newest checkpoint c <= N that verifies and whose mined table

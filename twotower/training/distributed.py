@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: the world, its process group, and what ranks exchange.
 
 `torchrun --nproc-per-node W -m twotower train ...` starts W ranks; each trains
-the same model on its share of every step (DESIGN.md, "Distributed"):
+the same model on its share of every step (docs/DESIGN.md, "Distributed"):
 
 - the global batch of step s is the 1-process batch (same `StepPlan`); rank r
   takes rows [r * B / W, (r + 1) * B / W) (`ShardPlan`), B must divide by W;

@@ -1,9 +1,9 @@
 """The learning rate of every step: a pure function of the step number and the config.
 
-The formula is the reference's (`reference.optim.lr_factor`, DESIGN.md's f(s)): the trainer, not
-an engine, computes the rate and hands it to `Backend.step`, so there is one definition and the
-engines are checked on what they do with it. Nothing about it is stored in a checkpoint: a
-resumed run recomputes the same rate for the same step.
+The formula is the reference's (`reference.optim.lr_factor`, docs/DESIGN.md's f(s)): the
+trainer, not an engine, computes the rate and hands it to `Backend.step`, so there is one
+definition and the engines are checked on what they do with it. Nothing about it is stored in
+a checkpoint: a resumed run recomputes the same rate for the same step.
 """
 
 from __future__ import annotations
