@@ -22,6 +22,7 @@ turns a rank hung in a collective into an error on the others.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -32,13 +33,17 @@ from typing import TypeVar
 
 import numpy as np
 
+from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners.base import Miner
+from twotower.process import faults
 from twotower.process.collective_ledger import CollectiveLedger, counted
 from twotower.training.batching import StepData, StepPlan, mine_table
 from twotower.training.mining import HardNegativeTable, MiningReport
+from twotower.training.refresh import Mined, Refresh
+from twotower.training.rundir import RunDir
 
 WORLD_SIZE_ENV = "WORLD_SIZE"
 RANK_ENV = "RANK"
@@ -50,6 +55,7 @@ MASTER_PORT_ENV = "MASTER_PORT"
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 FAULT_RANK_ENV = "TWOTOWER_FAULT_RANK"  # rehearsals: arm TWOTOWER_INJECT_FAULT on this rank only
 _T = TypeVar("_T")
+log = logging.getLogger("twotower")
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,12 @@ class Group:
     local rank), anything else gloo on the CPU; timeout_s: how long a collective
     may wait for the other ranks before it fails; ledger: where this rank counts
     the collectives it enters (`twotower.process.collective_ledger`).
+    `training.solo.Solo` has the same interface for a run of one process.
     """
+
+    # a refresh is mined at once at its take step: a search in a thread would interleave its
+    # all-gather with the step's all-reduce, and the ranks' collectives must stay in one order
+    searches_beside_training = False
 
     def __init__(
         self, world: World, device: str, timeout_s: float, ledger: CollectiveLedger | None = None
@@ -179,6 +190,42 @@ class Group:
             world_size=world.size,
             timeout=timeout,
         )
+
+    @property
+    def writes_run_files(self) -> bool:
+        """Rank 0 alone writes the run's files."""
+        return self.world.writes_run_files
+
+    def heartbeat_path(self, run: RunDir) -> Path:
+        """This rank's heartbeat file in the run directory."""
+        return self.world.heartbeat_path(run.root)
+
+    def cores(self, usable: int) -> int:
+        """This rank's share of the `usable` cores (the ranks on this machine share them)."""
+        return max(1, usable // self.world.local_size)
+
+    def arms_faults(self) -> bool:
+        """Whether this rank arms $TWOTOWER_INJECT_FAULT (`World.arms_faults`)."""
+        return self.world.arms_faults()
+
+    def rows(self, plan: StepPlan) -> ShardPlan:
+        """What this rank gathers of each step: its share of the global batch."""
+        return ShardPlan(plan, self.world)
+
+    def first_row(self, batch_size: int) -> int:
+        """Where this rank's queries start in a global batch of `batch_size` rows."""
+        return self.world.shard(batch_size).start
+
+    def join_backend(self, backend: Backend) -> None:
+        """Make the torch engine sum its gradients and loss over the group."""
+        backend.join_data_parallel(  # type: ignore[attr-defined]
+            self.world.rank, self.world.size, self.ledger
+        )
+
+    def meet(self, run: RunDir) -> None:
+        """Wait until the run directory exists for every rank's heartbeat; log this rank."""
+        self.barrier()
+        log.info("rank %d of %d joined (%s)", self.world.rank, self.world.size, run.root)
 
     def close(self) -> None:
         """Leave the group (the other ranks should have left or be leaving too)."""
@@ -222,9 +269,16 @@ class Group:
         seconds, self.seconds = self.seconds, 0.0
         return seconds
 
+    def collective_fields(self, backend: Backend) -> dict[str, float]:
+        """A step record's `collective_ms`: the all-gather of positives and the all-reduce of
+        gradients since the last step."""
+        seconds = self.take_seconds() + backend.data_parallel.take_seconds()  # type: ignore[attr-defined]
+        return {"collective_ms": round(seconds * 1e3, 2)}
+
     def gather_positives(self, data: StepData, global_rows: np.ndarray) -> StepData:
         """This rank's step data with the global batch's positive ids (B,) and vectors (B, D)
         in global order; contexts, lengths and context ids stay this rank's (B / W rows)."""
+        faults.set_step(data.step)  # the ledger counts these gathers as this step's
         return dataclasses.replace(
             data,
             rows=global_rows,
@@ -257,6 +311,25 @@ class Group:
         for rows, mined in zip(parts, shares, strict=True):
             table.ids[rows] = mined[: len(rows)]
         return table, self._summed(report)
+
+    def mine_refresh(
+        self,
+        refresh: Refresh,
+        miner: Miner,
+        exact: Miner | None,
+        dataset: Dataset,
+        config: TrainConfig,
+    ) -> Mined:
+        """`refresh` mined by every rank, each a share of its rows (`mine`); no recall probe
+        (`exact` is not used)."""
+
+        def share(rows: np.ndarray) -> np.ndarray:  # this rank's part of the encoded queries
+            return refresh.queries[np.searchsorted(refresh.rows, rows)]
+
+        started = time.perf_counter()
+        with faults.at_step(refresh.take):
+            table, report = self.mine(miner, share, dataset, refresh.rows, config)
+        return Mined(table, report, miner.name, time.perf_counter() - started, None)
 
     def _summed(self, report: MiningReport) -> MiningReport:
         """The report with every count summed over ranks (skip and pool are the same on each)."""
