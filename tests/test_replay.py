@@ -196,3 +196,38 @@ def test_a_mining_in_flight_at_the_checkpoint_is_mined_again_from_its_queries(
     assert "step 10: no table-step-0000010.npy; mined again with exact, as the run did" in notes
     assert report.digest == logged(run, 12)["batch"]
     assert "the state was rebuilt exactly" in notes
+
+
+def test_the_trainer_and_replay_take_their_steps_through_one_function(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change inside the shared step (`training.step`'s batch assembly doubling every
+    context vector) reaches both: the trainer's losses change, and replay of that run rebuilds
+    its step exactly. Negative control: without the change, replay of the same run does not."""
+    from twotower.training import step as shared
+
+    assemble = shared.assemble_batch
+
+    def doubled(*args, **kwargs):
+        batch = assemble(*args, **kwargs)
+        batch.contexts = batch.contexts * np.float32(2)
+        return batch
+
+    plain = runs["numpy"]
+    data = json.loads((plain / "config.json").read_text())["data"]
+    changed = tmp_path / "changed"
+    monkeypatch.setattr(shared, "assemble_batch", doubled)
+    config = TrainConfig(data=data, out=str(changed), backend="numpy", **SETTINGS)
+    assert train(config).exit_code == 0
+    record = logged(changed, STEP)
+    assert record["batch"] == logged(plain, STEP)["batch"]  # the same rows ...
+    assert record["loss"] != logged(plain, STEP)["loss"]  # ... and the trainer's numbers changed
+
+    report = replay(changed, STEP, ["numpy"])
+    assert "the state was rebuilt exactly" in "\n".join(report.notes)
+    assert np.float32(report.results[0].loss) == np.float32(record["loss"])
+
+    monkeypatch.undo()
+    unchanged = replay(changed, STEP, ["numpy"])
+    assert "the rebuilt state differs" in "\n".join(unchanged.notes)
+    assert np.float32(unchanged.results[0].loss) != np.float32(record["loss"])

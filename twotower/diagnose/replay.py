@@ -42,7 +42,7 @@ from twotower.config import TrainConfig
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
 from twotower.paths import user_cache_dir
-from twotower.training.batching import StepPlan, assemble_batch, gather_step, mine_table
+from twotower.training.batching import StepPlan, gather_step, mine_table
 from twotower.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -56,6 +56,8 @@ from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MINING_CHUNK, MiningSchedule, load_refresh
 from twotower.training.rundir import RunDir, read_metrics
 from twotower.training.schedule import LRSchedule, planned_steps
+from twotower.training.solo import Solo
+from twotower.training.step import StepState, prepare, update
 
 EXIT_DISAGREE = 1
 STEP_EVENTS = ("step", "nonfinite")  # metrics.jsonl records that carry a step's batch digest
@@ -194,18 +196,6 @@ def last_step(view: RunView) -> int:
 # --- rebuilding step N ------------------------------------------------------------------
 
 
-@dataclass
-class State:
-    """What step s of a run depends on besides its rows: engine, queue and mined table, and
-    the queries of refreshes taken but not yet in use (use step -> (rows, queries))."""
-
-    step: int
-    backend: Backend
-    queue: MemoryQueue
-    table: HardNegativeTable
-    taken: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-
 def _engine_name(view: RunView, step: int, meta: dict[str, Any]) -> tuple[str, str]:
     """(backend to re-run the steps before `step` on, why): the one the run's last attempt
     that began at or before `step` used (else the checkpoint's), if this machine has it."""
@@ -238,14 +228,78 @@ def _unusable(view: RunView, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _start(view: RunView, step: int, notes: list[str]) -> State:
-    """The newest usable checkpoint at or before `step` (verified, its files present), loaded."""
-    config, dim = view.config, view.dataset.dim
+def _step_state(view: RunView, backend: Backend) -> StepState:
+    """A step state on `backend` with an empty queue and table, and the run's plans."""
+    c, dim = view.config, view.dataset.dim
+    return StepState(
+        c,
+        view.dataset.bank,
+        view.plan,
+        MiningSchedule.of(c, view.plan),
+        LRSchedule.of(c, planned_steps(c, view.plan.batches_per_epoch)),
+        backend,
+        MemoryQueue(c.queue_size, dim),
+        HardNegativeTable.empty(view.dataset.num_samples, c.mine_pool),
+    )
+
+
+class SavedRefreshes:
+    """A rebuild's refreshes (`step.Refreshes`): the table the run saved for a use step, else
+    mined again from the queries encoded at its take step (or saved by the checkpoint).
+
+    taken: the queries of refreshes taken but not yet in use (use step -> (rows, queries)).
+    """
+
+    def __init__(self, view: RunView, state: StepState, notes: list[str]):
+        self.view = view
+        self.state = state
+        self.notes = notes
+        self.taken: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def take(self, step: int) -> None:
+        """At a take step whose table the run did not keep, encode that refresh's queries now."""
+        use = self.state.mining.use_taken_at(step)
+        if use is None or _saved_table(self.view, use).is_file():
+            return
+        rows = self.state.mining.rows(use)
+        gather = self.view.dataset.gather
+        queries = encode_rows(self.state.backend, gather, rows, label="re-mine: encode")
+        self.taken[use] = (rows, queries)
+
+    def use(self, step: int) -> HardNegativeTable:
+        """The table the run put into use before step `step`: its saved file, else mined
+        again from the queries encoded at its take step."""
+        view = self.view
+        saved = _saved_table(view, step)
+        if saved.is_file():
+            self.notes.append(f"step {step}: mined table from {saved.relative_to(view.run.root)}")
+            return HardNegativeTable.load(saved)
+        c = view.config
+        logged = view.logged("mined", step)
+        name = logged[-1]["miner"] if logged else c.miner
+        miner = miners.get_for(c, name, user_cache_dir() / "index")
+        miner.build(view.dataset.bank, fingerprint=view.dataset.fingerprint)
+        rows, queries = self.taken.pop(step)
+        table, report = mine_table(miner, queries, view.dataset, rows, c, chunk_size=MINING_CHUNK)
+        if logged:
+            was = (
+                f"as the run did: {report.negatives} negatives (logged: {logged[-1]['negatives']})"
+            )
+        else:
+            was = f"the run logged no mining here (it stopped first): {report.negatives} negatives"
+        self.notes.append(f"step {step}: no {saved.name}; mined again with {name}, {was}")
+        return table
+
+
+def _start(view: RunView, step: int, notes: list[str]) -> tuple[int, SavedRefreshes]:
+    """The newest usable checkpoint at or before `step` (verified, its files present), loaded:
+    (its step, the refreshes of the rebuild, whose `state` is the checkpoint's)."""
+    config = view.config
     for ckpt in reversed(list_checkpoints(view.run.root)):
         if checkpoint_step(ckpt) > step:
             continue
         try:
-            meta, state = load_checkpoint(ckpt)
+            meta, saved = load_checkpoint(ckpt)
         except CheckpointError as error:
             notes.append(f"skipped {ckpt.name}: {error}")
             continue
@@ -254,91 +308,43 @@ def _start(view: RunView, step: int, notes: list[str]) -> State:
             notes.append(f"skipped {ckpt.name}: {problem}")
             continue
         name, why = _engine_name(view, step, meta)
-        backend = make_backend(config, dim, name)
-        backend.load_state(state)
-        queue = MemoryQueue(config.queue_size, dim)
-        queue.load_state(state)
+        state = _step_state(view, make_backend(config, view.dataset.dim, name))
+        state.backend.load_state(saved)
+        state.queue.load_state(saved)
         table_name = meta.get("mined_table")
         if table_name:
-            table = HardNegativeTable.load(view.run.mined / table_name)
-        else:
-            table = HardNegativeTable.empty(view.dataset.num_samples, config.mine_pool)
+            state.table = HardNegativeTable.load(view.run.mined / table_name)
         notes.append(
             f"from checkpoint {ckpt.name} (written on {meta.get('backend')}); re-ran {why}"
         )
-        begun = State(int(meta["step"]), backend, queue, table)
+        refreshes = SavedRefreshes(view, state, notes)
         mining = meta.get("mining")
         if mining and (view.run.mined / mining["queries"]).is_file():
-            schedule = MiningSchedule.of(config, view.plan)
-            refresh = load_refresh(mining, view.run.mined, schedule)
-            begun.taken[refresh.use] = (refresh.rows, refresh.queries)
-        return begun
+            refresh = load_refresh(mining, view.run.mined, state.mining)
+            refreshes.taken[refresh.use] = (refresh.rows, refresh.queries)
+        return int(meta["step"]), refreshes
     name, why = _engine_name(view, step, {})
     notes.append(f"from the initial parameters (no usable checkpoint <= {step}); re-ran {why}")
-    return State(
-        0,
-        make_backend(config, dim, name),
-        MemoryQueue(config.queue_size, dim),
-        HardNegativeTable.empty(view.dataset.num_samples, config.mine_pool),
-    )
+    state = _step_state(view, make_backend(config, view.dataset.dim, name))
+    return 0, SavedRefreshes(view, state, notes)
 
 
-def _take(view: RunView, state: State, schedule: MiningSchedule) -> None:
-    """At a take step whose table the run did not keep, encode that refresh's queries now."""
-    use = schedule.use_taken_at(state.step)
-    if use is None or _saved_table(view, use).is_file():
-        return
-    rows = schedule.rows(use)
-    queries = encode_rows(state.backend, view.dataset.gather, rows, label="re-mine: encode")
-    state.taken[use] = (rows, queries)
-
-
-def _mined_table(view: RunView, state: State, notes: list[str]) -> HardNegativeTable:
-    """The table the run put into use before step state.step: its saved file, else mined
-    again from the queries encoded at its take step."""
-    saved = _saved_table(view, state.step)
-    if saved.is_file():
-        notes.append(f"step {state.step}: mined table from {saved.relative_to(view.run.root)}")
-        return HardNegativeTable.load(saved)
-    c = view.config
-    logged = view.logged("mined", state.step)
-    name = logged[-1]["miner"] if logged else c.miner
-    miner = miners.get_for(c, name, user_cache_dir() / "index")
-    miner.build(view.dataset.bank, fingerprint=view.dataset.fingerprint)
-    rows, queries = state.taken.pop(state.step)
-    table, report = mine_table(miner, queries, view.dataset, rows, c, chunk_size=MINING_CHUNK)
-    if logged:
-        was = f"as the run did: {report.negatives} negatives (logged: {logged[-1]['negatives']})"
-    else:
-        was = f"the run logged no mining here (it stopped first): {report.negatives} negatives"
-    notes.append(f"step {state.step}: no {saved.name}; mined again with {name}, {was}")
-    return table
-
-
-def rebuild(view: RunView, step: int, notes: list[str]) -> tuple[State, Batch, str]:
-    """(state at `step`, step's batch, its rows' digest), re-running from the checkpoint before.
+def rebuild(view: RunView, step: int, notes: list[str]) -> tuple[StepState, Batch, str]:
+    """(state at `step`, step's batch, its rows' digest), re-running from the checkpoint before
+    with the trainer's own step (`training.step`).
 
     Appends what it did (checkpoint, engine, mined tables) to `notes`.
     """
-    c = view.config
-    mining = MiningSchedule.of(c, view.plan)
-    state = _start(view, step, notes)
-    schedule = LRSchedule.of(c, planned_steps(c, view.plan.batches_per_epoch))
+    at, refreshes = _start(view, step, notes)
+    state, solo = refreshes.state, Solo()
+    exclude_context = bool(view.config.exclude_context)
     while True:
-        if c.hard_negatives:
-            _take(view, state, mining)
-            if mining.is_use(state.step):
-                state.table = _mined_table(view, state, notes)
-        rows = view.plan.rows_for(state.step)
-        data = gather_step(view.dataset, state.step, rows, bool(c.exclude_context))
-        batch = assemble_batch(
-            data, state.table, state.queue, view.dataset.bank, c.hard_negatives, c.seed
-        )
-        if state.step == step:
-            return state, batch, data.digest
-        state.backend.step(batch, schedule.at(state.step))
-        state.queue.push(data.positive_ids, data.positive_vecs)
-        state.step += 1
+        data = gather_step(view.dataset, at, view.plan.rows_for(at), exclude_context)
+        prepared = prepare(at, data, state, refreshes, solo)
+        if at == step:
+            return state, prepared.batch, prepared.data.digest
+        update(at, prepared, state)
+        at += 1
 
 
 # --- comparing engines ------------------------------------------------------------------
