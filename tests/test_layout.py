@@ -162,3 +162,29 @@ def test_no_test_module_imports_another(tmp_path: Path) -> None:
     planted = copy / "test_atomic.py"
     planted.write_text(planted.read_text() + "\nfrom tests.test_queue import DIM\n")
     assert len(test_module_imports(copy)) == 1
+
+
+MODULE_LIMIT = 500  # lines; past ~400 a module usually holds two ideas (STYLE.md)
+
+
+def too_long(root: Path = ROOT, limit: int = MODULE_LIMIT) -> list[str]:
+    """'path: N lines' for every .py under root's twotower/ and reference/ longer than limit."""
+    files = sorted([*(root / "twotower").rglob("*.py"), *(root / "reference").rglob("*.py")])
+    counts = {path: len(path.read_text().splitlines()) for path in files}
+    return [f"{path.relative_to(root)}: {n} lines" for path, n in counts.items() if n > limit]
+
+
+def test_no_module_is_too_long_to_read() -> None:
+    assert too_long() == []
+
+
+def test_the_length_check_catches_a_long_module(tmp_path: Path) -> None:
+    """A negative control: a copy of the tree with one module grown past the limit."""
+    copy = tmp_path / "tree"
+    for folder in ("twotower", "reference"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    grown = copy / "twotower" / "training" / "step.py"
+    grown.write_text(grown.read_text() + "\n" * MODULE_LIMIT)
+    assert too_long(copy) == [
+        f"twotower/training/step.py: {len(grown.read_text().splitlines())} lines"
+    ]
