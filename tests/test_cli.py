@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,89 @@ def test_exclude_context_without_context_ids_is_one_line_exit_2(tmp_path: Path, 
     assert code == 2 and "\n" not in err
     assert "--exclude-context needs the bank ids of the context items (context_ids.npy)" in err
     assert not out.exists()
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from twotower.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+
+
+def test_every_train_flag_sits_in_one_topic_group() -> None:
+    from twotower.cli import FLAG_GROUPS
+
+    grouped = [name for names in FLAG_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(TrainConfig.field_names())  # each once, none missing
+    titles = [group.title for group in train_parser()._action_groups]
+    assert [t for t in titles if t in FLAG_GROUPS] == list(FLAG_GROUPS)
+
+
+def test_help_shows_the_default_of_every_flag_that_has_one() -> None:
+    """Each flag's help is sentences ending with its default; `train --help` prints them all."""
+    from twotower.cli import _default_text
+
+    helps = {
+        option: action.help or ""
+        for action in train_parser()._actions
+        for option in action.option_strings
+    }
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = helps[flag]
+        assert text[:1].isupper() and text.endswith("."), (flag, text)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if default is not None:
+            assert text.endswith(f"Default: {_default_text(default)}."), (flag, text)
+    assert helps["--hidden"].endswith("Default: 768.")
+    assert helps["--fallback"].endswith("Default: numpy.")
+    assert helps["--no-proj"].startswith("Meanpool without a projection")
+    printed = run_twotower("train", "--help").stdout
+    assert "Default: 500." in printed and "negatives and mining:" in printed
+    assert "twotower train --out runs/mine --resume" in printed
+
+
+def test_resume_takes_every_setting_from_the_runs_config(earlier_run: Path) -> None:
+    from twotower.cli import build_parser, config_from_args
+
+    stored = json.loads((earlier_run / "config.json").read_text())
+    args = ["train", "--out", str(earlier_run), "--resume"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert (config.out, config.resume, config.supervise) == (str(earlier_run), True, True)
+    for name in set(TrainConfig.field_names()) - {"out", "resume", "supervise"}:
+        assert getattr(config, name) == stored[name], name
+    # flags beside it override; the trainer refuses those that change the numbers
+    engine = config_from_args(build_parser().parse_args([*args, "--backend", "torch-cpu"]))
+    assert (engine.backend, engine.hidden) == ("torch-cpu", stored["hidden"])
+
+
+def test_resume_continues_with_nothing_but_out(earlier_run: Path, capsys) -> None:
+    """The stored run planned 3 steps at a cosine rate: a resume that asks for 5 is refused,
+    naming the setting; one with no setting beside it finishes (nothing left to train)."""
+    before = tree_digest(earlier_run)
+    resume = ["train", "--out", str(earlier_run), "--resume", "--no-supervise"]
+    assert main([*resume, "--steps", "5"]) == 2
+    assert "steps: 3 -> 5" in capsys.readouterr().err
+    assert tree_digest(earlier_run) == before
+    assert main(resume) == 0
+    assert "resumed from step-0000003" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_that_is_not_there_says_so(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"twotower: error: --resume: {tmp_path / 'none'} holds no run to continue "
+        "(no config.json); start one with --data DIR|FILE.npz or --demo"
+    )
+    assert not (tmp_path / "none").exists()
+
+
+def test_resume_reads_an_old_config_as_the_run_it_was(tmp_path: Path) -> None:
+    """A config.json from before an option existed resumes as that run did (ABSENT_MEANS)."""
+    old = TrainConfig(data="d", steps=10).to_dict()
+    del old["lr_schedule"], old["mine_lead"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    stored = TrainConfig.read_stored(tmp_path / "config.json")
+    assert (stored["lr_schedule"], stored["mine_lead"]) == ("constant", 0)
+    assert not {"out", "resume", "supervise"} & set(stored)
+    assert TrainConfig.from_dict(stored).numeric_differences(old) == []

@@ -81,6 +81,11 @@ EVAL_SPLITS = ("auto", "random", "group")
 # those, a resume with another --steps or --epochs changes the rate of every step after it.
 PLAN_FIELDS = ("steps", "epochs")
 
+# What --resume takes from its own command line, never from the run's config.json: where the
+# run is, that it continues, and whether this invocation is supervised (a supervised run's
+# config.json is written by its child, which runs unsupervised).
+PER_INVOCATION = ("out", "resume", "supervise")
+
 # Each engine's own knobs: TrainConfig field -> the engine's keyword option.
 MINER_SETTINGS = {
     "faiss": {
@@ -113,11 +118,14 @@ def default_out() -> str:
 MINE_SCOPES = ("upcoming", "all")
 
 
-def knob(default: Any, help: str) -> Any:
-    """A config field with its --help text; a callable default makes a fresh value each time."""
+def knob(default: Any, help: str, no_help: str | None = None) -> Any:
+    """A config field with its --help text, a sentence or two (`twotower train --help` adds
+    the default); no_help: the text of its `--no-` flag, for a switch that has one. A callable
+    default makes a fresh value each time."""
+    metadata = {"help": help} | ({"no_help": no_help} if no_help else {})
     if callable(default):
-        return field(default_factory=default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -125,122 +133,220 @@ class TrainConfig:
     """A training run. Paths are strings so the config round-trips through JSON and TOML."""
 
     # data and output
-    data: str | None = knob(None, "dataset directory or .npz file")
+    data: str | None = knob(
+        None,
+        "The dataset: a directory of .npy files, or a .npz file. Needed unless --demo, or "
+        "--resume of a run that names it.",
+    )
     out: str | None = knob(
-        None, "run directory (default runs/YYYYmmdd-HHMMSS; torchrun: runs/torchrun-RUN_ID)"
+        None,
+        "The run directory. Default: runs/YYYYmmdd-HHMMSS (under torchrun, runs/torchrun-RUN_ID).",
     )
-    demo: bool = knob(False, "train on built-in demo data (synthesized on first use)")
+    demo: bool = knob(
+        False,
+        "Train on built-in synthetic data (written on first use), with settings that finish "
+        "in about a minute.",
+    )
     # model
-    tower: str = knob("gru", "query tower: gru | meanpool")
-    proj: bool = knob(True, "meanpool: learn a projection (False: the parameter-free baseline)")
+    tower: str = knob("gru", "The query tower: gru or meanpool.")
+    proj: bool = knob(
+        True,
+        "Meanpool: learn a projection.",
+        no_help="Meanpool without a projection: the parameter-free baseline (`twotower eval` "
+        "evaluates it; there is nothing to train).",
+    )
     residual: str = knob(
-        "none", "gru: none | last (q = normalize(last context vector + proj(h)), proj starts at 0)"
+        "none",
+        "GRU: none, or last: q = normalize(last context vector + proj(h)), with proj starting "
+        "at 0.",
     )
-    hidden: int = knob(768, "GRU hidden size H")
-    layers: int = knob(1, "GRU layers L")
+    hidden: int = knob(768, "The GRU's hidden size H.")
+    layers: int = knob(1, "GRU layers L.")
     # engines
-    backend: str = knob("auto", "numpy | torch-cpu | torch-mps | torch-cuda | auto")
+    backend: str = knob(
+        "auto",
+        "The compute engine: numpy, torch-cpu, torch-mps, torch-cuda, or auto (torch-cpu where "
+        "torch is installed, else numpy).",
+    )
     fallback: list[str] = knob(
-        lambda: ["numpy"], "backends to switch to, in order, if one keeps crashing"
+        lambda: ["numpy"], "Backends to switch to, in order, when one keeps crashing."
     )
-    gru_path: str | None = knob(None, "torch GRU: packed | masked (default: masked on MPS)")
+    gru_path: str | None = knob(
+        None, "Torch's GRU: packed or masked. Default: masked on MPS, packed elsewhere."
+    )
     miner: str = knob(
-        "exact", "hard-negative miner: exact | faiss | hnswlib | auto (by bank and refresh size)"
+        "exact",
+        "The hard-negative miner: exact, faiss, hnswlib, or auto (chosen by the bank's and a "
+        "refresh's size).",
     )
-    miner_fallback: list[str] = knob(lambda: ["exact"], "miners to switch to if one crashes")
-    miner_isolation: str | None = knob(None, "process | none (default: process for faiss, hnswlib)")
+    miner_fallback: list[str] = knob(
+        lambda: ["exact"], "Miners to switch to, in order, when one crashes."
+    )
+    miner_isolation: str | None = knob(
+        None,
+        "Where the miner searches: process (a worker of its own) or none (in the trainer). "
+        "Default: process for faiss and hnswlib, none for exact.",
+    )
     threads: int | None = knob(
         None,
-        "threads of the trainer (default: every core; its share while the miner worker "
-        "searches beside training)",
+        "Threads of the trainer. Default: every core, and its share while the miner worker "
+        "searches beside training.",
     )
     miner_threads: int | None = knob(
-        None, "threads of the miner worker (default: every core; its share when mining overlaps)"
+        None,
+        "Threads of the miner worker. Default: every core, and its share while it searches "
+        "beside training.",
     )
-    miner_timeout: float = knob(600.0, "seconds without an answer before a miner is killed")
-    faiss_index: str = knob("Flat", "faiss index factory string: Flat, HNSW32, IVF4096,Flat, ...")
-    faiss_nprobe: int | None = knob(None, "faiss IVF lists searched per query (default 32)")
-    faiss_ef_search: int | None = knob(None, "faiss HNSW efSearch (default 128)")
-    faiss_ef_construction: int | None = knob(None, "faiss HNSW efConstruction (default 40)")
+    miner_timeout: float = knob(
+        600.0, "Seconds a miner may go without answering before it is killed."
+    )
+    faiss_index: str = knob(
+        "Flat", "The faiss index factory string: Flat, HNSW32, IVF4096,Flat, ..."
+    )
+    faiss_nprobe: int | None = knob(None, "Faiss IVF: lists searched per query. Default: 32.")
+    faiss_ef_search: int | None = knob(None, "Faiss HNSW: efSearch. Default: 128.")
+    faiss_ef_construction: int | None = knob(None, "Faiss HNSW: efConstruction. Default: 40.")
     faiss_train_rows: int | None = knob(
-        None, "faiss: bank rows sampled to train an IVF/PQ index (default max(10k, 40/list))"
+        None,
+        "Faiss IVF or PQ: bank rows sampled to train the index. Default: max(10k, 40 a list).",
     )
     faiss_target_recall: float | None = knob(
-        None, "faiss IVF without --faiss-nprobe: pick nprobe reaching this recall@32 vs exact"
+        None,
+        "Faiss IVF without --faiss-nprobe: pick the nprobe that reaches this recall@32 "
+        "against exact search. Default: none (nprobe 32).",
     )
-    hnswlib_m: int | None = knob(None, "hnswlib graph degree M (default 16)")
-    hnswlib_ef_construction: int | None = knob(None, "hnswlib ef_construction (default 200)")
-    hnswlib_ef: int | None = knob(None, "hnswlib search ef (default 128)")
-    eval_miner: str = knob("exact", "miner for evaluation (exact gives the reference numbers)")
-    tensorboard: str | None = knob(None, "also write the scalars here for TensorBoard")
+    hnswlib_m: int | None = knob(None, "The hnswlib graph's degree M. Default: 16.")
+    hnswlib_ef_construction: int | None = knob(
+        None, "The hnswlib graph's ef_construction. Default: 200."
+    )
+    hnswlib_ef: int | None = knob(None, "The hnswlib search's ef. Default: 128.")
+    eval_miner: str = knob(
+        "exact", "The engine that searches at evaluation (exact gives the reference numbers)."
+    )
+    tensorboard: str | None = knob(
+        None, "Also write the scalars to this directory, for TensorBoard. Default: none."
+    )
     # schedule
-    steps: int | None = knob(None, "total steps (default: --epochs)")
-    epochs: float = knob(1.0, "passes over the training samples, when --steps is not given")
-    batch_size: int = knob(32, "queries per step B")
+    steps: int | None = knob(
+        None, "Steps to train. Default: as many as --epochs passes over the training rows take."
+    )
+    epochs: float = knob(1.0, "Passes over the training rows, when --steps is not given.")
+    batch_size: int = knob(32, "Queries a step trains on, B.")
     # negatives
-    hard_negatives: int = knob(8, "mined hard negatives K per query; 0 turns mining off")
-    mine_every: int = knob(500, "steps between minings; the first is at step --mine-every")
+    hard_negatives: int = knob(8, "Mined hard negatives K a query; 0 turns mining off.")
+    mine_every: int = knob(
+        500,
+        "Steps between hard-negative refreshes; the first table is in use from step "
+        "--mine-every, so a shorter run never mines.",
+    )
     mine_scope: str = knob(
         "upcoming",
-        "rows a mining searches: upcoming (those the next --mine-every steps train on) | all",
+        "The rows a refresh mines: upcoming (those the next --mine-every steps train on) or all.",
     )
     mine_lead: int | None = knob(
         None,
-        "steps between encoding a mining's queries and using its table "
-        "(default --mine-every // 4; 0: encode at the step of use)",
+        "Steps between encoding a refresh's queries and putting its table into use (0: "
+        "encode at the step of use). Default: --mine-every // 4.",
     )
     mine_overlap: bool | None = knob(
         None,
-        "search while training continues (the numbers stay the same); "
-        "default: when the miner runs in its own process",
+        "Search while training goes on (the numbers stay the same). Default: when the miner "
+        "searches in a process of its own.",
+        no_help="Search while training waits, even when the miner has a process of its own.",
     )
-    mine_probe: int = knob(64, "queries of each approximate mining also searched exactly (recall)")
-    min_mining_recall: float = knob(0.9, "warn when the miner's recall against exact is below this")
-    mine_skip: int = knob(0, "mined ranks kept are [skip, skip + pool)")
-    mine_pool: int = knob(32, "mined candidates kept per query")
-    absolute_margin: float | None = knob(None, "drop candidates scoring above positive - margin")
-    relative_margin: float | None = knob(None, "drop candidates above (1 - margin) * positive")
-    max_score: float | None = knob(None, "drop candidates scoring above this")
-    queue_size: int = knob(4096, "memory-bank queue size Q; 0 turns it off")
+    mine_probe: int = knob(
+        64, "Queries of each approximate refresh also searched exactly, to measure its recall."
+    )
+    min_mining_recall: float = knob(
+        0.9, "Warn when an approximate miner's recall against exact search is below this."
+    )
+    mine_skip: int = knob(0, "Top mined ranks to skip: a table keeps ranks [skip, skip + pool).")
+    mine_pool: int = knob(32, "Mined candidates kept a query.")
+    absolute_margin: float | None = knob(
+        None, "Drop a mined candidate scoring above the positive's score minus this. Default: off."
+    )
+    relative_margin: float | None = knob(
+        None, "Drop a mined candidate scoring above (1 - this) x the positive's. Default: off."
+    )
+    max_score: float | None = knob(None, "Drop a mined candidate scoring above this. Default: off.")
+    queue_size: int = knob(4096, "The memory-bank queue's size Q; 0 turns it off.")
     exclude_context: bool | None = knob(
         None,
-        "mask a query's own context items out of its negatives and its evaluation ranking "
-        "(default: on when the data has context_ids.npy)",
+        "Mask a query's own context items out of its negatives and its evaluation ranking. "
+        "Default: on when the data has context_ids.npy.",
+        no_help="Keep a query's own context items among its negatives and in its evaluation "
+        "ranking.",
     )
     # loss and optimizer
-    temperature: float = knob(0.05, "InfoNCE temperature tau")
-    lr: float = knob(1e-3, "AdamW learning rate (the peak, with a schedule)")
-    lr_schedule: str = knob("cosine", "after warm-up: constant | linear | cosine (decay to 0)")
-    warmup_steps: int | None = knob(None, "linear warm-up steps W (wins over --warmup-share)")
-    warmup_share: float = knob(0.05, "warm-up as a share of the planned steps, rounded up")
-    weight_decay: float = knob(0.01, "AdamW decoupled weight decay")
-    max_grad_norm: float = knob(1.0, "global gradient-norm clip")
-    seed: int = knob(0, "seed of init, batch order and sampling")
+    temperature: float = knob(0.05, "The InfoNCE temperature tau.")
+    lr: float = knob(1e-3, "The AdamW learning rate (the peak, with a schedule).")
+    lr_schedule: str = knob(
+        "cosine",
+        "The rate after warm-up: constant, linear or cosine (the last two decay to 0 at the "
+        "planned last step).",
+    )
+    warmup_steps: int | None = knob(
+        None,
+        "Linear warm-up steps W; wins over --warmup-share. Default: --warmup-share of the "
+        "planned steps.",
+    )
+    warmup_share: float = knob(0.05, "Warm-up as a share of the planned steps, rounded up.")
+    weight_decay: float = knob(0.01, "AdamW's decoupled weight decay.")
+    max_grad_norm: float = knob(1.0, "The global gradient-norm clip.")
+    seed: int = knob(
+        0, "The seed of the initial parameters, the held-out split, the batch order and sampling."
+    )
     # bookkeeping
-    checkpoint_every: int = knob(200, "steps between checkpoints")
-    keep_checkpoints: int = knob(3, "checkpoints kept (oldest pruned after a commit)")
+    checkpoint_every: int = knob(
+        200, "Steps between checkpoints (one is also written at the end, and on Ctrl-C)."
+    )
+    keep_checkpoints: int = knob(
+        3, "Checkpoints kept; the oldest is pruned once a new one is committed."
+    )
     eval_every: int | None = knob(
         None,
-        "steps between evaluations (0: at the start and the end only; default: auto, at a "
-        "cost of about 4 percent of the training compute, at most 4 times an epoch)",
+        "Steps between evaluations on the held-out rows (0: at the start and the end only). "
+        "Default: as often as about 4 percent of the training compute allows, at most 4 "
+        "times an epoch.",
     )
-    eval_fraction: float = knob(0.05, "held-out share of the samples")
-    max_eval: int = knob(2000, "at most this many held-out queries")
+    eval_fraction: float = knob(0.05, "The held-out share of the samples.")
+    max_eval: int = knob(2000, "Held-out queries, at most.")
     eval_split: str = knob(
-        "auto", "held-out rows: random | group (whole groups.npy groups) | auto (group if any)"
+        "auto",
+        "How held-out rows are chosen: random, group (whole groups of groups.npy), or auto "
+        "(group when the data has groups).",
     )
-    eval_data: str | None = knob(None, "a validation set (dataset) to evaluate on instead")
-    select_metric: str = knob("mrr@100", f"held-out metric best/ keeps: {' | '.join(METRICS)}")
-    patience: int = knob(0, "stop after this many evaluations without improvement (0: never)")
+    eval_data: str | None = knob(
+        None, "A validation dataset to evaluate on instead of held-out rows. Default: none."
+    )
+    select_metric: str = knob(
+        "mrr@100", f"The held-out metric best/ keeps the best of: {', '.join(METRICS)}."
+    )
+    patience: int = knob(
+        0, "Stop after this many evaluations without improvement (0: never stop early)."
+    )
     # supervision
-    max_restarts: int = knob(3, "restarts after crashes before giving up (exit code 3)")
-    hang_timeout: float | None = knob(None, "seconds without a heartbeat before the watchdog kills")
-    resume: bool = knob(False, "continue the run in --out from its newest valid checkpoint")
-    supervise: bool = knob(True, "run the trainer in a supervised child process")
-    deterministic: bool = knob(False, "torch: use_deterministic_algorithms")
+    max_restarts: int = knob(3, "Restarts after crashes before giving up (exit code 3).")
+    hang_timeout: float | None = knob(
+        None,
+        "Seconds without a heartbeat before the watchdog ends a stalled trainer. Default: no "
+        "watchdog.",
+    )
+    resume: bool = knob(
+        False,
+        "Continue the run in --out from its newest valid checkpoint, with the settings in its "
+        "config.json; a flag beside it may change only what leaves the numbers the same "
+        "(engines, threads, logging, timeouts).",
+    )
+    supervise: bool = knob(
+        True,
+        "Train in a supervised child process, restarted after a native crash.",
+        no_help="Train in this process, without a supervisor: a native crash ends the run.",
+    )
+    deterministic: bool = knob(False, "Torch: use_deterministic_algorithms.")
     # torchrun
     collective_timeout: float = knob(
-        1800.0, "torchrun: seconds a rank waits in a collective for the others before failing"
+        1800.0, "Torchrun: seconds a rank waits in a collective for the others before failing."
     )
 
     def __post_init__(self) -> None:
@@ -363,6 +469,14 @@ class TrainConfig:
         if unknown:
             raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         return values
+
+    @classmethod
+    def read_stored(cls, path: str | Path) -> dict[str, Any]:
+        """The settings of a run's config.json that --resume continues with: a key the file
+        lacks (a run made before that option existed) reads as what such a run did
+        (ABSENT_MEANS); PER_INVOCATION keys are left to the command that resumes."""
+        stored = {**ABSENT_MEANS, **cls.read_file(path)}
+        return {key: value for key, value in stored.items() if key not in PER_INVOCATION}
 
     @property
     def mining_lead(self) -> int:
