@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,16 +26,46 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_twotower(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m twotower ARGS` in a child; returns its exit code and output."""
+def run_twotower(
+    *args: str, timeout: float = 300, cwd: Path = REPO, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m twotower ARGS` in a child started in `cwd`; returns its exit code and output."""
     return subprocess.run(
         [sys.executable, "-m", "twotower", *args],
         env=child_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
     )
+
+
+def signal_after_steps(
+    run: Path, signum: int, steps: int, *args: str, cwd: Path = REPO, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Start `python -m twotower ARGS` in `cwd`, send it `signum` (a real signal, as Ctrl-C
+    or a scheduler sends) once RUN/metrics.jsonl holds `steps` step records, and wait."""
+    from twotower.training.rundir import read_metrics
+
+    def logged() -> int:
+        if not (run / "metrics.jsonl").exists():
+            return 0
+        return sum(record["event"] == "step" for record in read_metrics(run / "metrics.jsonl"))
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "twotower", *args],
+        env=child_env(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while logged() < steps and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signum)
+    out, err = child.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
 def train_in_child(

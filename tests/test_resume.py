@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.processes import train_in_child
+from tests.processes import signal_after_steps, train_in_child
 from tests.runs import BATCH, STEPS, TRAIN_ARGS, step_digests
 from twotower import backends
 from twotower.data import synthesize
@@ -157,31 +156,12 @@ def test_a_different_run_differs(
 
 def test_sigterm_checkpoints_and_exits_130(dataset: Path, tmp_path: Path) -> None:
     """A real SIGTERM mid-run: a checkpoint of the current step, exit code 130, then resumable."""
-    import subprocess
-    import sys
-
-    from tests.processes import REPO, child_env
-
     out = tmp_path / "run"
     args = ["--data", str(dataset), "--out", str(out), "--backend", "numpy", *TRAIN_ARGS]
     args[args.index("--steps") + 1] = "100000"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "twotower", "train", *args],
-        env=child_env(),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while (
-        time.monotonic() < deadline
-        and len(step_digests(out) if (out / "metrics.jsonl").exists() else {}) < 5
-    ):
-        time.sleep(0.2)
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stderr
+    stopped = signal_after_steps(out, signal.SIGTERM, 5, "train", *args)
+    stderr = stopped.stderr
+    assert stopped.returncode == 130, stderr
     done = max(step_digests(out))
     meta, _ = load_checkpoint(out)
     assert meta["step"] == done

@@ -340,3 +340,44 @@ def test_eval_ranks_every_row_of_a_test_set_without_its_context(
     # negative control: what is reported is the masked ranking)
     assert reported["last item"]["recall@1"] >= 0.95
     assert unmasked["last item"]["recall@1"] <= 5 / len(rows)
+
+
+def test_a_planned_run_that_never_mines_says_so_at_start(small_data: Path, tmp_path: Path) -> None:
+    """12 planned steps at the default --mine-every 500: no refresh is ever in use, and the
+    log says so at the start with the flag to change; likewise for --eval-every 20."""
+    base = dict(data=str(small_data), backend="numpy", hidden=8, steps=12, supervise=False)
+    train(TrainConfig(**base, out=str(tmp_path / "never"), eval_every=20, max_eval=20))
+    log_text = (tmp_path / "never" / "log.txt").read_text()
+    assert (
+        "no hard negatives: the 12 planned steps end before the first refresh, at step 500 "
+        "(--mine-every, the default); pass --mine-every N with N < 12 to mine" in log_text
+    )
+    assert (
+        "no evaluation between the start and the end: the 12 planned steps end before the "
+        "first, at step 20" in log_text
+    )
+    assert "evaluating every 20 steps (as --eval-every says)" in log_text
+    assert not events(tmp_path / "never", "mined")
+    # negative control: a plan that reaches a refresh says nothing of the kind, and mines
+    train(TrainConfig(**base, out=str(tmp_path / "mines"), mine_every=5, max_eval=20))
+    log_text = (tmp_path / "mines" / "log.txt").read_text()
+    assert "no hard negatives" not in log_text and "no evaluation between" not in log_text
+    assert [r["step"] for r in events(tmp_path / "mines", "mined")] == [5, 10]
+
+
+def test_the_demo_with_fewer_steps_than_its_mining_cadence_warns() -> None:
+    """`--demo --miner faiss --steps 300`: the demo mines every 400 steps, so faiss would never
+    be called; the warning names the demo's setting, and the evaluation line does not claim
+    the user asked for --eval-every."""
+    from twotower.cli import build_parser, config_from_args
+    from twotower.training.cadence import plan_gaps, said_by
+
+    args = build_parser().parse_args("train --demo --miner faiss --steps 300".split())
+    config = config_from_args(args)
+    (mining, _) = plan_gaps(config, 300, config.eval_every or 0)
+    assert "at step 400 (--mine-every, the demo's setting); --miner faiss is never used" in mining
+    assert said_by(config, "eval_every") == "the demo's setting"
+    asked = config_from_args(build_parser().parse_args("train --demo --eval-every 50".split()))
+    assert said_by(asked, "eval_every") == "as --eval-every says"
+    assert said_by(asked, "mine_every") == "the demo's setting"
+    assert said_by(TrainConfig(data="d"), "mine_every") == "the default"

@@ -51,7 +51,8 @@ def check_run_dir(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
     if differences and has_checkpoints:
         raise UsageError(
             f"{run.config}: --resume with settings that change the numbers "
-            f"({'; '.join(differences)}); start a new run with another --out"
+            f"({'; '.join(differences)}); leave them out to continue with the run's own, "
+            "or start a new run with another --out"
         )
     return stored
 

@@ -28,7 +28,13 @@ from twotower.process.crash_dump import die_with_parent, enable_crash_dumps
 from twotower.process.openmp import openmp_runtimes
 from twotower.process.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import StepPlan
-from twotower.training.cadence import EVAL_BUDGET, EVALS_PER_EPOCH, auto_eval_every
+from twotower.training.cadence import (
+    EVAL_BUDGET,
+    EVALS_PER_EPOCH,
+    auto_eval_every,
+    plan_gaps,
+    said_by,
+)
 from twotower.training.demo import demo_dataset
 from twotower.training.distributed import Group, check_config, launched_world
 from twotower.training.heartbeat import Heartbeat
@@ -164,7 +170,7 @@ def _eval_cadence(config: TrainConfig, dataset: Dataset, split: HeldOut, plan: S
     """--eval-every, or the automatic cadence (cadence.py), logged either way."""
     if config.eval_every is not None:
         every = config.eval_every
-        how = "as --eval-every says" if every else "only at the start and the end"
+        how = said_by(config, "eval_every")
     else:
         every = auto_eval_every(
             config,
@@ -276,6 +282,8 @@ def _load(
     queue = MemoryQueue(c.queue_size, dataset.dim)
     table = HardNegativeTable.empty(dataset.num_samples, c.mine_pool)
     mining = MiningSchedule.of(c, plan)
+    for gap in plan_gaps(c, total, eval_every) if group.writes_run_files else []:
+        log.warning("%s", gap)
     restored = restore(c, a.run, backend, queue, table, mining)
     step = restored.step
     mirror = getattr(backend, "queue_mirror", None)  # the ring on the backend's device

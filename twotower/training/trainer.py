@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from twotower.errors import EXIT_INTERRUPTED, EXIT_OK
 from twotower.training import step as one_step
 from twotower.training.batching import Prefetcher, StepData
 from twotower.training.checkpoint import BEST_DIR, CheckpointError, load_checkpoint, save_checkpoint
+from twotower.training.rundir import read_metrics
 from twotower.training.setup import OpenedRun, WorkerDeathReporter, open_run
 
 log = logging.getLogger("twotower")
@@ -78,15 +80,16 @@ class Trainer:
 
     # --- evaluations and checkpoints ---------------------------------------------------------
 
-    def _evaluate(self, step: int, report: bool = False) -> dict[str, float]:
+    def _evaluate(self, step: int, report: bool = False, select: bool = True) -> dict[str, float]:
         """Evaluate on the held-out rows; keep RUN/best/ when the selection metric improves.
-        report: log the tower beside the baselines (the first and the last evaluation).
+        report: log the tower beside the baselines (the first and the last evaluation);
+        select=False: one off the cadence, which model selection never sees (Validator).
         Only the process that writes run files evaluates (rank 0 under torchrun)."""
         validator = self.run.validator
         if validator is None:
             return self.last_metrics
         self.run.points.enter("encode", step)
-        metrics, improved = validator.evaluate(step, self.run.state.backend)
+        metrics, improved = validator.evaluate(step, self.run.state.backend, select)
         if improved:
             self._save_best(step, metrics)
         if report:
@@ -270,29 +273,23 @@ class Trainer:
                     self._checkpoint(step, metrics)
                     name = signal.Signals(run.points.stop_signal or signal.SIGINT).name
                     run.metrics.write("interrupted", step=step, signal=name)
-                    log.warning(
-                        "%s: checkpoint written at step %d; resume with --resume", name, step
-                    )
+                    log.warning("%s: checkpoint written at step %d", name, step)
                     exit_code = EXIT_INTERRUPTED
-                except (
-                    KeyboardInterrupt
-                ):  # a second signal, maybe mid-update: no checkpoint of that
+                    metrics = self._evaluate_stop(step, metrics)
+                except KeyboardInterrupt:  # a second signal, maybe mid-update: no checkpoint
                     step, metrics = self.steps_done, self.last_metrics
                     run.metrics.write("interrupted", step=step, signal="SIGINT", checkpoint=False)
-                    log.warning("stopped at once: resume with --resume from the newest checkpoint")
+                    log.warning("stopped at once, without a checkpoint of step %d", step)
                     exit_code = EXIT_INTERRUPTED
         finally:
             if run.scalars is not None:
                 run.scalars.close()
             run.group.close()
-        if metrics_before:
-            log.info(
-                "recall@10 before: %.4f, after: %.4f (%d steps)",
-                metrics_before.get("recall@10", 0.0),
-                metrics.get("recall@10", 0.0),
-                step,
-            )
+        self._summarize(metrics_before, metrics)
         best = self._report_best_and_cost(time.perf_counter() - started)
+        if exit_code == EXIT_INTERRUPTED:  # the last line: the command that goes on from here
+            command = f"twotower train --out {shlex.quote(str(self.config.out))} --resume"
+            log.warning("resume with: %s", command)
         return RunResult(
             run_dir=run.run.root,
             exit_code=exit_code,
@@ -305,6 +302,39 @@ class Trainer:
             best_metrics=best[1],
             stopped_early=self.stopped_early,
         )
+
+    def _evaluate_stop(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """After a stop request: an evaluation at `step` for the summary, unless the newest
+        one is at `step`; model selection never sees it, so the resumed run selects as the
+        uninterrupted one. A second signal skips it (the checkpoint is written)."""
+        validator = self.run.validator
+        if validator is None or validator.last_step == step:
+            return metrics
+        try:
+            return self._evaluate(step, report=True, select=False)
+        except KeyboardInterrupt:
+            return metrics
+
+    def _summarize(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Log recall@10 at step 0 and at the newest evaluation, naming both steps. A resumed
+        run reads its step-0 evaluation from metrics.jsonl."""
+        v = self.run.validator
+        if v is None or v.last_step is None:
+            return
+        if not before:
+            at_start = (
+                r
+                for r in read_metrics(self.run.run.metrics)
+                if r["event"] == "eval" and r["step"] == 0
+            )
+            before = next(at_start, {})
+        if "recall@10" in before and "recall@10" in after:
+            log.info(
+                "recall@10 at step 0: %.4f, at step %d: %.4f",
+                before["recall@10"],
+                v.last_step,
+                after["recall@10"],
+            )
 
     def _report_best_and_cost(self, seconds: float) -> tuple[int | None, dict[str, float]]:
         """Log where best/ stands and the share of this attempt's time spent evaluating;

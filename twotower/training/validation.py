@@ -21,7 +21,8 @@ class Validator:
     """Evaluates a backend's tower on `split`'s held-out rows with `miner` (built over the
     held-out rows' bank), logs each evaluation to `metrics`, and tracks `selection`.
 
-    seconds: wall time spent evaluating (baselines included); count: evaluations made.
+    seconds: wall time spent evaluating (baselines included); count: evaluations made;
+    last_step: the step of the newest evaluation (None: none yet in this process).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class Validator:
         self.selection = selection
         self.seconds = 0.0
         self.count = 0
+        self.last_step: int | None = None
         self._baselines: dict[str, dict[str, float]] | None = None
 
     @property
@@ -58,9 +60,15 @@ class Validator:
         """Whether the ranking drops each query's own context items (--exclude-context)."""
         return bool(self.config.exclude_context)
 
-    def evaluate(self, step: int, backend: Backend) -> tuple[dict[str, float], bool]:
+    def evaluate(
+        self, step: int, backend: Backend, select: bool = True
+    ) -> tuple[dict[str, float], bool]:
         """(metrics, improved): the tower now, and whether it beats every earlier evaluation
-        on the selection metric. Logged as an "eval" record with its seconds and lift."""
+        on the selection metric. Logged as an "eval" record with its seconds and lift.
+
+        select=False: an evaluation off the run's cadence (the summary of an interrupted
+        run) that model selection never sees (improved is False), so best/ and --patience
+        go on as the uninterrupted run's; its record says "selected": false."""
         started = time.perf_counter()
         metrics = evaluate(
             backend, self.split.eval_dataset, self.split.eval_rows, self.miner, self.masking
@@ -68,7 +76,8 @@ class Validator:
         seconds = time.perf_counter() - started
         self.seconds += seconds
         self.count += 1
-        improved = self.selection.update(step, metrics)
+        self.last_step = step
+        improved = self.selection.update(step, metrics) if select else False
         comparison = self.compare(metrics)
         self.metrics.write(
             "eval",
@@ -77,6 +86,7 @@ class Validator:
             seconds=round(seconds, 3),
             best=improved,
             lift=round(comparison.lift, 4),
+            **({} if select else {"selected": False}),
             **metrics,
         )
         log.info(
@@ -85,7 +95,7 @@ class Validator:
             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
             comparison.lift_text(),
             comparison.best_baseline,
-            ", best so far" if improved else "",
+            ", best so far" if improved else "" if select else ", off the cadence (not selected)",
         )
         return metrics, improved
 
