@@ -258,11 +258,13 @@ def test_resume_of_a_run_that_is_not_there_says_so(tmp_path: Path, capsys) -> No
 
 
 def test_resume_reads_an_old_config_as_the_run_it_was(tmp_path: Path) -> None:
-    """A config.json from before an option existed resumes as that run did (ABSENT_MEANS)."""
+    """A config.json from before an option existed resumes as that run did (ABSENT_MEANS);
+    one with an option since removed still resumes."""
     old = TrainConfig(data="d", steps=10).to_dict()
     del old["lr_schedule"], old["mine_lead"]
+    old["an_option_since_removed"] = 1
     (tmp_path / "config.json").write_text(json.dumps(old))
     stored = TrainConfig.read_stored(tmp_path / "config.json")
     assert (stored["lr_schedule"], stored["mine_lead"]) == ("constant", 0)
-    assert not {"out", "resume", "supervise"} & set(stored)
+    assert not {"out", "resume", "supervise", "an_option_since_removed"} & set(stored)
     assert TrainConfig.from_dict(stored).numeric_differences(old) == []

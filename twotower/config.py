@@ -474,9 +474,14 @@ class TrainConfig:
     def read_stored(cls, path: str | Path) -> dict[str, Any]:
         """The settings of a run's config.json that --resume continues with: a key the file
         lacks (a run made before that option existed) reads as what such a run did
-        (ABSENT_MEANS); PER_INVOCATION keys are left to the command that resumes."""
-        stored = {**ABSENT_MEANS, **cls.read_file(path)}
-        return {key: value for key, value in stored.items() if key not in PER_INVOCATION}
+        (ABSENT_MEANS); PER_INVOCATION keys are left to the command that resumes, and a key
+        no field has any more is left out (as `numeric_differences` leaves it out)."""
+        try:
+            stored = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{path}: unreadable ({error}); cannot resume") from None
+        kept = set(cls.field_names()) - set(PER_INVOCATION)
+        return {**ABSENT_MEANS, **{key: value for key, value in stored.items() if key in kept}}
 
     @property
     def mining_lead(self) -> int:
