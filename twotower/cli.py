@@ -118,9 +118,10 @@ def _parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _field_type(annotation: str) -> Callable[[str], Any]:
+def _field_type(annotation: str) -> tuple[Callable[[str], Any], str]:
+    """A field's annotation -> (the parser of its flag's value, the value's default metavar)."""
     base = annotation.replace(" | None", "")
-    return {"int": int, "float": float, "str": str}[base]
+    return {"int": (int, "N"), "float": (float, "X"), "str": (str, "NAME")}[base]
 
 
 def _default_text(value: Any) -> str:
@@ -160,10 +161,13 @@ def _add_field_flags(group: Any, f: Field[Any], note: str = "") -> None:
             flag, type=_parse_list, default=argparse.SUPPRESS, metavar="A,B", help=help_text
         )
     else:
-        kind = _field_type(str(f.type))
-        metavar = METAVARS.get(f.name, {int: "N", float: "X", str: "NAME"}[kind])
+        kind, metavar = _field_type(str(f.type))
         group.add_argument(
-            flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_text
+            flag,
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=METAVARS.get(f.name, metavar),
+            help=help_text,
         )
 
 
