@@ -255,6 +255,10 @@ def test_resume_of_a_run_that_is_not_there_says_so(tmp_path: Path, capsys) -> No
         "(no config.json); start one with --data DIR|FILE.npz or --demo"
     )
     assert not (tmp_path / "none").exists()
+    assert main(["train", "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "twotower: error: --resume needs --out RUN: the run directory to continue"
+    )
 
 
 def test_resume_reads_an_old_config_as_the_run_it_was(tmp_path: Path) -> None:

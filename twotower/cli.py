@@ -221,6 +221,8 @@ def _resumed_settings(asked: dict[str, Any]) -> dict[str, Any]:
     if path.is_file():
         return {**TrainConfig.read_stored(path), "out": out}
     if asked.get("data") is None and not asked.get("demo"):
+        if not asked.get("out"):
+            raise UsageError("--resume needs --out RUN: the run directory to continue")
         raise UsageError(
             f"--resume: {out} holds no run to continue (no config.json); "
             "start one with --data DIR|FILE.npz or --demo"
