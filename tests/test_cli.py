@@ -189,7 +189,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def test_every_train_flag_sits_in_one_topic_group() -> None:
-    from twotower.cli import FLAG_GROUPS
+    from twotower.train_flags import FLAG_GROUPS
 
     grouped = [name for names in FLAG_GROUPS.values() for name in names]
     assert sorted(grouped) == sorted(TrainConfig.field_names())  # each once, none missing
@@ -199,7 +199,7 @@ def test_every_train_flag_sits_in_one_topic_group() -> None:
 
 def test_help_shows_the_default_of_every_flag_that_has_one() -> None:
     """Each flag's help is sentences ending with its default; `train --help` prints them all."""
-    from twotower.cli import _default_text
+    from twotower.train_flags import default_text
 
     helps = {
         option: action.help or ""
@@ -212,7 +212,7 @@ def test_help_shows_the_default_of_every_flag_that_has_one() -> None:
         assert text[:1].isupper() and text.endswith("."), (flag, text)
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if default is not None:
-            assert text.endswith(f"Default: {_default_text(default)}."), (flag, text)
+            assert text.endswith(f"Default: {default_text(default)}."), (flag, text)
     assert helps["--hidden"].endswith("Default: 768.")
     assert helps["--fallback"].endswith("Default: numpy.")
     assert helps["--no-proj"].startswith("Meanpool without a projection")
