@@ -381,3 +381,54 @@ def test_the_demo_with_fewer_steps_than_its_mining_cadence_warns() -> None:
     assert said_by(asked, "eval_every") == "as --eval-every says"
     assert said_by(asked, "mine_every") == "the demo's setting"
     assert said_by(TrainConfig(data="d"), "mine_every") == "the default"
+
+
+def test_a_stop_between_evaluations_evaluates_for_the_summary_only(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after step 7 of 12 (evaluations every 5): the stop evaluates at 7 for the
+    summary, but model selection never sees it, so the resumed run keeps best/ and ends
+    bitwise where the run never stopped does."""
+    from twotower.training.trainer import Trainer
+
+    def config(out: str, resume: bool = False) -> TrainConfig:
+        return TrainConfig(
+            data=str(small_data),
+            out=str(tmp_path / out),
+            backend="numpy",
+            hidden=8,
+            steps=12,
+            eval_every=5,
+            max_eval=30,
+            mine_every=4,
+            supervise=False,
+            resume=resume,
+        )
+
+    straight = train(config("straight"))
+    stopping = Trainer(config("run"))
+    monkeypatch.setattr(stopping, "_stop_requested", lambda: stopping.steps_done == 7)
+    stopped = stopping.run_training()
+    assert (stopped.exit_code, stopped.steps) == (130, 7)
+    evals = events(tmp_path / "run", "eval")
+    assert [(r["step"], r.get("selected", True)) for r in evals] == [
+        (0, True),
+        (5, True),
+        (7, False),
+    ]
+    assert stopped.metrics == {k: evals[-1][k] for k in stopped.metrics}
+    log_text = (tmp_path / "run" / "log.txt").read_text()
+    assert "recall@10 at step 0: " in log_text and ", at step 7: " in log_text
+    assert log_text.rstrip().endswith(
+        f"resume with: twotower train --out {tmp_path / 'run'} --resume"
+    )
+
+    resumed = train(config("run", resume=True))
+    assert resumed.steps == 12
+    for which in ("latest", "best"):
+        meta, state = load_checkpoint(tmp_path / "run", which=which)
+        expected_meta, expected = load_checkpoint(tmp_path / "straight", which=which)
+        assert meta["step"] == expected_meta["step"], which
+        for name, value in expected.items():
+            np.testing.assert_array_equal(state[name], value, err_msg=f"{which}: {name}")
+    assert straight.best_step == resumed.best_step
