@@ -389,6 +389,7 @@ def test_a_stop_between_evaluations_evaluates_for_the_summary_only(
     """Stopped after step 7 of 12 (evaluations every 5): the stop evaluates at 7 for the
     summary, but model selection never sees it, so the resumed run keeps best/ and ends
     bitwise where the run never stopped does."""
+    from twotower.training.setup import open_run
     from twotower.training.trainer import Trainer
 
     def config(out: str, resume: bool = False) -> TrainConfig:
@@ -406,9 +407,13 @@ def test_a_stop_between_evaluations_evaluates_for_the_summary_only(
         )
 
     straight = train(config("straight"))
-    stopping = Trainer(config("run"))
+    opened = open_run(config("run"), None)
+    stopping = Trainer(opened)
     monkeypatch.setattr(stopping, "_stop_requested", lambda: stopping.steps_done == 7)
-    stopped = stopping.run_training()
+    try:
+        stopped = stopping.train()
+    finally:
+        opened.points.close()
     assert (stopped.exit_code, stopped.steps) == (130, 7)
     evals = events(tmp_path / "run", "eval")
     assert [(r["step"], r.get("selected", True)) for r in evals] == [

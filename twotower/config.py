@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,47 +19,8 @@ from reference.optim import LR_SCHEDULES
 from twotower.errors import UsageError
 from twotower.towers import RESIDUALS
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 TORCHRUN_ID_ENV = "TORCHELASTIC_RUN_ID"
 
-# Fields that change the numbers a run computes. Resuming with another value of one of
-# these is refused; everything else (engines, checkpoint cadence, output) may change.
-NUMERIC_FIELDS = (
-    "data",
-    "tower",
-    "proj",
-    "residual",
-    "hidden",
-    "layers",
-    "batch_size",
-    "hard_negatives",
-    "mine_every",
-    "mine_lead",
-    "mine_scope",
-    "mine_skip",
-    "mine_pool",
-    "absolute_margin",
-    "relative_margin",
-    "max_score",
-    "queue_size",
-    "exclude_context",
-    "temperature",
-    "lr",
-    "lr_schedule",
-    "warmup_steps",
-    "warmup_share",
-    "weight_decay",
-    "max_grad_norm",
-    "seed",
-    "eval_fraction",
-    "max_eval",
-    "eval_split",
-    "eval_data",
-)
 # What a config.json written before a field existed means by leaving it out, where that differs
 # from today's default: such a run trained with a constant rate and split at random, and
 # mined every training row, encoded at the step of use.
@@ -80,11 +40,6 @@ EVAL_SPLITS = ("auto", "random", "group")
 # Fields a decaying schedule (or a warm-up share) reads through the planned total S: with
 # those, a resume with another --steps or --epochs changes the rate of every step after it.
 PLAN_FIELDS = ("steps", "epochs")
-
-# What --resume takes from its own command line, never from the run's config.json: where the
-# run is, that it continues, and whether this invocation is supervised (a supervised run's
-# config.json is written by its child, which runs unsupervised).
-PER_INVOCATION = ("out", "resume", "supervise")
 
 # Each engine's own knobs: TrainConfig field -> the engine's keyword option.
 MINER_SETTINGS = {
@@ -118,11 +73,23 @@ def default_out() -> str:
 MINE_SCOPES = ("upcoming", "all")
 
 
-def knob(default: Any, help: str, no_help: str | None = None) -> Any:
+def knob(
+    default: Any,
+    help: str,
+    no_help: str | None = None,
+    *,
+    numeric: bool = False,
+    at_least: int | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A config field with its --help text, a sentence or two (`twotower train --help` adds
     the default); no_help: the text of its `--no-` flag, for a switch that has one. A callable
-    default makes a fresh value each time."""
-    metadata = {"help": help} | ({"no_help": no_help} if no_help else {})
+    default makes a fresh value each time. numeric: the field changes the numbers a run
+    computes (a resume with another value is refused); at_least, choices: the values
+    `TrainConfig.validate` accepts (None passes: it means "the default rule")."""
+    metadata = {"help": help, "numeric": numeric, "at_least": at_least, "choices": choices}
+    if no_help:
+        metadata["no_help"] = no_help
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -137,6 +104,7 @@ class TrainConfig:
         None,
         "The dataset: a directory of .npy files, or a .npz file. Needed unless --demo, or "
         "--resume of a run that names it.",
+        numeric=True,
     )
     out: str | None = knob(
         None,
@@ -148,20 +116,25 @@ class TrainConfig:
         "in about a minute.",
     )
     # model
-    tower: str = knob("gru", "The query tower: gru or meanpool.")
+    tower: str = knob(
+        "gru", "The query tower: gru or meanpool.", numeric=True, choices=("gru", "meanpool")
+    )
     proj: bool = knob(
         True,
         "Meanpool: learn a projection.",
         no_help="Meanpool without a projection: the parameter-free baseline (`twotower eval` "
         "evaluates it; there is nothing to train).",
+        numeric=True,
     )
     residual: str = knob(
         "none",
         "GRU: none, or last: q = normalize(last context vector + proj(h)), with proj starting "
         "at 0.",
+        numeric=True,
+        choices=RESIDUALS,
     )
-    hidden: int = knob(768, "The GRU's hidden size H.")
-    layers: int = knob(1, "GRU layers L.")
+    hidden: int = knob(768, "The GRU's hidden size H.", numeric=True, at_least=1)
+    layers: int = knob(1, "GRU layers L.", numeric=True, at_least=1)
     # engines
     backend: str = knob(
         "auto",
@@ -191,11 +164,13 @@ class TrainConfig:
         None,
         "Threads of the trainer. Default: every core, and its share while the miner worker "
         "searches beside training.",
+        at_least=1,
     )
     miner_threads: int | None = knob(
         None,
         "Threads of the miner worker. Default: every core, and its share while it searches "
         "beside training.",
+        at_least=1,
     )
     miner_timeout: float = knob(
         600.0, "Seconds a miner may go without answering before it is killed."
@@ -228,25 +203,34 @@ class TrainConfig:
     )
     # schedule
     steps: int | None = knob(
-        None, "Steps to train. Default: as many as --epochs passes over the training rows take."
+        None,
+        "Steps to train. Default: as many as --epochs passes over the training rows take.",
+        at_least=1,
     )
     epochs: float = knob(1.0, "Passes over the training rows, when --steps is not given.")
-    batch_size: int = knob(32, "Queries a step trains on, B.")
+    batch_size: int = knob(32, "Queries a step trains on, B.", numeric=True, at_least=1)
     # negatives
-    hard_negatives: int = knob(8, "Mined hard negatives K a query; 0 turns mining off.")
+    hard_negatives: int = knob(
+        8, "Mined hard negatives K a query; 0 turns mining off.", numeric=True, at_least=0
+    )
     mine_every: int = knob(
         500,
         "Steps between hard-negative refreshes; the first table is in use from step "
         "--mine-every, so a shorter run never mines.",
+        numeric=True,
+        at_least=1,
     )
     mine_scope: str = knob(
         "upcoming",
         "The rows a refresh mines: upcoming (those the next --mine-every steps train on) or all.",
+        numeric=True,
+        choices=MINE_SCOPES,
     )
     mine_lead: int | None = knob(
         None,
         "Steps between encoding a refresh's queries and putting its table into use (0: "
         "encode at the step of use). Default: --mine-every // 4.",
+        numeric=True,
     )
     mine_overlap: bool | None = knob(
         None,
@@ -260,73 +244,106 @@ class TrainConfig:
     min_mining_recall: float = knob(
         0.9, "Warn when an approximate miner's recall against exact search is below this."
     )
-    mine_skip: int = knob(0, "Top mined ranks to skip: a table keeps ranks [skip, skip + pool).")
-    mine_pool: int = knob(32, "Mined candidates kept a query.")
+    mine_skip: int = knob(
+        0,
+        "Top mined ranks to skip: a table keeps ranks [skip, skip + pool).",
+        numeric=True,
+        at_least=0,
+    )
+    mine_pool: int = knob(32, "Mined candidates kept a query.", numeric=True, at_least=1)
     absolute_margin: float | None = knob(
-        None, "Drop a mined candidate scoring above the positive's score minus this. Default: off."
+        None,
+        "Drop a mined candidate scoring above the positive's score minus this. Default: off.",
+        numeric=True,
     )
     relative_margin: float | None = knob(
-        None, "Drop a mined candidate scoring above (1 - this) x the positive's. Default: off."
+        None,
+        "Drop a mined candidate scoring above (1 - this) x the positive's. Default: off.",
+        numeric=True,
     )
-    max_score: float | None = knob(None, "Drop a mined candidate scoring above this. Default: off.")
-    queue_size: int = knob(4096, "The memory-bank queue's size Q; 0 turns it off.")
+    max_score: float | None = knob(
+        None, "Drop a mined candidate scoring above this. Default: off.", numeric=True
+    )
+    queue_size: int = knob(
+        4096, "The memory-bank queue's size Q; 0 turns it off.", numeric=True, at_least=0
+    )
     exclude_context: bool | None = knob(
         None,
         "Mask a query's own context items out of its negatives and its evaluation ranking. "
         "Default: on when the data has context_ids.npy.",
         no_help="Keep a query's own context items among its negatives and in its evaluation "
         "ranking.",
+        numeric=True,
     )
     # loss and optimizer
-    temperature: float = knob(0.05, "The InfoNCE temperature tau.")
-    lr: float = knob(1e-3, "The AdamW learning rate (the peak, with a schedule).")
+    temperature: float = knob(0.05, "The InfoNCE temperature tau.", numeric=True)
+    lr: float = knob(1e-3, "The AdamW learning rate (the peak, with a schedule).", numeric=True)
     lr_schedule: str = knob(
         "cosine",
         "The rate after warm-up: constant, linear or cosine (the last two decay to 0 at the "
         "planned last step).",
+        numeric=True,
+        choices=LR_SCHEDULES,
     )
     warmup_steps: int | None = knob(
         None,
         "Linear warm-up steps W; wins over --warmup-share. Default: --warmup-share of the "
         "planned steps.",
+        numeric=True,
+        at_least=0,
     )
-    warmup_share: float = knob(0.05, "Warm-up as a share of the planned steps, rounded up.")
-    weight_decay: float = knob(0.01, "AdamW's decoupled weight decay.")
-    max_grad_norm: float = knob(1.0, "The global gradient-norm clip.")
+    warmup_share: float = knob(
+        0.05, "Warm-up as a share of the planned steps, rounded up.", numeric=True
+    )
+    weight_decay: float = knob(0.01, "AdamW's decoupled weight decay.", numeric=True)
+    max_grad_norm: float = knob(1.0, "The global gradient-norm clip.", numeric=True)
     seed: int = knob(
-        0, "The seed of the initial parameters, the held-out split, the batch order and sampling."
+        0,
+        "The seed of the initial parameters, the held-out split, the batch order and sampling.",
+        numeric=True,
     )
     # bookkeeping
     checkpoint_every: int = knob(
-        200, "Steps between checkpoints (one is also written at the end, and on Ctrl-C)."
+        200,
+        "Steps between checkpoints (one is also written at the end, and on Ctrl-C).",
+        at_least=1,
     )
     keep_checkpoints: int = knob(
-        3, "Checkpoints kept; the oldest is pruned once a new one is committed."
+        3, "Checkpoints kept; the oldest is pruned once a new one is committed.", at_least=1
     )
     eval_every: int | None = knob(
         None,
         "Steps between evaluations on the held-out rows (0: at the start and the end only). "
         "Default: as often as about 4 percent of the training compute allows, at most 4 "
         "times an epoch.",
+        at_least=0,
     )
-    eval_fraction: float = knob(0.05, "The held-out share of the samples.")
-    max_eval: int = knob(2000, "Held-out queries, at most.")
+    eval_fraction: float = knob(0.05, "The held-out share of the samples.", numeric=True)
+    max_eval: int = knob(2000, "Held-out queries, at most.", numeric=True)
     eval_split: str = knob(
         "auto",
         "How held-out rows are chosen: random, group (whole groups of groups.npy), or auto "
         "(group when the data has groups).",
+        numeric=True,
+        choices=EVAL_SPLITS,
     )
     eval_data: str | None = knob(
-        None, "A validation dataset to evaluate on instead of held-out rows. Default: none."
+        None,
+        "A validation dataset to evaluate on instead of held-out rows. Default: none.",
+        numeric=True,
     )
     select_metric: str = knob(
-        "mrr@100", f"The held-out metric best/ keeps the best of: {', '.join(METRICS)}."
+        "mrr@100",
+        f"The held-out metric best/ keeps the best of: {', '.join(METRICS)}.",
+        choices=METRICS,
     )
     patience: int = knob(
-        0, "Stop after this many evaluations without improvement (0: never stop early)."
+        0, "Stop after this many evaluations without improvement (0: never stop early).", at_least=0
     )
     # supervision
-    max_restarts: int = knob(3, "Restarts after crashes before giving up (exit code 3).")
+    max_restarts: int = knob(
+        3, "Restarts after crashes before giving up (exit code 3).", at_least=0
+    )
     hang_timeout: float | None = knob(
         None,
         "Seconds without a heartbeat before the watchdog ends a stalled trainer. Default: no "
@@ -355,34 +372,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise UsageError with one line naming the first field that is out of range."""
-        positive = ("hidden", "layers", "batch_size", "mine_every", "mine_pool", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        non_negative = ("hard_negatives", "mine_skip", "queue_size", "max_restarts", "patience")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise UsageError(
-                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
-                )
-        for name in ("threads", "miner_threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.eval_every is not None and self.eval_every < 0:
-            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
-        if self.eval_split not in EVAL_SPLITS:
-            raise UsageError(
-                f"--eval-split must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}"
-            )
-        if self.select_metric not in METRICS:
-            raise UsageError(
-                f"--select-metric must be one of {', '.join(METRICS)}, got {self.select_metric!r}"
-            )
+        """Raise UsageError with one line naming the first field that is out of range: each
+        field's own bounds (`knob`'s at_least and choices), then the rules between fields."""
+        for f in fields(self):
+            value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
+            at_least, choices = f.metadata.get("at_least"), f.metadata.get("choices")
+            if value is None:
+                continue
+            if at_least is not None and value < at_least:
+                raise UsageError(f"{flag} must be >= {at_least}, got {value}")
+            if choices is not None and value not in choices:
+                raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         for name in MINER_KNOBS:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -390,20 +390,14 @@ class TrainConfig:
         recall = self.faiss_target_recall
         if recall is not None and not 0 < recall <= 1:
             raise UsageError(f"--faiss-target-recall must be in (0, 1], got {recall}")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs <= 0:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
-        if self.keep_checkpoints < 1:
-            raise UsageError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.collective_timeout <= 0:
             raise UsageError(f"--collective-timeout must be > 0, got {self.collective_timeout}")
         if self.temperature <= 0 or self.lr <= 0 or self.max_grad_norm <= 0:
             raise UsageError("--temperature, --lr and --max-grad-norm must be > 0")
         if not 0 < self.eval_fraction < 1:
             raise UsageError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.mine_scope not in MINE_SCOPES:
-            raise UsageError(f"--mine-scope must be upcoming or all, got {self.mine_scope!r}")
         if self.mine_lead is not None and not 0 <= self.mine_lead < self.mine_every:
             raise UsageError(
                 f"--mine-lead must be in 0..{self.mine_every - 1} (below --mine-every), "
@@ -411,20 +405,8 @@ class TrainConfig:
             )
         if self.mine_probe < 0 or not 0.0 <= self.min_mining_recall <= 1.0:
             raise UsageError("--mine-probe must be >= 0 and --min-mining-recall in [0, 1]")
-        if self.tower not in ("gru", "meanpool"):
-            raise UsageError(f"--tower must be gru or meanpool, got {self.tower!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UsageError(
-                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
-            )
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UsageError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.warmup_share < 1:
             raise UsageError(f"--warmup-share must be in [0, 1), got {self.warmup_share}")
-        if self.residual not in RESIDUALS:
-            raise UsageError(
-                f"--residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}"
-            )
         if self.residual != "none" and self.tower != "gru":
             raise UsageError("--residual is a gru option (meanpool already starts at the mean)")
         if self.data is None and not self.demo:
@@ -450,38 +432,6 @@ class TrainConfig:
         if unknown:
             raise UsageError(f"{source}: unknown setting(s) {', '.join(unknown)}")
         return cls(**values)
-
-    @classmethod
-    def read_file(cls, path: str | Path) -> dict[str, Any]:
-        """The settings of a .toml or .json file, keys with dashes or underscores."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such config file") from None
-        except (ValueError, tomllib.TOMLDecodeError) as error:
-            raise UsageError(
-                f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {error}"
-            ) from None
-        values = {key.replace("-", "_"): value for key, value in raw.items()}
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        return values
-
-    @classmethod
-    def read_stored(cls, path: str | Path) -> dict[str, Any]:
-        """The settings of a run's config.json that --resume continues with: a key the file
-        lacks (a run made before that option existed) reads as what such a run did
-        (ABSENT_MEANS); PER_INVOCATION keys are left to the command that resumes, and a key
-        no field has any more is left out (as `numeric_differences` leaves it out)."""
-        try:
-            stored = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise UsageError(f"{path}: unreadable ({error}); cannot resume") from None
-        kept = set(cls.field_names()) - set(PER_INVOCATION)
-        return {**ABSENT_MEANS, **{key: value for key, value in stored.items() if key in kept}}
 
     @property
     def mining_lead(self) -> int:
@@ -519,3 +469,8 @@ class TrainConfig:
             for name in self.numeric_fields()
             if other.get(name, defaults[name]) != getattr(self, name)
         ]
+
+
+# Fields that change the numbers a run computes. Resuming with another value of one of
+# these is refused; everything else (engines, checkpoint cadence, output) may change.
+NUMERIC_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.metadata["numeric"])

@@ -13,6 +13,7 @@ from dataclasses import MISSING, Field, fields
 from typing import Any
 
 from twotower.config import TrainConfig, default_out
+from twotower.config_files import read_config_file, read_stored_config
 from twotower.errors import UsageError
 
 LIST_FIELDS = {"fallback", "miner_fallback"}
@@ -202,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from twotower.training.demo import DEMO_SETTINGS
 
     given = {name: value for name, value in vars(args).items() if name in TrainConfig.field_names()}
-    from_file = TrainConfig.read_file(args.config) if args.config else {}
+    from_file = read_config_file(args.config) if args.config else {}
     asked = {**from_file, **given}
     stored = _resumed_settings(asked) if asked.get("resume") else {}
     demo = asked.get("demo", stored.get("demo", False))
@@ -218,7 +219,7 @@ def _resumed_settings(asked: dict[str, Any]) -> dict[str, Any]:
     out = asked.get("out") or default_out()
     path = RunDir(out).config
     if path.is_file():
-        return {**TrainConfig.read_stored(path), "out": out}
+        return {**read_stored_config(path), "out": out}
     if asked.get("data") is None and not asked.get("demo"):
         if not asked.get("out"):
             raise UsageError("--resume needs --out RUN: the run directory to continue")

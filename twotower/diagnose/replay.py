@@ -39,6 +39,7 @@ from twotower.agreement import REPLAY_TOLERANCES, disagreement
 from twotower.backends import Backend, make_backend
 from twotower.batch import Batch
 from twotower.config import TrainConfig
+from twotower.config_files import read_config_file
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
 from twotower.paths import user_cache_dir
@@ -165,7 +166,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     run_dir = RunDir(run)
     if not run_dir.config.is_file():
         raise UsageError(f"{run_dir.root}: no config.json; give a run directory (--out of a run)")
-    settings = TrainConfig.read_file(run_dir.config)
+    settings = read_config_file(run_dir.config)
     settings.update({"resume": False, **({"data": data} if data else {})})
     config = TrainConfig.from_dict(settings, source=str(run_dir.config))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path

@@ -15,6 +15,7 @@ import numpy as np
 from twotower import miners
 from twotower.backends import make_backend
 from twotower.config import TrainConfig
+from twotower.config_files import read_config_file
 from twotower.data import load_dataset
 from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
@@ -59,7 +60,7 @@ def _run_settings(run: str) -> dict[str, Any]:
     path = Path(run)
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / "config.json").is_file():
-            return TrainConfig.read_file(candidate / "config.json")
+            return read_config_file(candidate / "config.json")
     raise UsageError(f"{run}: no config.json here or above; give a run directory (--out of a run)")
 
 
