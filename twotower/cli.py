@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from twotower.errors import EXIT_GAVE_UP, EXIT_OK, UsageError
 from twotower.miners.base import MinerCrashed
+from twotower.process import wait_policy
 from twotower.train_flags import (
     TRAIN_EXAMPLES,
     TRAIN_USAGE,
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `twotower` command; returns the exit code."""
+    wait_policy.apply()  # before any command loads torch or faiss: their OpenMP reads it once
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

@@ -39,7 +39,7 @@ from twotower.config import METRICS, TrainConfig
 from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
-from twotower.process import faults
+from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
 from twotower.training.checkpoint import list_checkpoints
 from twotower.training.rundir import MetricsLog, RunDir, read_metrics
@@ -50,12 +50,13 @@ ATTEMPT_FILE = re.compile(r"^(?:attempt|run)-(\d+)\.")
 
 
 def trainer_env(stack_file: Path | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a twotower child: `monitor.child_env` with twotower importable.
+    """The environment of a twotower child: `monitor.child_env` with twotower importable and
+    twotower's OpenMP wait policy (`process.wait_policy`) unless the user chose one.
 
     stack_file: where a trainer's faulthandler writes; with it goes this
     process's pid (if the supervisor dies, the trainer checkpoints and stops).
     """
-    env = child_env(**extra)
+    env = wait_policy.child_env(child_env(**extra))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
     if stack_file is not None:
         env[CRASH_FILE_ENV] = str(stack_file)

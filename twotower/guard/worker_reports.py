@@ -15,7 +15,7 @@ from typing import Any
 
 from twotower.config import TrainConfig
 from twotower.guard import forensics
-from twotower.process import faults
+from twotower.process import faults, wait_policy
 from twotower.process.exit_status import ExitStatus
 from twotower.training.trainer import RunResult
 from twotower.training.trainer import train as train_without_reports
@@ -68,5 +68,8 @@ def report_worker_death(crashes: Path, event: dict[str, Any]) -> Path:
 
 def train(config: TrainConfig) -> RunResult:
     """Train in this process (`twotower.train`); a miner worker's death leaves a crash report
-    in RUN/crashes/. Raises UsageError for bad input before anything is written."""
+    in RUN/crashes/. Raises UsageError for bad input before anything is written.
+
+    Sets twotower's OpenMP wait policy first, where torch and faiss have not loaded yet."""
+    wait_policy.apply()
     return train_without_reports(config, on_worker_death=report_worker_death)

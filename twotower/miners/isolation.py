@@ -41,7 +41,7 @@ from twotower.errors import UsageError
 from twotower.miners import DEFAULT_TIMEOUT
 from twotower.miners.base import BUILD_FAULT_PHASE, MinerCrashed
 from twotower.miners.worker_death import WorkerRecord
-from twotower.process import faults
+from twotower.process import faults, wait_policy
 from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import portable_reading
 
@@ -106,7 +106,7 @@ class _Worker:
         self.miner = miner
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
-        env = dict(os.environ)
+        env = wait_policy.child_env(os.environ)  # its faiss loads OpenMP: sleep, not spin, idle
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         if threads is not None:

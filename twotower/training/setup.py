@@ -22,7 +22,7 @@ from twotower.config import TrainConfig
 from twotower.data import Dataset, load_dataset
 from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
-from twotower.process import faults
+from twotower.process import faults, wait_policy
 from twotower.process.collective_ledger import CollectiveLedger, ledger_path
 from twotower.process.crash_dump import die_with_parent, enable_crash_dumps
 from twotower.process.openmp import openmp_runtimes
@@ -302,7 +302,10 @@ def _load(
         validator = Validator(c, split, eval_miner, metrics, restored.selection)
         log.info("%s", split.describe())
     pools = limit_threads(a.threads.trainer)  # after the engines have loaded theirs
-    points.heartbeat.describe(threads=a.threads.as_dict(), threadpools=pools)
+    points.heartbeat.describe(
+        threads=a.threads.as_dict(), threadpools=pools, wait_policy=wait_policy.describe()
+    )
+    log.info("threads wait: %s", wait_policy.describe())
 
     probe = make_probe_miner(c, dataset) if c.hard_negatives else None
     refresher = Refresher(
