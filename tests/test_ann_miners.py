@@ -112,7 +112,7 @@ def test_index_cache_loads_the_second_time_and_rebuilds_for_another_bank(
         miner.build(bank)
         return miner.build_info["source"], miner.search(bank[:20], 10)[1]
 
-    first_source, first_ids = built(bank)
+    first_source, first_ids = built(bank, target_recall=None)  # the fixed defaults: exhaustive
     second_source, second_ids = built(bank, **search_opts)  # search-time options share the entry
     assert (first_source, second_source) == ("built", "loaded")
     changed = bank.copy()

@@ -33,6 +33,9 @@ ABSENT_MEANS: dict[str, Any] = {
     "mine_lead": 0,
 }
 
+# the recall@32 against exact that an approximate miner's unset search parameter is tuned to
+DEFAULT_TARGET_RECALL = 0.95
+
 CUTOFFS = (1, 10, 100)  # evaluation: recall@c for each, MRR over the first max(CUTOFFS)
 METRICS = (*(f"recall@{c}" for c in CUTOFFS), f"mrr@{max(CUTOFFS)}")
 EVAL_SPLITS = ("auto", "random", "group")
@@ -51,7 +54,12 @@ MINER_SETTINGS = {
         "faiss_train_rows": "train_rows",
         "faiss_target_recall": "target_recall",
     },
-    "hnswlib": {"hnswlib_m": "M", "hnswlib_ef_construction": "ef_construction", "hnswlib_ef": "ef"},
+    "hnswlib": {
+        "hnswlib_m": "M",
+        "hnswlib_ef_construction": "ef_construction",
+        "hnswlib_ef": "ef",
+        "faiss_target_recall": "target_recall",
+    },
 }
 MINER_KNOBS = tuple(  # the whole-number ones, each >= 1 when given
     name
@@ -178,23 +186,30 @@ class TrainConfig:
     faiss_index: str = knob(
         "Flat", "The faiss index factory string: Flat, HNSW32, IVF4096,Flat, ..."
     )
-    faiss_nprobe: int | None = knob(None, "Faiss IVF: lists searched per query. Default: 32.")
-    faiss_ef_search: int | None = knob(None, "Faiss HNSW: efSearch. Default: 128.")
+    faiss_nprobe: int | None = knob(
+        None, "Faiss IVF: lists searched per query. Default: tuned to --faiss-target-recall."
+    )
+    faiss_ef_search: int | None = knob(
+        None, "Faiss HNSW: efSearch. Default: tuned to --faiss-target-recall."
+    )
     faiss_ef_construction: int | None = knob(None, "Faiss HNSW: efConstruction. Default: 40.")
     faiss_train_rows: int | None = knob(
         None,
         "Faiss IVF or PQ: bank rows sampled to train the index. Default: max(10k, 40 a list).",
     )
     faiss_target_recall: float | None = knob(
-        None,
-        "Faiss IVF without --faiss-nprobe: pick the nprobe that reaches this recall@32 "
-        "against exact search. Default: none (nprobe 32).",
+        DEFAULT_TARGET_RECALL,
+        "The recall@32 against exact search that an unset --faiss-nprobe, --faiss-ef-search "
+        "or --hnswlib-ef is tuned to after the build, and raised to when a refresh's recall "
+        "probe measures below it.",
     )
     hnswlib_m: int | None = knob(None, "The hnswlib graph's degree M. Default: 16.")
     hnswlib_ef_construction: int | None = knob(
         None, "The hnswlib graph's ef_construction. Default: 200."
     )
-    hnswlib_ef: int | None = knob(None, "The hnswlib search's ef. Default: 128.")
+    hnswlib_ef: int | None = knob(
+        None, "The hnswlib search's ef. Default: tuned to --faiss-target-recall."
+    )
     eval_miner: str = knob(
         "exact", "The engine that searches at evaluation (exact gives the reference numbers)."
     )

@@ -19,10 +19,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twotower.errors import UsageError
-from twotower.miners.base import InProcessMiner, Miner, MinerCrashed
+from twotower.miners.base import InProcessMiner, Miner, MinerCrashed, raise_recall, use_params
 from twotower.registry import EngineInfo, EngineRegistry, missing_module_reason
 
 __all__ = [
+    "raise_recall",
+    "use_params",
     "Miner",
     "MinerCrashed",
     "EngineInfo",

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from twotower.config import DEFAULT_TARGET_RECALL
 from twotower.miners.exact import ASSUMED_FLOPS
 from twotower.miners.faiss_miner import lists_that_fit
 
 EXACT_REFRESH_SECONDS = 20.0
-TARGET_RECALL = 0.95
+TARGET_RECALL = DEFAULT_TARGET_RECALL
 
 
 @dataclass(frozen=True)

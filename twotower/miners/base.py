@@ -48,6 +48,21 @@ def check_miner(miner: Any, rows: int, dim: int) -> list[str]:
     return list(check(rows, dim)) if check is not None else []
 
 
+def raise_recall(miner: Any) -> dict[str, int]:
+    """Ask `miner` to search wider for more recall (an approximate index doubles the search
+    parameter it tuned); returns the new {parameter: value}, {} when it has nothing to raise."""
+    method = getattr(miner, "raise_recall", None)
+    return dict(method()) if method is not None else {}
+
+
+def use_params(miner: Any, params: dict[str, int]) -> None:
+    """Set `miner`'s tuned search parameters to recorded values (what `raise_recall` returned
+    before: a resumed run searches as the run it continues did). Miners without them ignore it."""
+    method = getattr(miner, "use_params", None)
+    if method is not None and params:
+        method(params)
+
+
 class MinerCrashed(TwotowerError):
     """A miner's worker process died (a signal or an exit) or stopped answering.
 
@@ -91,3 +106,11 @@ class InProcessMiner:
         if self.fault_phase is not None:
             faults.point(self.fault_phase, [self.name])
         return self.engine.search(queries, k)
+
+    def raise_recall(self) -> dict[str, int]:
+        """The engine's `raise_recall` (see the module function)."""
+        return raise_recall(self.engine)
+
+    def use_params(self, params: dict[str, int]) -> None:
+        """The engine's `use_params` (see the module function)."""
+        use_params(self.engine, params)

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from twotower import progress
+from twotower.config import DEFAULT_TARGET_RECALL
 from twotower.errors import UsageError
 from twotower.miners.index_cache import BuildInfo, IndexCache, add_in_chunks
+from twotower.miners.tuning import MAX_EF, TUNE_K, raised, tune
 
 DEFAULT_NPROBE = 32  # IVF lists visited per query when the index has lists
 DEFAULT_EF_SEARCH = 128  # HNSW candidate list length when the index has a graph
@@ -30,8 +32,6 @@ MIN_TRAIN_ROWS = 10_000
 TRAIN_ROWS_PER_LIST = 40  # faiss warns below 39 training points per IVF centroid
 FAISS_MIN_ROWS_PER_LIST = 39  # below this faiss' k-means warns and clusters poorly
 IVF_LISTS = re.compile(r"IVF\d+")
-TUNE_QUERIES = 64  # bank rows searched to choose nprobe for a recall target
-TUNE_K = 32
 
 
 def lists_that_fit(rows: int) -> int:
@@ -54,9 +54,10 @@ class FaissMiner:
     threads: faiss' OpenMP threads (None: faiss' default).
     cache_dir: where built indexes are stored (None: rebuilt every time).
     train_rows: rows sampled for training (None: max(10k, 40 per IVF list)); seed: that sample's.
-    target_recall: with an IVF index and no nprobe given, choose nprobe after the build as the
-    smallest power of two whose recall@32 against exact, on TUNE_QUERIES seeded bank rows,
-    reaches it (`build_info` holds the nprobe and recall found).
+    target_recall: the search parameter the user left unset (IVF nprobe, HNSW efSearch) is
+    chosen after the build as the smallest power of two whose recall@32 against exact, on
+    seeded bank rows (`tuning`), reaches it (`build_info` holds the value and recall found;
+    None: the fixed defaults 32 / 128).
     """
 
     name = "faiss"
@@ -71,7 +72,7 @@ class FaissMiner:
         cache_dir: str | os.PathLike[str] | None = None,
         train_rows: int | None = None,
         seed: int = 0,
-        target_recall: float | None = None,
+        target_recall: float | None = DEFAULT_TARGET_RECALL,
     ):
         import faiss
 
@@ -84,6 +85,7 @@ class FaissMiner:
         self.train_rows = train_rows
         self.seed = seed
         self.target_recall = target_recall
+        self.tuned: str | None = None  # the search parameter tuned to target_recall, if any
         if threads is not None:
             faiss.omp_set_num_threads(threads)
         self._bank: np.ndarray | None = None
@@ -110,9 +112,8 @@ class FaissMiner:
         self._configure(index)
         self._index = index
         self.build_info = info.as_dict()
-        ivf = self._faiss.try_extract_index_ivf(index)
-        if self.target_recall is not None and self.nprobe is None and ivf is not None:
-            self.build_info.update(self._tune_nprobe(index, ivf.nlist, bank))
+        if self.target_recall is not None:
+            self.build_info.update(self._tune(index, bank))
         self.build_info["params"] = self.index_params()
 
     def index_params(self) -> dict[str, int]:
@@ -206,29 +207,55 @@ class FaissMiner:
         scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX
         return scores, ids
 
-    def _tune_nprobe(self, index: Any, lists: int, bank: np.ndarray) -> dict[str, Any]:
-        """Set the smallest power-of-two nprobe reaching target_recall on sampled bank rows."""
+    def _tune(self, index: Any, bank: np.ndarray) -> dict[str, Any]:
+        """Tune the search parameter the user left unset (IVF nprobe, else HNSW efSearch) to
+        target_recall (`tuning.tune`); returns what was chosen ({} when nothing was unset)."""
         faiss = self._faiss
-        rng = np.random.default_rng(self.seed + 1)
-        rows = np.sort(rng.choice(len(bank), size=min(TUNE_QUERIES, len(bank)), replace=False))
-        queries = np.ascontiguousarray(bank[rows], dtype=np.float32)
-        k = min(TUNE_K, len(bank))
-        what = f"nprobe for recall {self.target_recall} on {len(rows)} bank rows"
-        with progress.task("tune-index", what, phase=False, announce=True):
-            _, truth = faiss.knn(
-                queries, np.ascontiguousarray(bank, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT
-            )
-            nprobe = 1
-            while True:
-                faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-                _, ids = index.search(queries, k)
-                found = sum(len(np.intersect1d(a, b)) for a, b in zip(ids, truth, strict=True))
-                recall = found / truth.size
-                if recall >= (self.target_recall or 0) or nprobe >= lists:
-                    break
-                nprobe = min(2 * nprobe, lists)
-        self.nprobe = nprobe
-        return {"nprobe": nprobe, "tuned_recall": round(recall, 4), "tune_queries": len(rows)}
+        ivf = faiss.try_extract_index_ivf(index)
+        hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+        if ivf is not None and self.nprobe is None:
+            param, start, limit = "nprobe", 1, int(ivf.nlist)
+        elif hnsw is not None and self.ef_search is None:
+            param, start, limit = "efSearch", TUNE_K, MAX_EF  # faiss searches max(efSearch, k)
+        else:
+            return {}
+
+        def search(value: int, queries: np.ndarray, k: int) -> np.ndarray:
+            faiss.ParameterSpace().set_index_parameter(index, param, value)
+            return index.search(queries, k)[1]  # type: ignore[no-any-return]
+
+        found = tune(param, search, bank, self.target_recall or 0.0, start, limit, self.seed + 1)
+        if param == "nprobe":
+            self.nprobe = found.value
+        else:
+            self.ef_search = found.value
+        self.tuned = param
+        return found.as_dict()
+
+    def raise_recall(self) -> dict[str, int]:
+        """Twice the tuned search parameter (at most all lists / MAX_EF), for when a refresh's
+        probe measured recall below the target; {} when none was tuned or it is at its limit."""
+        if self.tuned is None or self._index is None:
+            return {}
+        if self.tuned == "nprobe":
+            lists = int(self._faiss.try_extract_index_ivf(self._index).nlist)  # type: ignore[union-attr]
+            current, limit = self.nprobe or DEFAULT_NPROBE, lists
+        else:
+            current, limit = self.ef_search or DEFAULT_EF_SEARCH, MAX_EF
+        value = raised(current, limit)
+        if value == current:
+            return {}
+        self.use_params({self.tuned: value})
+        return {self.tuned: value}
+
+    def use_params(self, params: dict[str, int]) -> None:
+        """Set tuned search parameters to recorded values ({"nprobe": 8}: a resumed run's)."""
+        for param, value in params.items():
+            self._faiss.ParameterSpace().set_index_parameter(self._index, param, value)
+            if param == "nprobe":
+                self.nprobe = value
+            else:
+                self.ef_search = value
 
     def _make_index(self, dim: int) -> Any:
         """The empty index of the factory string; UsageError when faiss cannot parse it."""

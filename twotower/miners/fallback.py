@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower.miners.base import Miner, MinerCrashed, check_miner
+from twotower.miners.base import Miner, MinerCrashed, check_miner, raise_recall, use_params
 from twotower.process import faults
 
 log = logging.getLogger("twotower.miners")
@@ -56,6 +56,7 @@ class FallbackMiner:
         self._miner: Miner | None = None
         self._bank: np.ndarray | None = None
         self._fingerprint: str | None = None
+        self._params: dict[str, dict[str, int]] = {}  # search parameters set, by miner name
 
     @property
     def build_info(self) -> dict[str, Any]:
@@ -94,6 +95,24 @@ class FallbackMiner:
         Raises MinerCrashed only when every miner of the chain has crashed on this call.
         """
         return self._call(lambda miner: miner.search(queries, k))
+
+    def raise_recall(self) -> dict[str, int]:
+        """The miner in use searches wider (`base.raise_recall`); a restarted or re-made
+        miner of that name keeps the raised parameters."""
+        params: dict[str, int] = self._call(raise_recall)
+        self._params.setdefault(self.name, {}).update(params)
+        return params
+
+    def use_params(self, params: dict[str, int]) -> None:
+        """Set the miner in use's recorded search parameters (`base.use_params`), kept for a
+        restart of that miner."""
+        self._params[self.name] = dict(params)
+        self._call(lambda miner: use_params(miner, params))
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The search parameters raised or set for the miner in use ({} when none)."""
+        return dict(self._params.get(self.name, {}))
 
     def close(self) -> None:
         """Stop the miner in use (its worker, if it has one)."""
@@ -136,6 +155,7 @@ class FallbackMiner:
             self._miner = self._make(self.name)
             if self._bank is not None:
                 self._miner.build(self._bank, self._fingerprint)
+                use_params(self._miner, self._params.get(self.name, {}))
         return self._miner
 
     def _report(self, event: str, **details: Any) -> None:

@@ -339,6 +339,15 @@ class IsolatedMiner:
             "phase": phase,
         }
 
+    def raise_recall(self) -> dict[str, int]:
+        """The engine's `base.raise_recall`, in the worker."""
+        params: dict[str, int] = self._worker.ask({"op": "raise_recall"}, self.timeout)["params"]
+        return params
+
+    def use_params(self, params: dict[str, int]) -> None:
+        """The engine's `base.use_params`, in the worker."""
+        self._worker.ask({"op": "use_params", "params": params}, self.timeout)
+
     def stats(self) -> dict[str, int]:
         """The worker's memory in bytes and CPU seconds (`memory.process_memory`): pid, rss,
         peak_rss, cpu_s and, on Linux, rss_anon, rss_file, rss_shmem."""

@@ -12,6 +12,8 @@ request at a time:
                                                -> {"build_info"}
     {"op": "search", "buffer", "n", "dim", "k", "step", "marker_dir", "phase"}
                                                -> {"seconds"}, results in the buffer
+    {"op": "raise_recall"}                     -> {"params"}: the engine searches wider
+    {"op": "use_params", "params"}             -> {}: recorded search parameters set again
     {"op": "stats"}                            -> {"memory"}
     {"op": "threadpools"}                      -> {"threadpools"}: threadpoolctl's view here
     {"op": "close"}                            exit 0 (so does the parent closing its pipe)
@@ -45,7 +47,7 @@ import numpy as np
 
 from twotower import miners, progress
 from twotower.errors import UsageError
-from twotower.miners.base import Miner
+from twotower.miners.base import Miner, raise_recall, use_params
 from twotower.miners.isolation import result_views
 from twotower.process import faults
 from twotower.process.crash_dump import enable_crash_dumps
@@ -141,6 +143,13 @@ class Server:
         start = time.perf_counter()
         scores[...], ids[...] = self.engine.search(queries, k)
         return {"seconds": time.perf_counter() - start}
+
+    def op_raise_recall(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"params": raise_recall(self.engine)}
+
+    def op_use_params(self, message: dict[str, Any]) -> dict[str, Any]:
+        use_params(self.engine, message["params"])
+        return {}
 
     def op_stats(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"memory": process_memory()}

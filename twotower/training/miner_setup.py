@@ -99,9 +99,10 @@ class MinerSetup:
             info = dict(getattr(miner, "build_info", {}))
             if info.get("source") in ("built", "loaded"):
                 tuned = (
-                    f", nprobe {info['nprobe']} (recall@32 {info['tuned_recall']} on "
-                    f"{info['tune_queries']} bank rows)"
-                    if "tuned_recall" in info
+                    f", {info['tuned']} {info[info['tuned']]} tuned to --faiss-target-recall "
+                    f"{self.config.faiss_target_recall} (recall@32 {info['tuned_recall']} vs "
+                    f"exact on {info['tune_queries']} bank rows)"
+                    if "tuned" in info
                     else ""
                 )
                 log.info(

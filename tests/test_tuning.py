@@ -1,0 +1,129 @@
+"""Search parameters tuned to a recall target by default (faiss IVF nprobe, faiss HNSW
+efSearch, hnswlib ef), checked against brute force computed here on queries the tuning never
+saw; raising them on a low probe, through a worker, and keeping the raise across a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twotower import miners
+from twotower.config import DEFAULT_TARGET_RECALL
+from twotower.miners.faiss_miner import DEFAULT_NPROBE
+from twotower.miners.tuning import recall_of
+
+HAS_FAISS = "faiss" in miners.available()
+HAS_HNSWLIB = "hnswlib" in miners.available()
+K = 32
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bank of 64 clusters (20k x 32, normalized), 200 fresh queries near them, and the
+    queries' exact top-K ids by brute force."""
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((64, 32)).astype(np.float32)
+    points = centers[rng.integers(0, 64, 20_200)] + 0.3 * rng.standard_normal((20_200, 32))
+    points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+    bank, queries = points[:20_000], points[20_000:]
+    truth = np.argsort(-(queries @ bank.T), axis=1)[:, :K]
+    return bank, queries, truth
+
+
+CASES = [
+    pytest.param(
+        "faiss",
+        {"index": "IVF256,Flat"},
+        "nprobe",
+        marks=pytest.mark.skipif(not HAS_FAISS, reason="needs faiss"),
+    ),
+    pytest.param(
+        "faiss",
+        {"index": "HNSW8"},
+        "efSearch",
+        marks=pytest.mark.skipif(not HAS_FAISS, reason="needs faiss"),
+    ),
+    pytest.param(
+        "hnswlib",
+        {"M": 4, "ef_construction": 20},
+        "ef",
+        marks=pytest.mark.skipif(not HAS_HNSWLIB, reason="needs hnswlib"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "opts", "param"), CASES)
+def test_an_unset_search_parameter_is_tuned_to_the_target(
+    clustered: tuple[np.ndarray, np.ndarray, np.ndarray], name: str, opts: dict, param: str
+) -> None:
+    bank, queries, truth = clustered
+    tuned = miners.get(name, isolation="none", **opts)
+    tuned.build(bank)
+    info = tuned.build_info  # type: ignore[attr-defined]
+    assert info["tuned"] == param and info["tuned_recall"] >= DEFAULT_TARGET_RECALL
+    assert info["params"][param] == info[param]
+    assert recall_of(tuned.search(queries, K)[1], truth) >= 0.9  # 0.95 on the tuning rows
+    # the negative control: the smallest setting misses neighbours the tuned one finds
+    weak = miners.get(name, isolation="none", **opts, **{engine_option(param): 1})
+    weak.build(bank)
+    assert "tuned" not in weak.build_info  # type: ignore[attr-defined]
+    assert recall_of(weak.search(queries, K)[1], truth) < 0.9
+
+
+def engine_option(param: str) -> str:
+    """The engine's keyword option for a tuned parameter."""
+    return {"nprobe": "nprobe", "efSearch": "ef_search", "ef": "ef"}[param]
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="needs faiss")
+def test_ivf_searches_only_the_lists_it_needs(
+    clustered: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """On a clustered bank (the issue's case: nprobe 4 reached recall 1.0 where the old
+    default searched 32 lists) the tuned nprobe is below the fixed default."""
+    bank, _, _ = clustered
+    tuned = miners.get("faiss", isolation="none", index="IVF64,Flat")
+    tuned.build(bank)
+    assert tuned.build_info["nprobe"] < DEFAULT_NPROBE  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="needs faiss")
+def test_raising_recall_through_a_worker_and_across_a_restart(
+    clustered: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A chain whose faiss worker is raised twice searches with 4x the tuned nprobe; after its
+    worker is killed, the restarted worker (which tunes again on build) is set back to the
+    raised value, and the recall it reaches is that of the raised search."""
+    bank, queries, truth = clustered
+    chain = miners.chain("faiss", isolation="process", index="IVF256,Flat", cache_dir=tmp_path)
+    try:
+        chain.build(bank)
+        tuned = chain.build_info["nprobe"]  # type: ignore[attr-defined]
+        first = miners.raise_recall(chain)
+        assert first == {"nprobe": min(2 * tuned, 256)}
+        second = miners.raise_recall(chain)
+        assert second == {"nprobe": min(4 * tuned, 256)}
+        before = recall_of(chain.search(queries, K)[1], truth)
+        worker = chain._miner  # type: ignore[attr-defined]
+        worker._worker.kill()  # a real SIGKILL of the worker process
+        after = recall_of(chain.search(queries, K)[1], truth)  # restarted, params reapplied
+        assert chain.search_params == second  # type: ignore[attr-defined]
+        assert after == before
+        direct = miners.get("faiss", isolation="none", index="IVF256,Flat", **second)
+        direct.build(bank)
+        assert recall_of(direct.search(queries, K)[1], truth) == after
+    finally:
+        chain.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="needs faiss")
+def test_a_user_setting_is_never_raised(
+    clustered: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    bank, _, _ = clustered
+    fixed = miners.get("faiss", isolation="none", index="IVF64,Flat", nprobe=2)
+    fixed.build(bank)
+    assert miners.raise_recall(fixed) == {}
+    assert fixed.build_info["params"]["nprobe"] == 2  # type: ignore[attr-defined]
