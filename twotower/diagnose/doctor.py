@@ -4,6 +4,7 @@ Every check returns `Finding`s that say what was looked at (evidence) and
 what to do. `diagnose(data)` runs them all: Python and library versions
 against known-bad combinations, the OpenMP census of a fresh child process
 (`twotower.diagnose.census`), the environment variables that change threading,
+how idle OpenMP threads wait, whether other processes crowd the cores now (`process.stalls`),
 the thread budget, memory pressure and swap, the engines this machine can run,
 what matters on a Mac (`twotower.diagnose.doctor_platform`), and, given a dataset, its layout, a
 compressed .npz's cost, and memory and disk against a run with the default
@@ -35,6 +36,7 @@ from twotower.diagnose.doctor_platform import (
     version_tuple,
 )
 from twotower.diagnose.findings import STATUSES, Finding
+from twotower.process import stalls, wait_policy
 from twotower.process.memory import machine_memory
 from twotower.process.threads import usable_cores
 
@@ -251,6 +253,44 @@ def check_environment(environ: Mapping[str, str], cpus: int) -> list[Finding]:
     return findings
 
 
+def check_wait_policy(environ: Mapping[str, str]) -> Finding:
+    """How idle OpenMP threads wait in a run (`process.wait_policy`): spinning ones turn a busy
+    machine into stalls."""
+    chosen = wait_policy.user_choice(environ)
+    if not chosen:
+        return Finding(
+            "wait-policy",
+            "ok",
+            "unset: twotower runs with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)",
+        )
+    settings = ", ".join(f"{name}={value}" for name, value in chosen.items())
+    if chosen.get(wait_policy.POLICY_VARIABLE, "").upper() == "PASSIVE":
+        return Finding("wait-policy", "ok", f"{settings}: idle OpenMP threads sleep")
+    return Finding(
+        "wait-policy",
+        "warn",
+        f"{settings}: idle OpenMP threads spin, and on a busy machine a spinning thread "
+        "takes the time its descheduled partner needs (steps up to 35x slower)",
+        "unset it: twotower's default OMP_WAIT_POLICY=PASSIVE costs nothing on a quiet machine",
+    )
+
+
+def check_machine_load(contention: stalls.Contention) -> Finding:
+    """Whether other processes crowd the cores now (a one-second `stalls` reading)."""
+    reading = contention.describe().replace(" beside this run's 0 threads", "")
+    if contention.others >= max(stalls.CROWDED, contention.cores - stalls.CROWDED):
+        return Finding(
+            "machine-load",
+            "warn",
+            f"the machine is oversubscribed: {reading} (over 1 s, this check idle)",
+            "a run here shares its cores: twotower's OMP_WAIT_POLICY=PASSIVE keeps that "
+            "from stalling its steps; if a run's log says it is still slow, give it "
+            "--threads 1 or run when the other work is done",
+            contention.as_dict(),
+        )
+    return Finding("machine-load", "ok", reading, "", contention.as_dict())
+
+
 def check_engines() -> list[Finding]:
     """Which backends and miners this machine can run (registry reasons)."""
     from twotower import backends, miners
@@ -294,6 +334,8 @@ def diagnose(data: str | None = None, census: Census | None = None) -> list[Find
     findings = check_versions(tuple(sys.version_info[:3]), versions)
     findings += check_census(census if census is not None else take_census())
     findings += check_environment(os.environ, cores)
+    findings.append(check_wait_policy(os.environ))
+    findings.append(check_machine_load(stalls.machine_contention(cores)))
     findings.append(check_threads(cores))
     findings.append(check_memory_pressure(machine_memory()))
     findings += check_engines()
