@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,34 @@ def test_the_doctor_warns_of_spinning_threads() -> None:
     spinning = check_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"})
     assert spinning.status == "warn" and "unset it" in spinning.action
     assert check_wait_policy({"GOMP_SPINCOUNT": "300000"}).status == "warn"
+
+
+def test_a_run_beside_a_competitor_records_the_contention(outside: int, tmp_path: Path) -> None:
+    """The trainer's heartbeat carries its last reading, taken beside a real competitor
+    (outside its process tree); any verdict it logged is in metrics.jsonl with its words."""
+    import json
+
+    from tests.processes import run_twotower
+    from twotower.training.rundir import read_metrics
+
+    out = tmp_path / "run"
+    done = run_twotower(
+        "train",
+        "--demo",
+        "--no-supervise",
+        "--steps",
+        "500",
+        "--eval-every",
+        "0",
+        "--max-eval",
+        "50",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    reading = json.loads((out / "heartbeat.json").read_text())["contention"]
+    assert reading["cores"] == CORES and reading["others_cores"] >= stalls.CROWDED
+    assert reading["crowded"] and reading["threads"] == CORES
+    for event in read_metrics(out / "metrics.jsonl"):
+        if event["event"] == "contention" and event["oversubscribed"]:
+            assert event["message"].startswith("the machine is oversubscribed: load average")

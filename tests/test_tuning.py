@@ -127,3 +127,49 @@ def test_a_user_setting_is_never_raised(
     fixed.build(bank)
     assert miners.raise_recall(fixed) == {}
     assert fixed.build_info["params"]["nprobe"] == 2  # type: ignore[attr-defined]
+
+
+RAISE_ARGS = (
+    "--no-supervise --backend numpy --hidden 16 --steps 40 --max-eval 20 --hard-negatives 2 "
+    "--miner faiss --faiss-index HNSW4 --faiss-target-recall 0.99 --mine-every 10 "
+    "--checkpoint-every 15 --keep-checkpoints 5"
+).split()
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="needs faiss")
+def test_a_probe_below_target_raises_the_search_and_a_resume_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HNSW4 tuned to 0.99 on bank rows falls short on the training queries: each refresh's
+    probe raises efSearch for the next one (in metrics.jsonl and the log). A run killed at step
+    25 and resumed from its checkpoint at 15 (efSearch raised once by then) ends bitwise equal
+    to the run never killed. The control: a run that keeps the tuned efSearch ends elsewhere."""
+    from tests.processes import train_in_child
+    from twotower.data import synthesize
+    from twotower.training.checkpoint import load_checkpoint
+    from twotower.training.rundir import read_metrics
+
+    monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    synthesize(data, samples=600, bank=4000, dim=16, seq_len=5, seed=4)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = train_in_child(data, straight, *RAISE_ARGS)
+    assert done.returncode == 0, done.stderr
+    mined = [r for r in read_metrics(straight / "metrics.jsonl") if r["event"] == "mined"]
+    raised = [r["raised"]["efSearch"] for r in mined if "raised" in r]
+    assert len(raised) >= 2 and raised == sorted(raised) and all(r["recall"] < 0.99 for r in mined)
+    assert "the next refreshes search with efSearch" in (straight / "log.txt").read_text()
+    killed = train_in_child(data, resumed, *RAISE_ARGS, TWOTOWER_INJECT_FAULT="kill@step:25")
+    assert killed.returncode != 0
+    again = train_in_child(data, resumed, *RAISE_ARGS, "--resume")
+    assert again.returncode == 0, again.stderr
+    restored = f"searches as the run raised it: {{'efSearch': {raised[0]}}}"
+    assert restored in (resumed / "log.txt").read_text()
+    expected, state = load_checkpoint(straight)[1], load_checkpoint(resumed)[1]
+    for name, value in expected.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+    tuned = mined[0]["raised"]["efSearch"] // 2
+    kept = train_in_child(data, tmp_path / "kept", *RAISE_ARGS, "--faiss-ef-search", str(tuned))
+    assert kept.returncode == 0, kept.stderr
+    other = load_checkpoint(tmp_path / "kept")[1]
+    assert any(not np.array_equal(other[name], value) for name, value in expected.items())

@@ -251,6 +251,8 @@ class FaissMiner:
     def use_params(self, params: dict[str, int]) -> None:
         """Set tuned search parameters to recorded values ({"nprobe": 8}: a resumed run's)."""
         for param, value in params.items():
+            if param not in ("nprobe", "efSearch"):
+                continue  # another engine's (a chain that switched engines)
             self._faiss.ParameterSpace().set_index_parameter(self._index, param, value)
             if param == "nprobe":
                 self.nprobe = value

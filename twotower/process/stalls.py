@@ -188,7 +188,7 @@ class StallWatch:
     between contention readings; advice: what to do, appended to an oversubscribed verdict.
     """
 
-    def __init__(self, cores: int, threads: int, every: float = 10.0, advice: str = ""):
+    def __init__(self, cores: int, threads: int, every: float = 5.0, advice: str = ""):
         self.cores, self.threads, self.every, self.advice = cores, threads, every, advice
         self.times = StepTimes()
         self.contention: Contention | None = None

@@ -54,6 +54,9 @@ class MinerSetup:
         self.eval_miner: miners.Miner  # made by `make`
         self.miner: miners.Miner | None = None
         self.warnings: list[str] = []
+        # the mining miner's raised search parameters ({"nprobe": 8}): a checkpoint keeps
+        # them, and a resumed run sets them again after its build (`build`)
+        self.search_params: dict[str, int] = {}
 
     def make(self, threads: int | None) -> None:
         """Make the evaluation miner and the mining chain (its engines get `threads`, the
@@ -89,8 +92,21 @@ class MinerSetup:
         for warning in self.warnings:
             log.warning("%s", warning)
 
+    def raise_after_probe(self, recall: float) -> dict[str, int]:
+        """When a refresh's probe measured `recall` below --faiss-target-recall, the mining
+        miner searches wider from the next refresh on (`miners.raise_recall`: its tuned
+        parameter doubled). Returns the parameters raised ({} when none: at target, set by
+        the user, or at their limit)."""
+        target = self.config.faiss_target_recall
+        if self.miner is None or target is None or recall >= target:
+            return {}
+        raised = miners.raise_recall(self.miner)
+        self.search_params.update(raised)
+        return raised
+
     def build(self) -> None:
-        """Build (or load) the evaluation miner's and the mining chain's indexes; log how."""
+        """Build (or load) the evaluation miner's and the mining chain's indexes; log how;
+        set the search parameters a resumed run had raised (`search_params`)."""
         bank, fingerprint = self.dataset.bank, self.dataset.fingerprint
         for role, miner in (("evaluation", self.eval_miner), ("mining", self.miner)):
             if miner is None:
@@ -113,3 +129,6 @@ class MinerSetup:
                     info["seconds"],
                     tuned,
                 )
+        if self.miner is not None and self.search_params:
+            miners.use_params(self.miner, self.search_params)
+            log.info("mining miner: searches as the run raised it: %s", self.search_params)

@@ -21,6 +21,7 @@ from twotower.data import Dataset
 from twotower.process.threads import ThreadBudget, limit_threads
 from twotower.training.checkpoint import list_checkpoints, step_dir_name
 from twotower.training.evaluation import encode_rows
+from twotower.training.miner_setup import MinerSetup
 from twotower.training.mining import HardNegativeTable
 from twotower.training.phase_points import PhasePoints
 from twotower.training.refresh import (
@@ -63,7 +64,8 @@ def make_probe_miner(config: TrainConfig, dataset: Dataset) -> miners.Miner | No
 class Refresher:
     """The refreshes of one run (`step.Refreshes` for the trainer).
 
-    miner: the mining chain (None without hard negatives); probe: the exact miner of the
+    miner_setup: the run's miners; its mining chain (None without hard negatives) searches,
+    and a probe below --faiss-target-recall raises its search parameters; probe: the exact miner of the
     recall probe (None: no probe); table_path: the mined table in use (None: none yet);
     pending: the refresh in flight a checkpoint recorded (searched again by `resume`).
     """
@@ -79,7 +81,7 @@ class Refresher:
         metrics: MetricsLog,
         points: PhasePoints,
         threads: ThreadBudget,
-        miner: miners.Miner | None,
+        miner_setup: MinerSetup,
         probe: miners.Miner | None,
         table_path: Path | None,
         pending: Refresh | None,
@@ -93,7 +95,8 @@ class Refresher:
         self.metrics = metrics
         self.points = points
         self.threads = threads
-        self.miner = miner
+        self.miner_setup = miner_setup  # raises the search parameters a probe finds short
+        self.miner = miner_setup.miner
         self.probe = probe
         self.table_path = table_path
         self.pending = pending  # the refresh taken and not yet in use
@@ -164,6 +167,7 @@ class Refresher:
         self.job = self.pending = None
         probe = mined.probe
         search_threads, self.search_threads = self.search_threads, None
+        raised = self.miner_setup.raise_after_probe(probe.recall) if probe else {}
         self.metrics.write(
             "mined",
             step=step,
@@ -175,12 +179,20 @@ class Refresher:
             wait_seconds=round(waited, 3),
             trainer_threads=search_threads or self.threads.trainer,
             **(probe.as_dict() if probe else {}),
+            **({"raised": raised} if raised else {}),
             **mined.report.as_dict(),
         )
         log.info("step %d: %s", step, describe_refresh(refresh, mined, waited, self.config))
         warning = recall_warning(probe, self.config, mined.miner) if probe else None
         if warning:
             log.warning("step %d: %s", step, warning)
+        if raised:
+            log.info(
+                "step %d: recall below --faiss-target-recall %g: the next refreshes search with %s",
+                step,
+                self.config.faiss_target_recall,
+                ", ".join(f"{name} {value}" for name, value in raised.items()),
+            )
         return mined.table
 
     def abandon(self) -> None:
@@ -188,6 +200,12 @@ class Refresher:
         if self.job is not None:
             self.job.abandon()
             self._share_cores(False)
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The mining miner's search parameters as probes raised them (a checkpoint's
+        `search_params`; {}: as tuned after the build)."""
+        return self.miner_setup.search_params
 
     @property
     def table_name(self) -> str | None:

@@ -60,7 +60,8 @@ def check_run_dir(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
 @dataclass
 class Restored:
     """Where the run starts: `step` (steps done), the checkpoint's metrics and selection, the
-    mined table in use and its file (None: none yet), the refresh in flight (None: none)."""
+    mined table in use and its file (None: none yet), the refresh in flight (None: none),
+    the mining miner's search parameters as the run had raised them ({}: as tuned)."""
 
     step: int
     selection: Selection
@@ -68,6 +69,7 @@ class Restored:
     metrics: dict[str, float] = field(default_factory=dict)
     table_path: Path | None = None
     pending: Refresh | None = None
+    search_params: dict[str, int] = field(default_factory=dict)
 
 
 def restore(
@@ -101,4 +103,5 @@ def restore(
     )
     selection = Selection.restore(config.select_metric, meta.get("selection"))
     metrics = dict(meta.get("metrics") or {})
-    return Restored(step, selection, table, metrics, table_path, pending)
+    params = dict(meta.get("search_params") or {})
+    return Restored(step, selection, table, metrics, table_path, pending, params)

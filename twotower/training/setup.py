@@ -26,6 +26,7 @@ from twotower.process import faults, wait_policy
 from twotower.process.collective_ledger import CollectiveLedger, ledger_path
 from twotower.process.crash_dump import die_with_parent, enable_crash_dumps
 from twotower.process.openmp import openmp_runtimes
+from twotower.process.stalls import StallWatch, what_to_do
 from twotower.process.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
 from twotower.training.batching import StepPlan
 from twotower.training.cadence import (
@@ -65,7 +66,8 @@ class OpenedRun:
 
     state: the step's state (engine, queue, table, plans); start: steps done (0, or the
     checkpoint's); total: planned steps; metrics_at_start: the checkpoint's last evaluation;
-    validator: evaluations (None on a torchrun rank other than 0); scalars: --tensorboard.
+    validator: evaluations (None on a torchrun rank other than 0); scalars: --tensorboard;
+    stalls: the watch of the step times (`process.stalls`).
     """
 
     config: TrainConfig
@@ -78,6 +80,7 @@ class OpenedRun:
     metrics: MetricsLog
     scalars: TensorboardScalars | None
     validator: Validator | None
+    stalls: StallWatch
     start: int
     total: int
     eval_every: int
@@ -285,6 +288,7 @@ def _load(
     for gap in plan_gaps(c, total, eval_every) if group.writes_run_files else []:
         log.warning("%s", gap)
     restored = restore(c, a.run, backend, queue, table, mining)
+    a.miners.search_params = restored.search_params  # set again after the build
     step = restored.step
     mirror = getattr(backend, "queue_mirror", None)  # the ring on the backend's device
     queue.attach(mirror(queue.ids, queue.vecs) if mirror else None)
@@ -318,7 +322,7 @@ def _load(
         metrics,
         points,
         a.threads,
-        miner,
+        a.miners,
         probe,
         restored.table_path,
         restored.pending,
@@ -326,6 +330,7 @@ def _load(
     refresher.resume()  # a refresh in flight at the checkpoint is searched again
     points.openmp = openmp_runtimes()
     log.info("threads: %s", a.threads.describe())
+    stalls = StallWatch(a.threads.cores, a.threads.trainer, advice=what_to_do(a.threads.trainer))
     points.enter("load", step)
     if c.lr_schedule != "constant" or schedule.warmup:
         log.info(
@@ -363,6 +368,7 @@ def _load(
         metrics,
         scalars,
         validator,
+        stalls,
         step,
         total,
         eval_every,

@@ -33,6 +33,7 @@ from twotower.training.setup import OpenedRun, WorkerDeathReporter, open_run
 log = logging.getLogger("twotower")
 
 PROGRESS_ENV = "TWOTOWER_PROGRESS"  # "1": show the progress bar even when stderr is a pipe
+STALL_BEAT_EVERY = 50  # steps between heartbeat updates of the stall watch's reading
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Trainer:
             "miner": run.points.miner_name,
             "config_hash": self.config.numeric_hash(),
             "mined_table": run.refresher.table_name,
+            "search_params": run.refresher.search_params,
             "metrics": metrics,
             "selection": run.validator.selection.state() if run.validator else None,
             **run.refresher.in_flight(step),
@@ -199,6 +201,7 @@ class Trainer:
         prepared = one_step.prepare(step, data, run.state, run.refresher, run.group)
         poison = run.points.enter("step", step)  # injected 'nan' fault: the loss is poisoned
         updated = one_step.update(step, prepared, run.state, poison)
+        self._watch_stalls(step + 1, updated.seconds)
         stats = updated.stats
         record: dict[str, Any] = dict(
             step=step + 1,
@@ -220,6 +223,18 @@ class Trainer:
         else:
             run.metrics.write("step", **record)
         return stats
+
+    def _watch_stalls(self, step: int, seconds: float) -> None:
+        """Feed the step's time to the stall watch (`process.stalls`); when it names the machine
+        oversubscribed (or no longer), say so in the log and metrics; its last reading goes
+        into the heartbeat."""
+        stalls = self.run.stalls
+        line = stalls.step(seconds)
+        if stalls.contention is not None and (line or step % STALL_BEAT_EVERY == 0):
+            self.run.points.heartbeat.describe(contention=stalls.as_dict())
+        if line:
+            self.run.metrics.write("contention", step=step, **stalls.as_dict())
+            log.warning("step %d: %s", step, line)
 
     def _patience_exhausted(self) -> bool:
         """Whether --patience evaluations in a row have not improved the selection metric.
