@@ -65,8 +65,9 @@ class Refresher:
     """The refreshes of one run (`step.Refreshes` for the trainer).
 
     miner_setup: the run's miners; its mining chain (None without hard negatives) searches,
-    and a probe below --faiss-target-recall raises its search parameters; probe: the exact miner of the
-    recall probe (None: no probe); table_path: the mined table in use (None: none yet);
+    and a probe below --faiss-target-recall raises its search parameters; probe: the exact
+    miner of the recall probe (None: no probe); table_path: the mined table in use (None:
+    none yet);
     pending: the refresh in flight a checkpoint recorded (searched again by `resume`).
     """
 
