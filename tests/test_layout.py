@@ -144,7 +144,7 @@ def test_no_test_module_imports_another(tmp_path: Path) -> None:
     a test module importing another would run (and couple to) that module's tests. With a
     negative control: one such import planted in a copy is found."""
 
-    def test_module_imports(folder: Path) -> list[str]:
+    def imports_of_test_modules(folder: Path) -> list[str]:
         found = []
         for path in sorted(folder.glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -156,15 +156,15 @@ def test_no_test_module_imports_another(tmp_path: Path) -> None:
                     found.append(f"{path.name}:{node.lineno}")
         return found
 
-    assert test_module_imports(ROOT / "tests") == []
+    assert imports_of_test_modules(ROOT / "tests") == []
     copy = tmp_path / "tests"
     shutil.copytree(ROOT / "tests", copy, ignore=shutil.ignore_patterns("__pycache__"))
     planted = copy / "test_atomic.py"
     planted.write_text(planted.read_text() + "\nfrom tests.test_queue import DIM\n")
-    assert len(test_module_imports(copy)) == 1
+    assert len(imports_of_test_modules(copy)) == 1
 
 
-MODULE_LIMIT = 500  # lines; past ~400 a module usually holds two ideas (STYLE.md)
+MODULE_LIMIT = 500  # lines; past ~400 a module usually holds two ideas
 
 
 def too_long(root: Path = ROOT, limit: int = MODULE_LIMIT) -> list[str]:
