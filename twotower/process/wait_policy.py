@@ -7,9 +7,10 @@ saves a wake-up. On a busy one (another process computing on the same cores)
 the partner it waits for is descheduled, and the spinning thread burns the
 very time slice the partner needs: a 2-core machine beside a 2-thread BLAS job
 ran the demo's steps 35x slower with every core than with one thread. PASSIVE
-threads sleep at once; measured side by side (bench/test_busy_machine.py) they
-cost nothing on a quiet machine and keep a busy one within about 1.3x of one
-thread, so PASSIVE is the default, no thread count changes needed.
+threads sleep at once; measured side by side (bench/test_busy_machine.py,
+docs/BENCHMARKS.md) they keep a busy machine within about 1.1x of one thread,
+where spinning took 4-28x, so PASSIVE is the default and no thread count
+changes at run time.
 
 The runtime reads the variable once, when it loads: it must be in the
 environment before torch or faiss is imported. `apply` sets it in this process
