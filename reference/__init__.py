@@ -9,8 +9,10 @@ imports twotower (only numpy), so it cannot inherit an engine's bug.
     params, opt, loss, norm = reference.train_step("gru", params, opt, batch, lr=lr * f)
 
 `batch` is any object with the attributes of `twotower.Batch` (`context_ids`
-optional: present and not None turns seen-item masking on). `residual="last"`
-selects the residual GRU tower.
+optional: present and not None turns seen-item masking on; `sampled_ids`,
+`in_batch_logq` / `queue_logq` and `full_softmax` likewise optional: sampled bank
+negatives, logQ, the softmax over the whole bank). `residual="last"` selects the
+residual GRU tower.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from reference.bank import full_softmax
 from reference.loss import infonce
 from reference.optim import LR_SCHEDULES, adamw, clip_grad_norm, lr_factor
 from reference.towers import RESIDUALS, TOWERS
@@ -29,6 +32,7 @@ __all__ = [
     "loss_and_grads",
     "train_step",
     "infonce",
+    "full_softmax",
     "adamw",
     "clip_grad_norm",
     "lr_factor",
@@ -57,11 +61,15 @@ def loss_and_grads(
     temperature: float = 0.05,
     residual: str = "none",
 ) -> tuple[float, dict[str, np.ndarray]]:
-    """InfoNCE loss of `batch` and its gradient for every parameter (float64, by torch name)."""
+    """InfoNCE loss of `batch` and its gradient for every parameter (float64, by torch name):
+    over its candidates (`infonce`), or over every bank row when `batch.full_softmax`."""
     forward, backward = TOWERS[tower]
     lengths = np.asarray(batch.lengths, dtype=np.int64)
     q, cache = forward(params, batch.contexts, lengths, residual)
-    loss, dq = infonce(q, batch, temperature)
+    if getattr(batch, "full_softmax", False):
+        loss, dq = full_softmax(q, batch, temperature)
+    else:
+        loss, dq = infonce(q, batch, temperature)
     return loss, backward(params, lengths, cache, dq)
 
 

@@ -18,6 +18,9 @@ def make_batch(
     garbage_padding: bool = True,
     awkward_ids: bool = True,
     context_ids: bool = False,
+    sampled: int = 0,
+    logq: bool = False,
+    full_softmax: bool = False,
 ) -> Batch:
     """A float32 Batch over a random bank of unit vectors.
 
@@ -28,6 +31,10 @@ def make_batch(
     (seen-item masking), with a context item that is another query's positive
     (query 0), one of the query's hard negatives (query 1, needs hard >= 2), a queue
     entry (query 2, needs queue >= 2) and the query's own positive (query 3).
+    Negatives from the bank (the batch then carries the bank): `sampled` S distinct rows, the
+    first one query 0's positive (awkward_ids) and, with context_ids, the second one among
+    query 4's context items; `logq`: log(freq / N) of made-up positive counts for the
+    in-batch and queue candidates; `full_softmax`: every bank row a candidate.
     """
     bank_vecs = rng.standard_normal((bank, dim))
     bank_vecs /= np.linalg.norm(bank_vecs, axis=1, keepdims=True)
@@ -52,6 +59,12 @@ def make_batch(
         if queue:
             queue_ids[0] = -1
             queue_ids[-1] = positive_ids[0]
+    sampled_ids = rng.choice(bank, size=sampled, replace=False) if sampled else None
+    if sampled_ids is not None and awkward_ids:
+        sampled_ids[0] = positive_ids[0]
+        sampled_ids[1:] = rng.choice(
+            np.setdiff1d(np.arange(bank), sampled_ids[:1]), sampled - 1, replace=False
+        )
     seen = None
     if context_ids:
         seen = rng.integers(0, bank, size=(batch, steps))
@@ -59,11 +72,15 @@ def make_batch(
         seen[1, 0] = hard_ids[1, 1]
         seen[2, 0] = queue_ids[1]
         seen[3, 0] = positive_ids[3]
+        if sampled_ids is not None and batch > 4 and sampled > 1:
+            seen[4, 0] = sampled_ids[1]
         valid = np.arange(steps)[None, :] < lengths[:, None]
         contexts = np.where(valid[..., None], bank_vecs[seen], contexts)
         seen = np.where(valid, seen, -1).astype(np.int64)
     hard_vecs = np.where((hard_ids >= 0)[..., None], bank_vecs[hard_ids], 0.0)
     queue_vecs = np.where((queue_ids >= 0)[:, None], bank_vecs[queue_ids], 0.0)
+    log_freq = np.log(rng.integers(1, 20, size=bank) / (20.0 * bank)) if logq else None
+    bank32 = bank_vecs.astype(np.float32)
     return Batch(
         contexts=contexts.astype(np.float32),
         lengths=lengths.astype(np.int64),
@@ -74,6 +91,14 @@ def make_batch(
         queue_ids=queue_ids.astype(np.int64),
         queue_vecs=queue_vecs.reshape(queue, dim).astype(np.float32),
         context_ids=seen,
+        bank=bank32 if sampled or full_softmax else None,
+        full_softmax=full_softmax,
+        sampled_ids=None if sampled_ids is None else sampled_ids.astype(np.int64),
+        sampled_vecs=None if sampled_ids is None else bank32[sampled_ids],
+        in_batch_logq=None if log_freq is None else log_freq[positive_ids].astype(np.float32),
+        queue_logq=None
+        if log_freq is None
+        else log_freq[np.maximum(queue_ids, 0)].astype(np.float32),
     )
 
 

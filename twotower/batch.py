@@ -15,6 +15,13 @@ class Batch:
     `context_ids` (the bank ids of each query's context items, -1 padded) turns seen-item
     masking on: a candidate among query i's context ids is masked unless it is p_i itself.
     None (the default) leaves it off.
+
+    Negatives from the whole bank (DESIGN.md, "Negatives from the whole bank"): `bank` is the
+    frozen (M, D) bank, memory-mapped and never copied. With `full_softmax` every bank row is a
+    candidate and in-batch, hard, queue and sampled candidates are not used. Else S
+    `sampled_ids` (shared by the batch, after the queue) each score + log(M / S). logQ:
+    `in_batch_logq` (B,) and `queue_logq` (Q,), log(freq_j / N) of each candidate, are
+    subtracted from its score. Each None (the default) leaves its option off.
     """
 
     contexts: np.ndarray  # (B, T, D) float32
@@ -26,6 +33,12 @@ class Batch:
     queue_ids: np.ndarray  # (Q,) int64
     queue_vecs: np.ndarray  # (Q, D) float32
     context_ids: np.ndarray | None = None  # (B, T) int64, -1 padded; None: no seen-item masking
+    bank: np.ndarray | None = None  # (M, D) float32 memory map: full softmax, sampled's M
+    full_softmax: bool = False  # every bank row a candidate (needs bank)
+    sampled_ids: np.ndarray | None = None  # (S,) int64 distinct bank rows shared by the batch
+    sampled_vecs: np.ndarray | None = None  # (S, D) float32, bank[sampled_ids]
+    in_batch_logq: np.ndarray | None = None  # (B,) float32 log(freq / N) of each positive id
+    queue_logq: np.ndarray | None = None  # (Q,) float32 log(freq / N) of each queue id
 
     @classmethod
     def in_batch_only(
@@ -80,6 +93,35 @@ class Batch:
             hard |= seen_by_query(self.context_ids, self.hard_ids)
         in_batch[queries, first_row + queries] = False  # each query's own positive
         return in_batch, hard
+
+    def sampled_mask(self, first_row: int = 0) -> np.ndarray:
+        """(b, S) bool: sampled candidates the loss ignores (the query's positive, or with
+        `context_ids` one of its context items); (b, 0) without sampled negatives."""
+        positives = self.own_positive_ids(first_row)[:, None]
+        if self.sampled_ids is None:
+            return np.zeros((len(positives), 0), dtype=bool)
+        masked = self.sampled_ids[None, :] == positives
+        if self.context_ids is not None:
+            masked |= seen_by_query(self.context_ids, self.sampled_ids[None, :])
+        return masked
+
+    def sampled_offset(self) -> float:
+        """log(M / S), added to each sampled score (each sampled row stands for M / S rows)."""
+        if self.sampled_ids is None or len(self.sampled_ids) == 0:
+            return 0.0
+        assert self.bank is not None, "sampled negatives need the bank (its M)"
+        return float(np.log(len(self.bank) / len(self.sampled_ids)))
+
+    def seen_full_bank(self, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The bank entries the full softmax masks: (query index (n,), bank id (n,)) for each
+        context id of each query other than its positive; empty without `context_ids`."""
+        if self.context_ids is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ids = np.asarray(self.context_ids, dtype=np.int64)
+        positives = self.own_positive_ids(first_row)[:, None]
+        queries, slots = np.nonzero((ids >= 0) & (ids != positives))
+        pairs = np.unique(np.stack([queries, ids[queries, slots]]), axis=1)
+        return pairs[0], pairs[1]
 
     def seen_in_queue(self) -> np.ndarray | None:
         """(b, Q) bool: queue entries among each query's context ids; None without them."""
