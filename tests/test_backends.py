@@ -11,7 +11,7 @@ import torch
 import reference
 from tests.agreement import assert_agrees, assert_differs
 from tests.batches import make_batch, perturbed
-from twotower import backends
+from twotower import Batch, backends
 from twotower.backends.base import OPT_EXP_AVG, OPT_EXP_AVG_SQ, OPT_STEP
 from twotower.errors import EngineUnavailable
 from twotower.towers import TowerSpec, init_params
@@ -37,6 +37,19 @@ def params_of(backend: backends.Backend) -> dict[str, np.ndarray]:
     return {k: v for k, v in backend.state().items() if not k.startswith("opt.")}
 
 
+def assert_matches_reference(
+    backend: backends.Backend, kind: str, batch: Batch
+) -> tuple[float, dict[str, np.ndarray]]:
+    """The engine's loss and every gradient on `batch` agree with the reference's (returned)."""
+    loss, grads = backend.loss_and_grads(batch)
+    expected_loss, expected_grads = reference.loss_and_grads(kind, params_of(backend), batch, 0.05)
+    assert_agrees(np.float32(loss), np.array(expected_loss), np.float32, "loss")
+    assert set(grads) == set(expected_grads)
+    for param_name, grad in grads.items():
+        assert_agrees(grad, expected_grads[param_name], np.float32, param_name)
+    return expected_loss, expected_grads
+
+
 @pytest.mark.parametrize("tower", TOWERS)
 @pytest.mark.parametrize(("name", "opts"), ENGINES, ids=ENGINE_IDS)
 def test_loss_gradients_and_encode_match_reference(name: str, opts: dict, tower: str) -> None:
@@ -44,13 +57,7 @@ def test_loss_gradients_and_encode_match_reference(name: str, opts: dict, tower:
     kind = TOWERS[tower]["tower"]
     batch = make_batch(np.random.default_rng(5), batch=8, steps=6, dim=DIM, hard=3, queue=16)
     params = params_of(backend)
-
-    loss, grads = backend.loss_and_grads(batch)
-    expected_loss, expected_grads = reference.loss_and_grads(kind, params, batch, 0.05)
-    assert_agrees(np.float32(loss), np.array(expected_loss), np.float32, "loss")
-    assert set(grads) == set(expected_grads)
-    for param_name, grad in grads.items():
-        assert_agrees(grad, expected_grads[param_name], np.float32, param_name)
+    expected_loss, expected_grads = assert_matches_reference(backend, kind, batch)
 
     q = backend.encode(batch.contexts, batch.lengths)
     assert_agrees(

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from twotower.backends.bank_softmax import full_softmax
 from twotower.backends.base import StepSettings, join_state, split_state
 from twotower.batch import Batch, StepStats
 from twotower.towers import TowerSpec
@@ -182,26 +183,41 @@ class NumpyBackend:
     # --- loss --------------------------------------------------------------------------
 
     def _infonce(self, q: np.ndarray, batch: Batch) -> tuple[float, np.ndarray]:
-        """Masked InfoNCE. q (B, D) -> (loss, dL/dq (B, D))."""
+        """Masked InfoNCE (over the batch's candidates, or every bank row with
+        `batch.full_softmax`). q (B, D) -> (loss, dL/dq (B, D))."""
+        if batch.full_softmax:
+            assert batch.bank is not None, "the full softmax needs the bank"
+            positives = np.asarray(batch.positive_ids, dtype=np.int64)
+            seen = batch.seen_full_bank()
+            return full_softmax(q, batch.bank, positives, seen, self.settings.temperature, len(q))
         tau = np.float32(self.settings.temperature)
         batch_size = q.shape[0]
         positives = np.asarray(batch.positive_vecs, dtype=np.float32)
         hard = np.asarray(batch.hard_vecs, dtype=np.float32)
         queue = np.asarray(batch.queue_vecs, dtype=np.float32)
+        sampled = np.zeros((0, q.shape[1]), np.float32)
+        if batch.sampled_vecs is not None:
+            sampled = np.asarray(batch.sampled_vecs, dtype=np.float32)
         in_batch = q @ positives.T  # (B, B)
         hard_scores = np.matmul(hard, q[:, :, None])[:, :, 0]  # (B, K)
-        queue_scores = q @ queue.T  # (B, Q)
-        logits = np.concatenate([in_batch, hard_scores, queue_scores], axis=1) / tau
-        logits[np.concatenate(batch.candidate_masks(), axis=1)] = -np.inf
+        logits = np.concatenate([in_batch, hard_scores, q @ queue.T, q @ sampled.T], axis=1)
+        logits /= tau
+        k, n_in, n_q = hard.shape[1], batch_size, len(queue)
+        if batch.in_batch_logq is not None and batch.queue_logq is not None:
+            logits[:, :n_in] -= batch.in_batch_logq[None, :]
+            logits[:, n_in + k : n_in + k + n_q] -= batch.queue_logq[None, :]
+        logits[:, n_in + k + n_q :] += np.float32(batch.sampled_offset())
+        masks = (*batch.candidate_masks(), batch.sampled_mask())
+        logits[np.concatenate(masks, axis=1)] = -np.inf
         top = logits.max(axis=1, keepdims=True)
         probs = np.exp(logits - top)
         total = probs.sum(axis=1, keepdims=True)
         loss = float(np.mean(np.log(total[:, 0]) + top[:, 0] - np.diagonal(logits)))
         probs /= total
-        k, n_in = hard.shape[1], batch_size
         dq = probs[:, :n_in] @ positives
         dq += np.matmul(probs[:, None, n_in : n_in + k], hard)[:, 0]
-        dq += probs[:, n_in + k :] @ queue
+        dq += probs[:, n_in + k : n_in + k + n_q] @ queue
+        dq += probs[:, n_in + k + n_q :] @ sampled
         dq -= positives
         dq /= tau * batch_size
         return loss, dq

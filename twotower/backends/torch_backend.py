@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from twotower.backends.base import StepSettings, join_state, split_state
+from twotower.backends.torch_bank import DeviceBank, FullSoftmax
 from twotower.backends.torch_data_parallel import GradientSum
 from twotower.batch import Batch, StepStats
 from twotower.process.collective_ledger import CollectiveLedger
@@ -119,14 +120,23 @@ def infonce(
     temperature: float,
     queue: DeviceQueue | None = None,
     first_row: int = 0,
+    bank: DeviceBank | None = None,
 ) -> torch.Tensor:
     """Masked InfoNCE of docs/DESIGN.md for queries q (b, D); the positive of query i is in-batch
     column first_row + i. b = B: the batch's mean loss. b < B (one rank's shard of the
     global batch): sum_i loss_i / B, its share of the global mean.
 
     queue: the ring on the device, used when it mirrors batch.queue_vecs (else it is sent).
+    bank: batch.bank on the device (the full softmax reads it; sampled rows come from it).
     """
     device = q.device
+    if batch.full_softmax:
+        assert bank is not None, "the full softmax needs the bank"
+        positive_ids = torch.as_tensor(batch.own_positive_ids(first_row), device=device)
+        queries, ids = batch.seen_full_bank(first_row)
+        seen = (torch.as_tensor(queries, device=device), torch.as_tensor(ids, device=device))
+        divisor = len(batch.positive_ids)
+        return FullSoftmax.apply(q, bank, positive_ids, seen, temperature, divisor)
     positives = torch.as_tensor(batch.positive_vecs, device=device)
     hard = torch.as_tensor(batch.hard_vecs, device=device)
     in_batch, hard_masked = batch.batch_masks(first_row)
@@ -140,16 +150,22 @@ def infonce(
     seen = batch.seen_in_queue()  # (B, Q) from the host ring's ids, with seen-item masking only
     if seen is not None:
         queue_masked |= torch.as_tensor(seen, device=device)
-    logits = (
-        torch.cat(
-            [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue_vecs.T], dim=1
-        )
-        / temperature
-    )
+    sampled = positives[:0]
+    if batch.sampled_ids is not None:
+        ids = torch.as_tensor(batch.sampled_ids, device=device)
+        sampled = bank.rows[ids] if bank is not None else torch.as_tensor(batch.sampled_vecs)
+    scores = [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue_vecs.T]
+    if batch.in_batch_logq is not None and batch.queue_logq is not None:
+        in_batch_logq = torch.as_tensor(batch.in_batch_logq, device=device)
+        scores[0] = scores[0] - temperature * in_batch_logq[None, :]
+        scores[2] = scores[2] - temperature * torch.as_tensor(batch.queue_logq, device=device)
+    offset = temperature * batch.sampled_offset()  # log(M / S), before the division by tau
+    logits = torch.cat([*scores, q @ sampled.to(device).T + offset], dim=1) / temperature
     masked = torch.cat(
         [
             torch.as_tensor(np.concatenate([in_batch, hard_masked], axis=1), device=device),
             queue_masked,
+            torch.as_tensor(batch.sampled_mask(first_row), device=device),
         ],
         dim=1,
     )
@@ -186,6 +202,7 @@ class TorchBackend:
         self.gru_path = gru_path
         self.mirror_queue = device != "cpu" if mirror_queue is None else mirror_queue
         self.queue: DeviceQueue | None = None
+        self.bank: DeviceBank | None = None  # made at the first batch that carries a bank
         self.model = QueryTower(spec).to(self.device)
         self._named = dict(self.model.named_parameters())
         self.optimizer: torch.optim.AdamW | None  # None: a tower without parameters
@@ -248,6 +265,14 @@ class TorchBackend:
         self.queue = DeviceQueue(ids, vecs, self.device) if self.mirror_queue else None
         return self.queue
 
+    def _bank_for(self, batch: Batch) -> DeviceBank | None:
+        """batch.bank on this device: made once per bank array, reused by every later step."""
+        if batch.bank is None:
+            return None
+        if self.bank is None or self.bank.host is not batch.bank:
+            self.bank = DeviceBank(batch.bank, self.device)
+        return self.bank
+
     def _queries(self, contexts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(contexts, dtype=np.float32), device=self.device)
         return self.model(x, torch.as_tensor(np.asarray(lengths, dtype=np.int64)), self.gru_path)
@@ -269,6 +294,7 @@ class TorchBackend:
             self.settings.temperature,
             self.queue,
             first_row,
+            self._bank_for(batch),
         )
         loss.backward()
         if shard is not None:
