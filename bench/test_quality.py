@@ -37,7 +37,7 @@ import pytest
 
 from bench.quality.build_dataset import build, default_out
 from twotower import miners
-from twotower.config import TrainConfig
+from twotower.config import METRICS, TrainConfig
 from twotower.data import Dataset, load_dataset
 from twotower.training.eval_command import evaluate_run
 from twotower.training.evaluation import BASELINES, baseline_queries, rank_rows
@@ -77,6 +77,20 @@ CASES: dict[str, dict[str, Any]] = {
     "full, random split (leaky held-out)": {**FULL, "eval_split": "random"},
     "defaults (--data --epochs only)": {},
 }
+# issue 18: negatives from the whole bank, each without and with the residual tower; the rest
+# of the recipe is today's defaults (K=8 mined, Q=4096 queue: the sampled rows come after them)
+NONE = {"bank_negatives": "none"}
+BANK_CASES: dict[str, dict[str, Any]] = {
+    f"{name}{', residual' if residual else ''}": {**settings, **(RESIDUAL if residual else {})}
+    for residual in (False, True)
+    for name, settings in {
+        "no bank negatives (the defaults before issue 18)": NONE,
+        "full softmax over the bank": {"bank_negatives": "full"},
+        "sampled S=1k": {"bank_negatives": "sampled", "sampled_negatives": 1024},
+        "sampled S=8k": {"bank_negatives": "sampled", "sampled_negatives": 8192},
+    }.items()
+}
+BANK_SEEDS = [int(s) for s in os.environ.get("TWOTOWER_BENCH_QUALITY_BANK_SEEDS", "0").split(",")]
 
 
 @pytest.fixture(scope="module")
@@ -88,37 +102,45 @@ def data() -> tuple[Dataset, Dataset]:
     return load_dataset(root / "train"), load_dataset(root / "test")
 
 
+COLUMNS = [f"{scope} {metric}" for scope in ("masked", "full-bank") for metric in METRICS]
+
+
 @pytest.fixture(scope="module")
 def table(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, Any]]]:
-    """Rows by case; printed and saved when the module ends."""
+    """Rows by case; printed and saved when the module ends (as $TWOTOWER_BENCH_QUALITY_OUT
+    .json/.md, default .benchmarks/quality: two runs side by side keep their own)."""
     rows: dict[str, dict[str, Any]] = {}
     yield rows
     lines = [
-        f"epochs: {EPOCHS}, hidden {HIDDEN}; test: every row of unseen pages, full bank",
+        f"epochs: {EPOCHS}, hidden {HIDDEN}; test: every row of unseen pages, full bank; "
+        "masked: the query's own context items dropped from the ranking (the positive "
+        "excepted); metrics of best/ (held-out MRR selection), MRR@100",
         "",
-        "| case | test R@10 (best/) | test MRR@100 (best/) | test MRR@100 (final) "
-        "| held-out MRR@100 (best) | seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| case | " + " | ".join(COLUMNS) + " | masked MRR (final) | steps | seconds |",
+        "| --- " * (len(COLUMNS) + 4) + "|",
     ]
     for case, row in rows.items():
-        cells = [
-            row.get("r10_best", row.get("r10")),
-            row.get("mrr_best", row.get("mrr")),
-            row.get("mrr_final"),
-            row.get("heldout_best"),
-            row.get("seconds"),
-        ]
+        cells = [row.get(c) for c in COLUMNS] + [row.get("mrr_final"), row.get("steps")]
         text = ["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells]
-        lines.append(f"| {case} | " + " | ".join(text) + " |")
+        lines.append(f"| {case} | " + " | ".join(text) + f" | {row.get('seconds', '')} |")
     plugins = request.config.pluginmanager
     with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
         terminal = plugins.get_plugin("terminalreporter")
         for line in ["", *lines]:
             terminal.write_line(line)
-    out = Path(".benchmarks")
-    out.mkdir(exist_ok=True)
-    (out / "quality.json").write_text(json.dumps({"epochs": EPOCHS, "rows": rows}, indent=2))
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    out = Path(os.environ.get("TWOTOWER_BENCH_QUALITY_OUT", ".benchmarks/quality"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"epochs": EPOCHS, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def both_scopes(ranked: Any) -> dict[str, float]:
+    """`ranked(exclude_context)` -> metrics, under both masks, keyed as COLUMNS."""
+    row = {}
+    for scope, masked in (("masked", True), ("full-bank", False)):
+        metrics = ranked(masked)
+        row.update({f"{scope} {metric}": metrics[metric] for metric in METRICS})
+    return row
 
 
 def exact(dataset: Dataset) -> miners.Miner:
@@ -131,10 +153,12 @@ def exact(dataset: Dataset) -> miners.Miner:
 def test_baseline(name: str, data: tuple[Dataset, Dataset], table: dict) -> None:
     _, test = data
     rows = np.arange(test.num_samples)
-    metrics = rank_rows(
-        lambda c, n: baseline_queries(name, c, n), test, rows, exact(test), exclude_context=True
+    miner = exact(test)
+    table[name] = both_scopes(
+        lambda masked: rank_rows(
+            lambda c, n: baseline_queries(name, c, n), test, rows, miner, exclude_context=masked
+        )
     )
-    table[name] = {"r10": metrics["recall@10"], "mrr": metrics["mrr@100"]}
 
 
 def plain_loop_row(data: tuple[Dataset, Dataset], seed: int) -> dict[str, Any]:
@@ -155,8 +179,11 @@ def plain_loop_row(data: tuple[Dataset, Dataset], seed: int) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - started
     rows = np.arange(test.num_samples)
-    metrics = rank_rows(encoder(model), test, rows, exact(test), exclude_context=True)
-    return {"r10": metrics["recall@10"], "mrr_final": metrics["mrr@100"], "seconds": round(seconds)}
+    miner = exact(test)
+    row = both_scopes(
+        lambda masked: rank_rows(encoder(model), test, rows, miner, exclude_context=masked)
+    )
+    return {**row, "seconds": round(seconds)}
 
 
 def twotower_row(data: tuple[Dataset, Dataset], out: Path, **settings: Any) -> dict[str, Any]:
@@ -176,11 +203,10 @@ def twotower_row(data: tuple[Dataset, Dataset], out: Path, **settings: Any) -> d
     result = train(config)
     seconds = time.perf_counter() - started
     assert result.exit_code == 0
-    best, final = on_test(out, test, "best"), on_test(out, test, "latest")
+    row = both_scopes(lambda masked: on_test(out, test, "best", masked))
     return {
-        "r10_best": best["recall@10"],
-        "mrr_best": best["mrr@100"],
-        "mrr_final": final["mrr@100"],
+        **row,
+        "mrr_final": on_test(out, test, "latest", True)["mrr@100"],
         "heldout_best": result.best_metrics.get("mrr@100"),
         "best_step": result.best_step,
         "steps": result.steps,
@@ -188,14 +214,15 @@ def twotower_row(data: tuple[Dataset, Dataset], out: Path, **settings: Any) -> d
     }
 
 
-def on_test(run: Path, test: Dataset, which: str) -> dict[str, float]:
-    """The metrics of RUN's `which` checkpoint ("best", "latest") on every test row."""
+def on_test(run: Path, test: Dataset, which: str, masked: bool) -> dict[str, float]:
+    """The metrics of RUN's `which` checkpoint ("best", "latest") on every test row, its own
+    context items dropped from each ranking when `masked`."""
     return evaluate_run(
         run=str(run),
         data=str(test.path),
         rows="all",
         checkpoint=which,
-        exclude_context=True,
+        exclude_context=masked,
         backend="torch-cpu",
     ).comparison.model
 
@@ -207,6 +234,16 @@ def test_plain_gru_loop(data: tuple[Dataset, Dataset], table: dict) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_twotower(case: str, data: tuple[Dataset, Dataset], table: dict, tmp_path: Path) -> None:
     table[case] = twotower_row(data, tmp_path / "run", **CASES[case])
+
+
+@pytest.mark.parametrize("seed", BANK_SEEDS)
+@pytest.mark.parametrize("case", list(BANK_CASES))
+def test_bank_negatives(
+    case: str, seed: int, data: tuple[Dataset, Dataset], table: dict, tmp_path: Path
+) -> None:
+    """Issue 18's rows (TWOTOWER_BENCH_QUALITY_BANK_SEEDS=0,1,2 for more seeds)."""
+    row = twotower_row(data, tmp_path / "run", seed=seed, **BANK_CASES[case])
+    table[f"{case}, seed {seed}"] = row
 
 
 SEEDS = os.environ.get("TWOTOWER_BENCH_QUALITY_SEEDS", "")

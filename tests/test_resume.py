@@ -108,6 +108,23 @@ def expected_lr(step: int) -> float:
     return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 20) / 10))
 
 
+def killed_at_12_and_resumed(dataset: Path, tmp_path: Path, backend: str, *args: str) -> Path:
+    """Train with `args` straight and, in another run, killed at step 12 (newest checkpoint:
+    7) then resumed; assert both end bitwise equal; return the resumed run."""
+    straight = tmp_path / "straight"
+    assert train(dataset, straight, backend, *args).returncode == 0
+    out = tmp_path / "run"
+    killed = train(dataset, out, backend, *args, TWOTOWER_INJECT_FAULT="kill@step:12")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = train(dataset, out, backend, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _, state = load_checkpoint(out)
+    _, expected = load_checkpoint(straight)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numpy", "torch-cpu"])
 def test_resumed_mid_warmup_is_bitwise_equal(dataset: Path, tmp_path: Path, backend: str) -> None:
@@ -116,18 +133,8 @@ def test_resumed_mid_warmup_is_bitwise_equal(dataset: Path, tmp_path: Path, back
     the uninterrupted one does; each logged lr is the formula's."""
     if backend not in backends.available():
         pytest.skip(f"{backend} is not available")
-    straight = tmp_path / "straight"
-    assert train(dataset, straight, backend, *RECIPE).returncode == 0
-    out = tmp_path / "run"
-    killed = train(dataset, out, backend, *RECIPE, TWOTOWER_INJECT_FAULT="kill@step:12")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = train(dataset, out, backend, *RECIPE, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-
-    _, state = load_checkpoint(out)
-    _, expected = load_checkpoint(straight)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(state[name], value, err_msg=name)
+    out = killed_at_12_and_resumed(dataset, tmp_path, backend, *RECIPE)
+    state = load_checkpoint(out)[1]
     rates = {
         r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"
     }
@@ -140,6 +147,28 @@ def test_resumed_mid_warmup_is_bitwise_equal(dataset: Path, tmp_path: Path, back
     at_constant = [*RECIPE[2:], "--lr-schedule", "constant"]  # cosine is the default
     assert train(dataset, constant, backend, *at_constant).returncode == 0
     assert not np.array_equal(load_checkpoint(constant)[1]["proj.weight"], state["proj.weight"])
+
+
+BANK = "--bank-negatives sampled --sampled-negatives 50 --logq".split()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch-cpu"])
+def test_resumed_with_sampled_bank_negatives_is_bitwise_equal(
+    dataset: Path, tmp_path: Path, backend: str
+) -> None:
+    """Sampled bank rows (each step's own stream) and logQ (its table kept with the run):
+    killed at step 12 (newest checkpoint: 7) and resumed, the run ends bit for bit where the
+    uninterrupted one does."""
+    if backend not in backends.available():
+        pytest.skip(f"{backend} is not available")
+    out = killed_at_12_and_resumed(dataset, tmp_path, backend, *BANK)
+    assert (out / "logq.npy").is_file()
+    state = load_checkpoint(out)[1]
+    # negative control: other sampled rows (S = 49) end elsewhere
+    other = tmp_path / "other"
+    fewer = [*BANK[:2], "--sampled-negatives", "49", "--logq"]
+    assert train(dataset, other, backend, *fewer).returncode == 0
+    assert not np.array_equal(load_checkpoint(other)[1]["proj.weight"], state["proj.weight"])
 
 
 def test_a_different_run_differs(

@@ -31,6 +31,8 @@ ABSENT_MEANS: dict[str, Any] = {
     "exclude_context": False,
     "mine_scope": "all",
     "mine_lead": 0,
+    "bank_negatives": "none",
+    "logq": False,
 }
 
 # the recall@32 against exact that an approximate miner's unset search parameter is tuned to
@@ -79,6 +81,8 @@ def default_out() -> str:
 
 
 MINE_SCOPES = ("upcoming", "all")
+BANK_NEGATIVES = ("auto", "full", "sampled", "none")
+DEFAULT_SAMPLED = 8192  # --sampled-negatives when --bank-negatives sampled is chosen
 
 
 def knob(
@@ -281,6 +285,28 @@ class TrainConfig:
     )
     queue_size: int = knob(
         4096, "The memory-bank queue's size Q; 0 turns it off.", numeric=True, at_least=0
+    )
+    bank_negatives: str = knob(
+        "none",
+        "Negatives from the whole frozen bank: full (every row; in-batch, hard and queue "
+        "candidates then unused), sampled (--sampled-negatives rows a step, after the queue), "
+        "auto (full where its cost is a small share of the step, else sampled; the choice and "
+        "its reason are logged), or none.",
+        numeric=True,
+        choices=BANK_NEGATIVES,
+    )
+    sampled_negatives: int | None = knob(
+        None,
+        f"Bank rows drawn per step, shared by the batch. Default: {DEFAULT_SAMPLED}; with "
+        "--bank-negatives auto, giving it chooses sampled.",
+        numeric=True,
+        at_least=1,
+    )
+    logq: bool = knob(
+        False,
+        "Subtract log(freq / N) (freq: how often an item is a training positive) from the "
+        "in-batch and queue candidates' scores.",
+        numeric=True,
     )
     exclude_context: bool | None = knob(
         None,

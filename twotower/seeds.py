@@ -12,6 +12,7 @@ import numpy as np
 
 HARD_NEGATIVES = 1  # purpose: which mined ids a step samples
 EVAL_SPLIT = 2  # purpose key of the held-out split (drawn once, at "step" 0)
+SAMPLED = 3  # purpose: which bank rows a step samples as negatives (--bank-negatives sampled)
 
 
 def init_rng(seed: int) -> np.random.Generator:

@@ -38,11 +38,12 @@ from twotower import backends, miners
 from twotower.agreement import REPLAY_TOLERANCES, disagreement
 from twotower.backends import Backend, make_backend
 from twotower.batch import Batch
-from twotower.config import TrainConfig
+from twotower.config import ABSENT_MEANS, TrainConfig
 from twotower.config_files import read_config_file
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
 from twotower.paths import user_cache_dir
+from twotower.training.bank_negatives import BankNegatives, logq_table
 from twotower.training.batching import StepPlan, gather_step, mine_table
 from twotower.training.checkpoint import (
     CheckpointError,
@@ -151,6 +152,7 @@ class RunView:
     train_rows: np.ndarray
     plan: StepPlan
     records: list[dict[str, Any]]
+    from_bank: BankNegatives  # what each step takes from the whole bank, as the run did
 
     def logged(self, event: str, step: int) -> list[dict[str, Any]]:
         """metrics.jsonl records of `event` with this `step` field, oldest first."""
@@ -166,7 +168,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     run_dir = RunDir(run)
     if not run_dir.config.is_file():
         raise UsageError(f"{run_dir.root}: no config.json; give a run directory (--out of a run)")
-    settings = read_config_file(run_dir.config)
+    settings = {**ABSENT_MEANS, **read_config_file(run_dir.config)}  # as that run did
     settings.update({"resume": False, **({"data": data} if data else {})})
     config = TrainConfig.from_dict(settings, source=str(run_dir.config))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
@@ -174,7 +176,13 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     train_rows = held_out(config, dataset).train_rows
     records = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []
     plan = StepPlan(train_rows, config.batch_size, config.seed)
-    return RunView(run_dir, config, dataset, train_rows, plan, records)
+    log_freq = None
+    if config.logq:
+        positives = dataset.positives[train_rows]
+        log_freq = logq_table(run_dir.root, positives, dataset.bank_size, write=False)
+    sampled = config.sampled_negatives or 0
+    from_bank = BankNegatives(config.bank_negatives, sampled, dataset.bank, log_freq)
+    return RunView(run_dir, config, dataset, train_rows, plan, records, from_bank)
 
 
 def checkpoint_step(ckpt: Path) -> int:
@@ -241,6 +249,7 @@ def _step_state(view: RunView, backend: Backend) -> StepState:
         backend,
         MemoryQueue(c.queue_size, dim),
         HardNegativeTable.empty(view.dataset.num_samples, c.mine_pool),
+        view.from_bank,
     )
 
 

@@ -22,6 +22,7 @@ from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners.base import Miner
 from twotower.seeds import HARD_NEGATIVES, epoch_order, step_rng
+from twotower.training.bank_negatives import BankNegatives
 from twotower.training.mining import (
     DEFAULT_CHUNK,
     HardNegativeTable,
@@ -177,10 +178,12 @@ def assemble_batch(
     hard_negatives: int,
     seed: int,
     first_row: int = 0,
+    from_bank: BankNegatives | None = None,
 ) -> Batch:
     """Step data + K ids sampled from the mined table (SeedSequence([seed, step, purpose]))
     + the queue as it is now (+ the context ids, when the data carries them: seen-item
-    masking). bank (M, D) is read only at the sampled rows.
+    masking) + what `from_bank` adds (the full bank, or S rows drawn for the step, and
+    logQ). bank (M, D) is read only at the sampled rows.
 
     Under torchrun, data holds the global batch's rows and positives but only one rank's
     b contexts (and context ids), rows [first_row, first_row + b): the draw is the global
@@ -190,7 +193,7 @@ def assemble_batch(
     queries = slice(first_row, first_row + len(data.contexts))
     hard_ids = table.sample(data.rows, hard_negatives, rng)[queries]
     hard_vecs = np.asarray(bank[np.maximum(hard_ids, 0).ravel()], dtype=np.float32)
-    return Batch(
+    batch = Batch(
         contexts=data.contexts,
         lengths=data.lengths,
         positive_ids=data.positive_ids,
@@ -201,3 +204,4 @@ def assemble_batch(
         queue_vecs=queue.vecs,
         context_ids=data.context_ids,
     )
+    return batch if from_bank is None else from_bank.add_to(batch, seed, data.step)

@@ -34,9 +34,19 @@ def encode_flops(config: TrainConfig, dim: int, seq_len: int) -> float:
     return seq_len * per_token + 2.0 * dim * hidden
 
 
-def step_flops(config: TrainConfig, dim: int, seq_len: int) -> float:
-    """FLOPs of one training step: forward + backward of B queries and their scores."""
-    candidates = config.batch_size + config.hard_negatives + config.queue_size
+def step_flops(
+    config: TrainConfig, dim: int, seq_len: int, bank_rows: int = 0, full: bool | None = None
+) -> float:
+    """FLOPs of one training step: forward + backward of B queries and their scores.
+
+    Candidates: B + K + Q, plus S sampled bank rows; with the full softmax (`full`, default
+    config.bank_negatives == "full") the `bank_rows` rows instead."""
+    if full if full is not None else config.bank_negatives == "full":
+        candidates = bank_rows
+    else:
+        candidates = config.batch_size + config.hard_negatives + config.queue_size
+        if config.bank_negatives == "sampled":
+            candidates += config.sampled_negatives or 0
     forward = config.batch_size * (encode_flops(config, dim, seq_len) + 2.0 * candidates * dim)
     return 3 * forward
 
@@ -61,11 +71,14 @@ def auto_eval_every(
     queries: int,
     bank_rows: int,
     batches_per_epoch: int,
+    train_bank_rows: int | None = None,
 ) -> int:
     """Steps between evaluations: the cost floor (an evaluation's FLOPs over EVAL_BUDGET of
-    a step's) or a quarter epoch, whichever is longer, rounded up to 1, 2 or 5 x 10^k."""
+    a step's) or a quarter epoch, whichever is longer, rounded up to 1, 2 or 5 x 10^k.
+    train_bank_rows: the training bank's rows (default bank_rows, the evaluation's)."""
+    rows = bank_rows if train_bank_rows is None else train_bank_rows
     floor = eval_flops(config, dim, seq_len, queries, bank_rows) / (
-        EVAL_BUDGET * step_flops(config, dim, seq_len)
+        EVAL_BUDGET * step_flops(config, dim, seq_len, rows)
     )
     return round_up(max(floor, batches_per_epoch / EVALS_PER_EPOCH))
 

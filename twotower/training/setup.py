@@ -7,6 +7,7 @@ directory (`resume.check_run_dir`), the backend and the miners' options.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +29,9 @@ from twotower.process.crash_dump import die_with_parent, enable_crash_dumps
 from twotower.process.openmp import openmp_runtimes
 from twotower.process.stalls import StallWatch, what_to_do
 from twotower.process.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
+from twotower.training.bank_choice import BankChoice
+from twotower.training.bank_choice import resolve as resolve_bank_negatives
+from twotower.training.bank_negatives import BankNegatives, logq_table
 from twotower.training.batching import StepPlan
 from twotower.training.cadence import (
     EVAL_BUDGET,
@@ -182,6 +186,7 @@ def _eval_cadence(config: TrainConfig, dataset: Dataset, split: HeldOut, plan: S
             len(split.eval_rows),
             split.eval_dataset.bank_size,
             plan.batches_per_epoch,
+            dataset.bank_size,
         )
         how = (
             f"auto: about {EVAL_BUDGET:.0%} of the training compute, "
@@ -204,7 +209,8 @@ def _eval_miner(config: TrainConfig, dataset: Dataset) -> miners.Miner:
 class Accepted:
     """A run's input checked, nothing written yet: the config as the data resolves it, the run
     directory and its stored config (None: none), the processes, dataset, engine, held-out
-    split, miners (made and checked, not built) and thread budget."""
+    split, miners (made and checked, not built), thread budget, and what `--bank-negatives
+    auto` chose (None: it was not auto)."""
 
     config: TrainConfig
     run: RunDir
@@ -216,6 +222,18 @@ class Accepted:
     miners: MinerSetup
     events: MinerEvents
     threads: ThreadBudget
+    bank_choice: BankChoice | None
+
+
+def _stored_config(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
+    """RUN/config.json of the run being resumed; None for a fresh run or an unreadable file
+    (`check_run_dir` then refuses it)."""
+    if not (config.resume and run.config.is_file()):
+        return None
+    try:
+        return dict(json.loads(run.config.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> Accepted:
@@ -235,6 +253,14 @@ def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> 
     c = c.for_data(dataset.context_ids is not None)
     if c.exclude_context:
         dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
+    bank_choice = resolve_bank_negatives(  # in place, before config.json is compared or written
+        c,
+        dataset.dim,
+        dataset.seq_len,
+        dataset.bank_size,
+        backends.resolve(c.backend),
+        _stored_config(c, run),
+    )
     stored = check_run_dir(c, run)
     backend = backends.make_backend(c, dataset.dim)
     group.join_backend(backend)
@@ -246,7 +272,9 @@ def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> 
     miner_setup = MinerSetup(c, dataset, refresh_queries, events)
     threads = _thread_budget(c, group)  # after --miner auto is resolved
     miner_setup.make(threads.miner)  # options checked against the bank: may refuse
-    return Accepted(c, run, stored, group, dataset, backend, split, miner_setup, events, threads)
+    return Accepted(
+        c, run, stored, group, dataset, backend, split, miner_setup, events, threads, bank_choice
+    )
 
 
 def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> OpenedRun:
@@ -267,6 +295,9 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
         faults.arm(a.run.faults)
         points.name_phase("load")
         a.miners.log_choice()
+        if a.bank_choice is not None:
+            c = a.config
+            log.info("--bank-negatives auto: %s (%s)", c.bank_negatives, a.bank_choice.reason)
         return _load(a, points, metrics, scalars)
     except BaseException:
         points.close()
@@ -354,9 +385,18 @@ def _load(
         eval_every=eval_every,
         lr_schedule=c.lr_schedule,
         warmup_steps=schedule.warmup,
+        bank_negatives=c.bank_negatives,
+        sampled_negatives=c.sampled_negatives,
         pid=os.getpid(),
     )
-    state = StepState(c, dataset.bank, plan, mining, schedule, backend, queue, restored.table)
+    log_freq = None
+    if c.logq:
+        positives = dataset.positives[split.train_rows]
+        log_freq = logq_table(a.run.root, positives, dataset.bank_size, group.writes_run_files)
+    from_bank = BankNegatives(c.bank_negatives, c.sampled_negatives or 0, dataset.bank, log_freq)
+    state = StepState(
+        c, dataset.bank, plan, mining, schedule, backend, queue, restored.table, from_bank
+    )
     return OpenedRun(
         c,
         a.run,

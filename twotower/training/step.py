@@ -17,6 +17,7 @@ import numpy as np
 from twotower.backends import Backend
 from twotower.batch import Batch, StepStats
 from twotower.config import TrainConfig
+from twotower.training.bank_negatives import BankNegatives
 from twotower.training.batching import StepData, StepPlan, assemble_batch
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
@@ -40,7 +41,8 @@ class Refreshes(Protocol):
 @dataclass
 class StepState:
     """What a step reads and changes besides its rows: the engine, the queue, the mined table
-    in use, and the run's fixed plan (rows per step, refresh and learning-rate schedules)."""
+    in use, and the run's fixed plan (rows per step, refresh and learning-rate schedules,
+    what each step takes from the whole bank)."""
 
     config: TrainConfig
     bank: np.ndarray  # (M, D) the frozen document vectors
@@ -50,6 +52,7 @@ class StepState:
     backend: Backend
     queue: MemoryQueue
     table: HardNegativeTable
+    from_bank: BankNegatives
 
 
 @dataclass
@@ -73,8 +76,9 @@ def prepare(
     step: int, data: StepData, state: StepState, refreshes: Refreshes, group: RunGroup
 ) -> Prepared:
     """Step `step` up to its Batch: take and use refreshes when due (state.table changes at a
-    use step), gather the global batch's positives (torchrun), draw the hard negatives and
-    read the queue as it stands. data: this process's rows of the step (`gather_step`)."""
+    use step), gather the global batch's positives (torchrun), draw the hard negatives, read
+    the queue as it stands and add what `state.from_bank` takes from the whole bank.
+    data: this process's rows of the step (`gather_step`)."""
     c = state.config
     if c.hard_negatives:
         refreshes.take(step)
@@ -89,6 +93,7 @@ def prepare(
         c.hard_negatives,
         c.seed,
         group.first_row(c.batch_size),
+        state.from_bank,
     )
     return Prepared(data, batch)
 
