@@ -12,11 +12,17 @@ PyTorch GRU loop with in-batch negatives (bench/quality/plain_loop.py), and twot
 recipe options switched on one after another, then hard negatives off / on / on with the
 false-negative filters. Every trained row runs the same number of epochs with a GRU of hidden
 size 384 (the default 768 takes 2.4x the compute on a shared 2-core machine). Columns: test
-recall@10 and MRR@100 of the parameters in RUN/best/ and of the final ones, the held-out
+recall@1/10/100 and MRR@100 of the parameters in RUN/best/, MRR of the final ones, the held-out
 MRR@100 training selected on, and wall seconds (the machine may be shared: compare within
-one run only). Every test ranking drops the query's own context items (the positive
-excepted), so a baseline cannot score its own last item. The table is printed and saved to
-.benchmarks/quality.json and .benchmarks/quality.md.
+one run only). Every row is ranked twice: "masked" drops the query's own context items (the
+positive excepted), so a baseline cannot score its own last item; "full-bank" does not.
+The table is printed and saved to .benchmarks/quality.json and .benchmarks/quality.md.
+
+Issue 18's rows (`-k test_bank_negatives`): no bank negatives (the defaults), the full softmax
+over the bank, S=1k and 8k sampled rows (after K=8 and Q=4096), each without and with the
+residual tower, and logQ; TWOTOWER_BENCH_QUALITY_BANK_SEEDS=0,1,2 trains each with those seeds.
+Each trainer runs on one thread (TWOTOWER_BENCH_QUALITY_THREADS): its default, every core,
+does not read OMP_NUM_THREADS. TWOTOWER_BENCH_QUALITY_OUT names the table's files.
 
 TWOTOWER_BENCH_QUALITY_SEEDS=1,2 adds, per seed, the defaults and the plain loop trained
 with that seed (`test_seed`; every other row is seed 0): whether the gap between them
@@ -49,6 +55,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 EPOCHS = int(os.environ.get("TWOTOWER_BENCH_QUALITY_EPOCHS", "4"))
+# one trainer thread unless told: the trainer's default (every core) ignores OMP_NUM_THREADS, and
+# two torch threads on a shared machine spin-wait for each other (see the module docstring)
+THREADS = int(os.environ.get("TWOTOWER_BENCH_QUALITY_THREADS", "1"))
 HIDDEN = 384  # every GRU here, the plain loop's too: a 768 one takes 2.4x the compute
 OLD = {  # the recipe before the options existed: the issue's starting point
     "lr_schedule": "constant",
@@ -90,6 +99,7 @@ BANK_CASES: dict[str, dict[str, Any]] = {
         "sampled S=8k": {"bank_negatives": "sampled", "sampled_negatives": 8192},
     }.items()
 }
+BANK_CASES["logQ on in-batch and queue, no bank negatives"] = {**NONE, "logq": True}
 BANK_SEEDS = [int(s) for s in os.environ.get("TWOTOWER_BENCH_QUALITY_BANK_SEEDS", "0").split(",")]
 
 
@@ -197,6 +207,7 @@ def twotower_row(data: tuple[Dataset, Dataset], out: Path, **settings: Any) -> d
         hidden=HIDDEN,
         backend="torch-cpu",
         supervise=False,
+        threads=THREADS,
         **settings,
     )
     started = time.perf_counter()

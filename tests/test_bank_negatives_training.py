@@ -77,17 +77,21 @@ def test_an_accelerator_takes_full_where_the_cpu_would_not() -> None:
 
 
 def test_resolve_writes_the_choice_and_keeps_a_resumed_runs() -> None:
-    c = config()
+    c = config(bank_negatives="auto")
     choice = bank_choice.resolve(c, dim=384, seq_len=5, rows=10_000, backend="numpy")
     assert choice is not None and c.bank_negatives == "full"
     assert (c.hard_negatives, c.queue_size) == (0, 0)  # those candidates are bank rows already
-    resumed = config()
+    resumed = config(bank_negatives="auto")
     stored = {"bank_negatives": "sampled", "sampled_negatives": 100}
     bank_choice.resolve(resumed, dim=384, seq_len=5, rows=10_000, backend="numpy", stored=stored)
     assert (resumed.bank_negatives, resumed.sampled_negatives) == ("sampled", 100)
-    given = config(sampled_negatives=64)
-    bank_choice.resolve(given, dim=384, seq_len=5, rows=10_000, backend="numpy")
-    assert (given.bank_negatives, given.hard_negatives) == ("sampled", 8)
+    for mode in ("auto", "none"):  # giving S asks for sampled rows
+        given = config(bank_negatives=mode, sampled_negatives=64)
+        bank_choice.resolve(given, dim=384, seq_len=5, rows=10_000, backend="numpy")
+        assert (given.bank_negatives, given.hard_negatives) == ("sampled", 8)
+    plain = config()
+    assert bank_choice.resolve(plain, dim=384, seq_len=5, rows=10_000, backend="numpy") is None
+    assert (plain.bank_negatives, plain.hard_negatives, plain.queue_size) == ("none", 8, 4096)
     with pytest.raises(UsageError, match="more than the bank's 10 rows"):
         bank_choice.resolve(config(sampled_negatives=11), dim=4, seq_len=2, rows=10, backend="x")
 
@@ -106,13 +110,16 @@ def test_the_flags_are_fields_and_change_the_numeric_hash() -> None:
     old = {k: v for k, v in TrainConfig(data="d").to_dict().items() if k != "bank_negatives"}
     differences = TrainConfig(data="d", bank_negatives="full").numeric_differences(old)
     assert "bank_negatives: 'none' -> 'full'" in differences  # a run from before: none
+    assert TrainConfig(data="d").bank_negatives == "none"  # the default, from bench/test_quality
 
 
 def test_auto_is_resolved_logged_and_kept_in_config_json(tmp_path: Path) -> None:
     data = tmp_path / "data"
     synthesize(data, samples=300, bank=500, dim=16, seq_len=5, seed=4)
     out = tmp_path / "run"
-    c = TrainConfig(data=str(data), out=str(out), backend="numpy", hidden=8, steps=3)
+    c = TrainConfig(
+        data=str(data), out=str(out), backend="numpy", hidden=8, steps=3, bank_negatives="auto"
+    )
     c.supervise = False
     assert train(c).exit_code == 0
     stored = json.loads((out / "config.json").read_text())

@@ -31,8 +31,6 @@ ABSENT_MEANS: dict[str, Any] = {
     "exclude_context": False,
     "mine_scope": "all",
     "mine_lead": 0,
-    "bank_negatives": "none",
-    "logq": False,
 }
 
 # the recall@32 against exact that an approximate miner's unset search parameter is tuned to
@@ -298,7 +296,7 @@ class TrainConfig:
     sampled_negatives: int | None = knob(
         None,
         f"Bank rows drawn per step, shared by the batch. Default: {DEFAULT_SAMPLED}; with "
-        "--bank-negatives auto, giving it chooses sampled.",
+        "--bank-negatives none, giving it means sampled.",
         numeric=True,
         at_least=1,
     )

@@ -58,10 +58,12 @@ def resolve(
     stored: dict[str, Any] | None = None,
 ) -> BankChoice | None:
     """Make config.bank_negatives concrete, in place: auto -> the run's stored choice when
-    resuming (`stored` config.json), else `choose`'s; sampled gets its S (at most M); full
-    sets --hard-negatives and --queue-size to 0 (those candidates are bank rows already).
-    Returns auto's choice (to log), else None."""
+    resuming (`stored` config.json), else `choose`'s; none with --sampled-negatives given ->
+    sampled; sampled gets its S (at most M); full sets --hard-negatives and --queue-size to 0
+    (those candidates are bank rows already). Returns auto's choice (to log), else None."""
     choice = None
+    if config.bank_negatives == "none" and config.sampled_negatives is not None:
+        config.bank_negatives = "sampled"
     if config.bank_negatives == "auto":
         if stored is not None and stored.get("bank_negatives", "auto") != "auto":
             mode, sampled = stored["bank_negatives"], stored.get("sampled_negatives")
