@@ -161,13 +161,23 @@ def test_a_one_percent_engine_bug_is_caught(runs: dict[str, Path], monkeypatch) 
     assert report.exit_code == 1
 
 
+BANK_RECIPES = {
+    "residual-masked": {},
+    "sampled-logq": dict(bank_negatives="sampled", sampled_negatives=50, logq=True),
+    "full": dict(bank_negatives="full"),
+}
+
+
+@pytest.mark.parametrize("bank", BANK_RECIPES)
 def test_a_run_with_the_recipe_options_is_rebuilt_exactly(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bank: str
 ) -> None:
     """Steps 16..21 re-run at their scheduled rates (mid-decay), with the residual tower and
-    seen-item masking: the rebuilt loss is the logged one, and the engines agree on it."""
+    seen-item masking (and negatives from the bank: sampled rows with logQ, or all of them):
+    the rebuilt loss is the logged one, and the engines agree on it."""
     data = synthesize(tmp_path / "data", samples=300, bank=300, dim=16, seq_len=6, seed=1)
     recipe = dict(lr_schedule="cosine", warmup_steps=10, residual="last", exclude_context=True)
+    recipe.update(BANK_RECIPES[bank])
     config = TrainConfig(
         data=str(data.path), out=str(tmp_path / "run"), backend="numpy", **SETTINGS, **recipe
     )
