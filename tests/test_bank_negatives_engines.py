@@ -9,7 +9,7 @@ import pytest
 import reference
 from tests.agreement import assert_agrees, assert_differs
 from tests.batches import make_batch
-from tests.test_backends import (
+from tests.engines import (
     DIM,
     ENGINE_IDS,
     ENGINES,

@@ -12,7 +12,7 @@ import reference
 from reference.bank import full_softmax
 from tests.agreement import assert_agrees, assert_differs
 from tests.batches import make_batch
-from tests.test_reference import DIM, TOWERS, random_params, torch_queries
+from tests.reference_towers import DIM, TOWERS, random_params, torch_queries
 from twotower import Batch
 
 

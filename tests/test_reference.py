@@ -5,31 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import reference
 from tests.agreement import assert_agrees, assert_differs
 from tests.batches import make_batch, perturbed
+from tests.reference_towers import DIM, TOWERS, random_params, torch_queries
 from twotower import Batch
-from twotower.towers import TowerSpec, init_params
-
-DIM, HIDDEN = 6, 5
-TOWERS = {
-    "gru-1": TowerSpec("gru", DIM, HIDDEN, 1),
-    "gru-2": TowerSpec("gru", DIM, HIDDEN, 2),
-    "gru-2-residual": TowerSpec("gru", DIM, HIDDEN, 2, residual="last"),
-    "meanpool": TowerSpec("meanpool", DIM, DIM),
-}
-
-
-def random_params(spec: TowerSpec, seed: int) -> dict[str, np.ndarray]:
-    """Float64 parameters away from init (meanpool starts at the identity, too special)."""
-    rng = np.random.default_rng(seed)
-    return {
-        name: p.astype(np.float64) + 0.3 * rng.standard_normal(p.shape)
-        for name, p in init_params(spec, seed).items()
-    }
 
 
 @pytest.mark.parametrize("seen", [False, True], ids=["all-candidates", "seen-items-masked"])
@@ -60,33 +41,6 @@ def test_gradients_match_central_finite_differences(tower: str, seen: bool) -> N
                 numeric[index] += sign * loss / (2 * h)
         relative = np.linalg.norm(grads[name] - numeric) / np.linalg.norm(numeric)
         assert relative < 1e-6, f"{tower} {name}: relative error {relative:.2e}"
-
-
-# --- an independent float64 torch computation -------------------------------------------
-
-
-def torch_queries(spec: TowerSpec, params: dict[str, np.ndarray], batch: Batch) -> tuple:
-    """q (B, D) from torch modules in float64, with leaf tensors for every parameter."""
-    leaves = {
-        name: torch.nn.Parameter(torch.tensor(value, dtype=torch.float64))
-        for name, value in params.items()
-    }
-    x = torch.tensor(batch.contexts, dtype=torch.float64)
-    lengths = torch.tensor(batch.lengths)
-    if spec.kind == "gru":
-        gru = torch.nn.GRU(spec.dim, spec.hidden, spec.layers, batch_first=True).double()
-        for name, _ in list(gru.named_parameters()):
-            setattr(gru, name, leaves[f"gru.{name}"])
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, h_n = gru(packed)
-        features = h_n[-1]
-    else:
-        rows = [x[i, : int(length)].mean(dim=0) for i, length in enumerate(lengths)]
-        features = torch.stack(rows)
-    y = features @ leaves["proj.weight"].T + leaves["proj.bias"]
-    if spec.residual == "last":
-        y = y + torch.stack([x[i, int(length) - 1] for i, length in enumerate(lengths)])
-    return F.normalize(y, dim=1), leaves
 
 
 def torch_loss(q: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
