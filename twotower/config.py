@@ -44,30 +44,6 @@ EVAL_SPLITS = ("auto", "random", "group")
 # those, a resume with another --steps or --epochs changes the rate of every step after it.
 PLAN_FIELDS = ("steps", "epochs")
 
-# Each engine's own knobs: TrainConfig field -> the engine's keyword option.
-MINER_SETTINGS = {
-    "faiss": {
-        "faiss_index": "index",
-        "faiss_nprobe": "nprobe",
-        "faiss_ef_search": "ef_search",
-        "faiss_ef_construction": "ef_construction",
-        "faiss_train_rows": "train_rows",
-        "faiss_target_recall": "target_recall",
-    },
-    "hnswlib": {
-        "hnswlib_m": "M",
-        "hnswlib_ef_construction": "ef_construction",
-        "hnswlib_ef": "ef",
-        "faiss_target_recall": "target_recall",
-    },
-}
-MINER_KNOBS = tuple(  # the whole-number ones, each >= 1 when given
-    name
-    for fields in MINER_SETTINGS.values()
-    for name in fields
-    if name not in ("faiss_index", "faiss_target_recall")
-)
-
 
 def default_out() -> str:
     """runs/YYYYmmdd-HHMMSS; under torchrun runs/torchrun-<its run id>, one name for every rank
@@ -189,15 +165,20 @@ class TrainConfig:
         "Flat", "The faiss index factory string: Flat, HNSW32, IVF4096,Flat, ..."
     )
     faiss_nprobe: int | None = knob(
-        None, "Faiss IVF: lists searched per query. Default: tuned to --faiss-target-recall."
+        None,
+        "Faiss IVF: lists searched per query. Default: tuned to --faiss-target-recall.",
+        at_least=1,
     )
     faiss_ef_search: int | None = knob(
-        None, "Faiss HNSW: efSearch. Default: tuned to --faiss-target-recall."
+        None, "Faiss HNSW: efSearch. Default: tuned to --faiss-target-recall.", at_least=1
     )
-    faiss_ef_construction: int | None = knob(None, "Faiss HNSW: efConstruction. Default: 40.")
+    faiss_ef_construction: int | None = knob(
+        None, "Faiss HNSW: efConstruction. Default: 40.", at_least=1
+    )
     faiss_train_rows: int | None = knob(
         None,
         "Faiss IVF or PQ: bank rows sampled to train the index. Default: max(10k, 40 a list).",
+        at_least=1,
     )
     faiss_target_recall: float | None = knob(
         DEFAULT_TARGET_RECALL,
@@ -205,12 +186,12 @@ class TrainConfig:
         "or --hnswlib-ef is tuned to after the build, and raised to when a refresh's recall "
         "probe measures below it.",
     )
-    hnswlib_m: int | None = knob(None, "The hnswlib graph's degree M. Default: 16.")
+    hnswlib_m: int | None = knob(None, "The hnswlib graph's degree M. Default: 16.", at_least=1)
     hnswlib_ef_construction: int | None = knob(
-        None, "The hnswlib graph's ef_construction. Default: 200."
+        None, "The hnswlib graph's ef_construction. Default: 200.", at_least=1
     )
     hnswlib_ef: int | None = knob(
-        None, "The hnswlib search's ef. Default: tuned to --faiss-target-recall."
+        None, "The hnswlib search's ef. Default: tuned to --faiss-target-recall.", at_least=1
     )
     eval_miner: str = knob(
         "exact", "The engine that searches at evaluation (exact gives the reference numbers)."
@@ -422,10 +403,6 @@ class TrainConfig:
                 raise UsageError(f"{flag} must be >= {at_least}, got {value}")
             if choices is not None and value not in choices:
                 raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-        for name in MINER_KNOBS:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         recall = self.faiss_target_recall
         if recall is not None and not 0 < recall <= 1:
             raise UsageError(f"--faiss-target-recall must be in (0, 1], got {recall}")

@@ -177,11 +177,28 @@ def options_for(config: Any, cache_dir: str | os.PathLike[str]) -> dict[str, Any
     }
 
 
-def engine_settings(config: Any, name: str) -> dict[str, Any]:
-    """Engine `name`'s own options from a TrainConfig's fields (config.MINER_SETTINGS), those
-    the user set: {"index": "IVF1024,Flat", "nprobe": 16} for faiss, {"M": 32} for hnswlib."""
-    from twotower.config import MINER_SETTINGS
+# Each engine's own knobs: TrainConfig field -> the engine's keyword option.
+MINER_SETTINGS = {
+    "faiss": {
+        "faiss_index": "index",
+        "faiss_nprobe": "nprobe",
+        "faiss_ef_search": "ef_search",
+        "faiss_ef_construction": "ef_construction",
+        "faiss_train_rows": "train_rows",
+        "faiss_target_recall": "target_recall",
+    },
+    "hnswlib": {
+        "hnswlib_m": "M",
+        "hnswlib_ef_construction": "ef_construction",
+        "hnswlib_ef": "ef",
+        "faiss_target_recall": "target_recall",
+    },
+}
 
+
+def engine_settings(config: Any, name: str) -> dict[str, Any]:
+    """Engine `name`'s own options from a TrainConfig's fields (MINER_SETTINGS), those
+    the user set: {"index": "IVF1024,Flat", "nprobe": 16} for faiss, {"M": 32} for hnswlib."""
     fields = MINER_SETTINGS.get(name, {})
     return {
         option: getattr(config, field)
