@@ -40,8 +40,10 @@ def say_checkpoint(files: TowerFiles) -> None:
     best/ where the run kept one, so the user sees which)."""
     source = files.doc["source"]
     which = {"best": "best/ (its best held-out evaluation)", "latest": "its latest checkpoint"}
+    run = Path(source["run"])
+    shown = run.relative_to(Path.cwd()) if run.is_relative_to(Path.cwd()) else run
     print(
-        f"twotower: {source['run']}: {which.get(source['checkpoint'], source['checkpoint'])}, "
+        f"twotower: {shown}: {which.get(source['checkpoint'], source['checkpoint'])}, "
         f"step {source['step']} (--checkpoint {CHOICES} picks another)",
         file=sys.stderr,
         flush=True,
