@@ -256,7 +256,7 @@ def test_a_hang_is_caught_by_the_watchdog_with_its_stack(dataset: Path, tmp_path
     assert (found["where"]["phase"], found["where"]["step"]) == ("step", 12)
     assert timeout <= found["watchdog"]["silent_s"] < timeout + 1  # noticed within the timeout
     assert found["where"]["heartbeat_age_s"] < timeout + STACK_WAIT  # last heartbeat to the kill
-    for frame in ("in trigger", "in _phase", "in _train_step", "in run_training"):
+    for frame in ("in trigger", "in enter", "in _train_step", "in train"):
         assert frame in found["stacks"], frame
     assert found["causes"][0]["cause"] == "injected fault hang@step:12"
     assert any(c["cause"].startswith("a hang") for c in found["causes"])
