@@ -51,7 +51,7 @@ def test_the_upcoming_scope_covers_every_row_its_steps_train_on(
     train_rows = np.sort(rng.choice(3 * n, size=n, replace=False))
     plan = StepPlan(train_rows, batch, seed=7)
     per_epoch = n // batch
-    schedule = MiningSchedule(plan, every, lead=every // 2, scope="upcoming")
+    schedule = MiningSchedule(plan, every, lead=every // 2, scope="upcoming", total=10**6)
     crossed = False
     for use in range(every, 4 * per_epoch + 2 * every, every):
         rows = schedule.rows(use)
@@ -60,19 +60,20 @@ def test_the_upcoming_scope_covers_every_row_its_steps_train_on(
         assert np.all(np.diff(rows) > 0)
         crossed |= use // per_epoch != (use + every - 1) // per_epoch
     assert crossed, "no window crossed an epoch boundary"
-    everything = MiningSchedule(plan, every, lead=0, scope="all")
+    everything = MiningSchedule(plan, every, lead=0, scope="all", total=10**6)
     assert np.array_equal(everything.rows(every), train_rows)
 
 
 @pytest.mark.parametrize(("every", "lead"), [(10, 0), (10, 3), (7, 6), (1, 0)])
 def test_the_schedule_takes_each_refresh_lead_steps_before_its_use(every: int, lead: int) -> None:
     plan = StepPlan(np.arange(40), 4, seed=0)
-    schedule = MiningSchedule(plan, every, lead, "upcoming")
-    uses = [k * every for k in range(1, 8)]
+    total = 7 * every  # the refresh used at step `total` would serve no step: never taken
+    schedule = MiningSchedule(plan, every, lead, "upcoming", total)
+    uses = [k * every for k in range(1, 7)]
     takes = {use - lead: use for use in uses}
-    for step in range(uses[-1]):
+    for step in range(total + 1):
         assert schedule.use_taken_at(step) == takes.get(step)
-        assert schedule.is_use(step) == (step in uses)
+        assert schedule.is_use(step) == (step in uses or step == total)
         # a checkpoint after `step` steps holds the refresh taken before and used at/after it
         flying = [use for use in uses if use - lead < step <= use]
         assert schedule.in_flight_at(step) == (flying[0] if flying else None)
@@ -119,6 +120,24 @@ def test_every_table_covers_the_rows_of_the_steps_it_serves(data: Path, tmp_path
         assert mined == window, f"table used at {use}"
 
 
+def test_no_refresh_is_taken_for_the_end_of_the_run(data: Path, tmp_path: Path) -> None:
+    """36 steps, a refresh every 12 taken 5 before its use: the one used at 36 would serve no
+    step, so no queries are encoded at step 31 and the last checkpoint holds none in flight."""
+    config = run_config(data, tmp_path / "run", steps=36, mine_lead=5)
+    assert train(config).steps == 36
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "mined"] == [12, 24]
+    saved = sorted(p.name for p in (tmp_path / "run" / "mined").iterdir())
+    assert saved == [
+        "queries-step-0000007.npy",
+        "queries-step-0000019.npy",
+        "table-step-0000012.npy",
+        "table-step-0000024.npy",
+    ]
+    meta, _ = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 36 and "mining" not in meta
+
+
 def test_the_upcoming_and_all_scopes_give_the_same_rows(data: Path) -> None:
     """The same tower, the same queries: the upcoming scope's rows equal the all scope's on the
     window's rows (same ids; a swap only between scores equal to float32 rounding)."""
@@ -131,10 +150,10 @@ def test_the_upcoming_and_all_scopes_give_the_same_rows(data: Path) -> None:
     miner.build(dataset.bank)
     tables = {}
     for scope in ("upcoming", "all"):
-        rows = MiningSchedule(plan, 12, 0, scope).rows(24)
+        rows = MiningSchedule(plan, 12, 0, scope, 40).rows(24)
         queries = encode_rows(backend, dataset.gather, rows)
         tables[scope], _ = mine_table(miner, queries, dataset, rows, config)
-    window = MiningSchedule(plan, 12, 0, "upcoming").rows(24)
+    window = MiningSchedule(plan, 12, 0, "upcoming", 40).rows(24)
     assert len(window) < len(train_rows)
     upcoming, everything = tables["upcoming"].ids, tables["all"].ids
     queries = encode_rows(backend, dataset.gather, window).astype(np.float64)

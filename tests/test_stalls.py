@@ -146,7 +146,7 @@ def test_a_run_beside_a_competitor_records_the_contention(outside: int, tmp_path
     assert done.returncode == 0, done.stderr
     reading = json.loads((out / "heartbeat.json").read_text())["contention"]
     assert reading["cores"] == CORES and reading["others_cores"] >= stalls.CROWDED
-    assert reading["crowded"] and reading["threads"] == CORES
+    assert reading["crowded"] and reading["threads"] == 1  # the demo's steps: too small to split
     for event in read_metrics(out / "metrics.jsonl"):
         if event["event"] == "contention" and event["oversubscribed"]:
             assert event["message"].startswith("the machine is oversubscribed: load average")

@@ -19,11 +19,14 @@ import pytest
 from tests.processes import REPO, child_env, train_in_child
 from twotower import backends, miners
 from twotower.data import synthesize
-from twotower.process.threads import thread_budget, usable_cores
+from twotower.process.threads import SPLIT_MIN_FLOPS, thread_budget, usable_cores
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.rundir import read_metrics
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# A step of B = 32 at this width is over SPLIT_MIN_FLOPS (about 1.7 GFLOP), so the budget
+# splits it; on some CPUs torch-cpu's results at this width depend on the thread count.
+WIDE = 384
 
 
 @pytest.mark.parametrize(
@@ -56,6 +59,50 @@ def test_an_overlapped_split_sums_to_the_cores_and_explicit_shares_win() -> None
     assert (mine.trainer, mine.trainer_beside_search, mine.miner) == (6, 6, 3)
     assert "oversubscribe 8 cores" in mine.rule
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("cores", "flops", "threads", "step"),
+    [
+        (2, SPLIT_MIN_FLOPS / 10, None, 1),  # the demo's 0.16 GFLOP: its steps on 1 thread
+        (8, SPLIT_MIN_FLOPS * 0.99, None, 1),
+        (2, SPLIT_MIN_FLOPS, None, None),  # big enough to split: every core
+        (2, None, None, None),  # unknown: every core
+        (2, SPLIT_MIN_FLOPS / 10, 2, None),  # --threads fixes the steps' count too
+        (1, SPLIT_MIN_FLOPS / 10, None, None),  # one core: nothing to drop
+    ],
+)
+def test_a_step_too_small_to_split_runs_on_one_thread_and_evaluation_on_all(
+    cores: int, flops: float | None, threads: int | None, step: int | None
+) -> None:
+    budget = thread_budget(cores, threads, step_flops=flops)
+    assert budget.step == step
+    expected_step = step or threads or cores
+    assert budget.count(stepping=True, searching=False) == expected_step
+    assert budget.count(stepping=False, searching=False) == (threads or cores)
+    assert ("too small to split" in budget.describe()) == (step is not None)
+    shared = thread_budget(4, step_flops=flops, miner_in_worker=True, overlapped=True)
+    assert shared.count(stepping=True, searching=True) == min(2, shared.step or 2)
+    assert shared.count(stepping=False, searching=True) == 2
+
+
+@pytest.mark.skipif(
+    usable_cores() < 2 or "torch-cpu" not in backends.available(), reason="needs 2 cores, torch"
+)
+def test_a_small_model_steps_on_one_thread_and_evaluates_on_every_core(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """hidden 16 over 16-d vectors, a step of about 0.01 GFLOP: every step's record says 1
+    thread; the last heartbeat, written after the final evaluation, has every core's pools."""
+    out = tmp_path / "run"
+    args = "--no-supervise --backend torch-cpu --hidden 16 --steps 6 --max-eval 20".split()
+    result = train_in_child(small_data, out, *args)
+    assert result.returncode == 0, result.stderr
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
+    assert len(steps) == 6 and {r["threads"] for r in steps} == {1}
+    beat = json.loads((out / "heartbeat.json").read_text())
+    assert beat["threads"]["step"] == 1
+    assert max(pool["num_threads"] for pool in beat["threadpools"]) == usable_cores()
 
 
 WORKER_MINERS = ["exact"] + [m for m in ("faiss",) if m in miners.available()]
@@ -150,42 +197,47 @@ def test_reading_thread_pools_leaves_the_duplicate_openmp_check_on() -> None:
 @pytest.mark.skipif(
     usable_cores() < 2 or "torch-cpu" not in backends.available(), reason="needs 2 cores, torch"
 )
-def test_the_trainer_gives_up_cores_only_while_its_worker_searches(
-    small_data: Path, tmp_path: Path
-) -> None:
-    """Overlapped mining in a worker: each refresh's record carries the trainer's threads as
-    threadpoolctl read them when the search started (its share); the last heartbeat has the
-    pools after the searches (every core again)."""
-    out = tmp_path / "run"
-    args = "--no-supervise --backend torch-cpu --hidden 16 --steps 12 --max-eval 20".split()
+def test_the_trainer_gives_up_cores_only_while_its_worker_searches(tmp_path: Path) -> None:
+    """Overlapped mining in a worker, a step big enough to split (WIDE): each refresh's
+    record and each step's carry the trainer's share while the worker searches (from a
+    refresh's take step 2 to its use at 4, 6 to 8), every core otherwise; the last
+    heartbeat has the pools after the searches (every core again)."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    synthesize(data, samples=300, bank=200, dim=WIDE, seq_len=8, seed=3)
+    args = f"--no-supervise --backend torch-cpu --hidden {WIDE} --steps 10 --max-eval 20".split()
     args += "--hard-negatives 2 --miner exact --miner-isolation process --mine-overlap".split()
-    result = train_in_child(small_data, out, *args, "--mine-every", "4")
+    result = train_in_child(data, out, *args, "--mine-every", "4", "--mine-lead", "2")
     assert result.returncode == 0, result.stderr
     cores = usable_cores()
-    mined = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "mined"]
-    assert len(mined) >= 2 and {r["trainer_threads"] for r in mined} == {cores - cores // 2}
+    records = read_metrics(out / "metrics.jsonl")
+    mined = [r for r in records if r["event"] == "mined"]
+    assert len(mined) == 2 and {r["trainer_threads"] for r in mined} == {cores - cores // 2}
+    shared = {3, 4, 7, 8}  # steps (counted after them) that ran inside a search window
+    for record in (r for r in records if r["event"] == "step"):
+        expected = cores - cores // 2 if record["step"] in shared else cores
+        assert record["threads"] == expected, record
     beat = json.loads((out / "heartbeat.json").read_text())
     assert {pool["num_threads"] for pool in beat["threadpools"]} == {cores}
     log_text = (out / "log.txt").read_text()
     assert f"threads: trainer {cores} ({cores - cores // 2} while the worker searches)" in log_text
 
 
-WIDE = 32  # on some CPUs torch-cpu's results at this width depend on the thread count
-
-# A GRU step at WIDE on 1 thread and on 2, in a child (the thread count is process-wide):
-# prints True when their gradients differ in any bit.
+# A GRU step at WIDE on 1 thread and on 2, in a child (the thread count is process-wide),
+# scored against as many rows as the run's queue holds (4096: the scores' GEMM is where
+# this CPU splits differently): prints True when their gradients differ in any bit.
 THREAD_BITS_PROBE = f"""
 import torch
 torch.manual_seed(0)
 gru, proj = torch.nn.GRU({WIDE}, {WIDE}, batch_first=True), torch.nn.Linear({WIDE}, {WIDE})
-x, bank = torch.randn(32, 8, {WIDE}), torch.randn(300, {WIDE})
+x, bank = torch.randn(32, 8, {WIDE}), torch.randn(4096, {WIDE})
 grads = []
 for threads in (1, 2):
     torch.set_num_threads(threads)
     gru.zero_grad()
+    proj.zero_grad()
     q = proj(gru(x)[1][-1])
     torch.logsumexp(q @ bank.T, 1).mean().backward()
-    grads.append([p.grad.clone() for p in gru.parameters()])
+    grads.append([p.grad.clone() for p in [*gru.parameters(), *proj.parameters()]])
 print(any(not torch.equal(a, b) for a, b in zip(*grads)))
 """
 

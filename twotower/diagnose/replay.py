@@ -240,12 +240,13 @@ def _unusable(view: RunView, meta: dict[str, Any]) -> str | None:
 def _step_state(view: RunView, backend: Backend) -> StepState:
     """A step state on `backend` with an empty queue and table, and the run's plans."""
     c, dim = view.config, view.dataset.dim
+    total = planned_steps(c, view.plan.batches_per_epoch)
     return StepState(
         c,
         view.dataset.bank,
         view.plan,
-        MiningSchedule.of(c, view.plan),
-        LRSchedule.of(c, planned_steps(c, view.plan.batches_per_epoch)),
+        MiningSchedule.of(c, view.plan, total),
+        LRSchedule.of(c, total),
         backend,
         MemoryQueue(c.queue_size, dim),
         HardNegativeTable.empty(view.dataset.num_samples, c.mine_pool),

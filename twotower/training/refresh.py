@@ -4,7 +4,9 @@ use, and its search running beside training.
 Refresh k (k >= 1) serves steps [k E, (k + 1) E), E = mine_every. Its queries are
 encoded at step take = k E - lead with the parameters after `take` steps; its table
 is put into use at step use = k E (waiting for the search if it has not finished).
-Both steps follow from the config alone (`MiningSchedule`), so whether the search
+A refresh whose use step is not before the run's planned total is never taken: no
+step would train on its table. Both steps follow from the config alone
+(`MiningSchedule`), so whether the search
 ran beside training (`MiningJob` in a thread) or at once, the table is the same,
 and so is every number after it. With scope "upcoming" a refresh mines only the
 rows steps [use, use + E) train on; "all" mines every training row.
@@ -47,21 +49,22 @@ MINING_CHUNK = 4096
 class MiningSchedule:
     """When each refresh is taken and used, and which rows it mines (see the module docstring)."""
 
-    def __init__(self, plan: StepPlan, every: int, lead: int, scope: str):
+    def __init__(self, plan: StepPlan, every: int, lead: int, scope: str, total: int):
         self.plan = plan
         self.every = every
         self.lead = lead
         self.scope = scope
+        self.total = total
 
     @classmethod
-    def of(cls, config: TrainConfig, plan: StepPlan) -> MiningSchedule:
-        """The schedule of a run's config over its step plan."""
-        return cls(plan, config.mine_every, config.mining_lead, config.mine_scope)
+    def of(cls, config: TrainConfig, plan: StepPlan, total: int) -> MiningSchedule:
+        """The schedule of a run's config over its step plan of `total` planned steps."""
+        return cls(plan, config.mine_every, config.mining_lead, config.mine_scope, total)
 
     def use_taken_at(self, step: int) -> int | None:
         """The use step of the refresh taken at `step` (steps done), None if none is."""
         use = step + self.lead
-        return use if use > 0 and use % self.every == 0 else None
+        return use if 0 < use < self.total and use % self.every == 0 else None
 
     def is_use(self, step: int) -> bool:
         """True when a refresh's table goes into use before step `step` trains."""
@@ -71,7 +74,7 @@ class MiningSchedule:
         """The use step of the refresh taken but not yet in use when `step` steps are done
         (take < step <= use), None when there is none: what a checkpoint at `step` must keep."""
         use = -(-step // self.every) * self.every
-        return use if use > 0 and use - self.lead < step else None
+        return use if 0 < use < self.total and use - self.lead < step else None
 
     def rows(self, use: int) -> np.ndarray:
         """Sorted dataset rows the refresh used at step `use` mines (n,) int64."""

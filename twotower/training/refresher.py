@@ -18,7 +18,7 @@ from twotower import miners
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
-from twotower.process.threads import ThreadBudget, limit_threads
+from twotower.process.threads import ThreadSwitch
 from twotower.training.checkpoint import list_checkpoints, step_dir_name
 from twotower.training.evaluation import encode_rows
 from twotower.training.miner_setup import MinerSetup
@@ -81,7 +81,7 @@ class Refresher:
         run: RunDir,
         metrics: MetricsLog,
         points: PhasePoints,
-        threads: ThreadBudget,
+        threads: ThreadSwitch,
         miner_setup: MinerSetup,
         probe: miners.Miner | None,
         table_path: Path | None,
@@ -95,15 +95,14 @@ class Refresher:
         self.run = run
         self.metrics = metrics
         self.points = points
-        self.threads = threads
+        self.threads = threads  # the trainer's: shared while its worker searches
         self.miner_setup = miner_setup  # raises the search parameters a probe finds short
         self.miner = miner_setup.miner
         self.probe = probe
         self.table_path = table_path
         self.pending = pending  # the refresh taken and not yet in use
         self.job: MiningJob | None = None  # its search
-        self.sharing_cores = False  # a refresh is taken and not used: the trainer has its share
-        self.search_threads: int | None = None  # its threads meanwhile, as threadpoolctl read them
+        self.search_threads: int | None = None  # the trainer's step threads meanwhile
 
     def resume(self) -> None:
         """Search again the refresh a checkpoint recorded in flight (if it did)."""
@@ -140,17 +139,11 @@ class Refresher:
         worker searches) to the step it is used or abandoned, or give it its whole budget
         again. The switches follow from the config, not from when the search ends: torch's
         results depend on the thread count in their last bits, and a rerun or a resumed run
-        must compute every step on the same count. The pools threadpoolctl reads after a
-        switch go into the heartbeat; `search_threads` keeps the share for the metrics."""
-        if self.threads.trainer_beside_search == self.threads.trainer:
-            return
-        if searching != self.sharing_cores:
-            count = self.threads.trainer_beside_search if searching else self.threads.trainer
-            pools = limit_threads(count)
-            self.points.heartbeat.describe(threadpools=pools)
-            if searching:
-                self.search_threads = max((pool["num_threads"] for pool in pools), default=None)
-            self.sharing_cores = searching
+        must compute every step on the same count. `search_threads` keeps the share of the
+        trainer's steps meanwhile for the metrics."""
+        self.threads.to(searching=searching)
+        if searching:
+            self.search_threads = self.threads.budget.count(stepping=True, searching=True)
 
     def use(self, step: int) -> HardNegativeTable:
         """The table of the refresh used at `step`, waiting for its search if it still runs;
@@ -178,7 +171,7 @@ class Refresher:
             seconds=round(mined.search_seconds, 3),
             encode_seconds=round(refresh.encode_seconds, 3),
             wait_seconds=round(waited, 3),
-            trainer_threads=search_threads or self.threads.trainer,
+            trainer_threads=search_threads or self.threads.budget.count(True, False),
             **(probe.as_dict() if probe else {}),
             **({"raised": raised} if raised else {}),
             **mined.report.as_dict(),

@@ -28,7 +28,13 @@ from twotower.process.collective_ledger import CollectiveLedger, ledger_path
 from twotower.process.crash_dump import die_with_parent, enable_crash_dumps
 from twotower.process.openmp import openmp_runtimes
 from twotower.process.stalls import StallWatch, what_to_do
-from twotower.process.threads import ThreadBudget, limit_threads, thread_budget, usable_cores
+from twotower.process.threads import (
+    ThreadBudget,
+    ThreadSwitch,
+    limit_threads,
+    thread_budget,
+    usable_cores,
+)
 from twotower.training.bank_choice import BankChoice
 from twotower.training.bank_choice import resolve as resolve_bank_negatives
 from twotower.training.bank_negatives import BankNegatives, logq_table
@@ -39,6 +45,7 @@ from twotower.training.cadence import (
     auto_eval_every,
     plan_gaps,
     said_by,
+    step_flops,
 )
 from twotower.training.demo import demo_dataset
 from twotower.training.distributed import Group, check_config, launched_world
@@ -71,7 +78,8 @@ class OpenedRun:
     state: the step's state (engine, queue, table, plans); start: steps done (0, or the
     checkpoint's); total: planned steps; metrics_at_start: the checkpoint's last evaluation;
     validator: evaluations (None on a torchrun rank other than 0); scalars: --tensorboard;
-    stalls: the watch of the step times (`process.stalls`).
+    stalls: the watch of the step times (`process.stalls`); threads: the trainer's thread
+    count for a step or an evaluation (`process.threads`).
     """
 
     config: TrainConfig
@@ -85,6 +93,7 @@ class OpenedRun:
     scalars: TensorboardScalars | None
     validator: Validator | None
     stalls: StallWatch
+    threads: ThreadSwitch
     start: int
     total: int
     eval_every: int
@@ -139,16 +148,18 @@ def _open_dataset(config: TrainConfig) -> Dataset:
     return load_dataset(config.data)
 
 
-def _thread_budget(config: TrainConfig, group: RunGroup) -> ThreadBudget:
+def _thread_budget(config: TrainConfig, group: RunGroup, dataset: Dataset) -> ThreadBudget:
     """The budget of `twotower.process.threads` for this config: with a worker that searches
-    beside training, the trainer drops to its share only while a search runs."""
+    beside training, the trainer drops to its share only while a search runs; a step too
+    small to split runs on 1 thread."""
     in_worker = (
         config.hard_negatives > 0
         and miners.isolation_of(config.miner, config.miner_isolation) == "process"
     )
     overlapped = in_worker and mines_beside_training(config, config.miner, group)
     cores = group.cores(usable_cores())
-    return thread_budget(cores, config.threads, config.miner_threads, in_worker, overlapped)
+    flops = step_flops(config, dataset.dim, dataset.seq_len, dataset.bank_size)
+    return thread_budget(cores, config.threads, config.miner_threads, in_worker, overlapped, flops)
 
 
 def _open_run_files(
@@ -270,7 +281,7 @@ def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> 
         refresh_queries = min(refresh_queries, c.mine_every * c.batch_size)
     events = MinerEvents(run, on_worker_death)
     miner_setup = MinerSetup(c, dataset, refresh_queries, events)
-    threads = _thread_budget(c, group)  # after --miner auto is resolved
+    threads = _thread_budget(c, group, dataset)  # after --miner auto is resolved
     miner_setup.make(threads.miner)  # options checked against the bank: may refuse
     return Accepted(
         c, run, stored, group, dataset, backend, split, miner_setup, events, threads, bank_choice
@@ -315,7 +326,7 @@ def _load(
     eval_every = _eval_cadence(c, dataset, split, plan)
     queue = MemoryQueue(c.queue_size, dataset.dim)
     table = HardNegativeTable.empty(dataset.num_samples, c.mine_pool)
-    mining = MiningSchedule.of(c, plan)
+    mining = MiningSchedule.of(c, plan, total)
     for gap in plan_gaps(c, total, eval_every) if group.writes_run_files else []:
         log.warning("%s", gap)
     restored = restore(c, a.run, backend, queue, table, mining)
@@ -340,6 +351,7 @@ def _load(
     points.heartbeat.describe(
         threads=a.threads.as_dict(), threadpools=pools, wait_policy=wait_policy.describe()
     )
+    switch = ThreadSwitch(a.threads, lambda pools: points.heartbeat.describe(threadpools=pools))
     log.info("threads wait: %s", wait_policy.describe())
 
     probe = make_probe_miner(c, dataset) if c.hard_negatives else None
@@ -352,7 +364,7 @@ def _load(
         a.run,
         metrics,
         points,
-        a.threads,
+        switch,
         a.miners,
         probe,
         restored.table_path,
@@ -361,7 +373,8 @@ def _load(
     refresher.resume()  # a refresh in flight at the checkpoint is searched again
     points.openmp = openmp_runtimes()
     log.info("threads: %s", a.threads.describe())
-    stalls = StallWatch(a.threads.cores, a.threads.trainer, advice=what_to_do(a.threads.trainer))
+    stepping = a.threads.count(stepping=True, searching=False)
+    stalls = StallWatch(a.threads.cores, stepping, advice=what_to_do(stepping))
     points.enter("load", step)
     if c.lr_schedule != "constant" or schedule.warmup:
         log.info(
@@ -409,6 +422,7 @@ def _load(
         scalars,
         validator,
         stalls,
+        switch,
         step,
         total,
         eval_every,

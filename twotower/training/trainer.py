@@ -90,6 +90,7 @@ class Trainer:
         if validator is None:
             return self.last_metrics
         self.run.points.enter("encode", step)
+        self.run.threads.to(stepping=False)  # every core: a step's small GEMMs are not here
         metrics, improved = validator.evaluate(step, self.run.state.backend, select)
         if improved:
             self._save_best(step, metrics)
@@ -198,6 +199,7 @@ class Trainer:
     def _train_step(self, step: int, data: StepData) -> StepStats:
         """Step `step` (`step.prepare` + `step.update`), recorded in metrics.jsonl."""
         run = self.run
+        run.threads.to(stepping=True)  # a refresh taken in prepare encodes on these too
         prepared = one_step.prepare(step, data, run.state, run.refresher, run.group)
         poison = run.points.enter("step", step)  # injected 'nan' fault: the loss is poisoned
         updated = one_step.update(step, prepared, run.state, poison)
@@ -210,6 +212,7 @@ class Trainer:
             lr=updated.lr,
             batch=prepared.data.digest,
             ms=round(updated.seconds * 1e3, 2),
+            threads=run.threads.threads,  # after prepare: a refresh taken may share cores
             rss_kb=run.points.rss_kb,
             **run.group.collective_fields(run.state.backend),
         )
