@@ -102,7 +102,6 @@ class Refresher:
         self.table_path = table_path
         self.pending = pending  # the refresh taken and not yet in use
         self.job: MiningJob | None = None  # its search
-        self.search_threads: int | None = None  # the trainer's step threads meanwhile
 
     def resume(self) -> None:
         """Search again the refresh a checkpoint recorded in flight (if it did)."""
@@ -139,17 +138,16 @@ class Refresher:
         worker searches) to the step it is used or abandoned, or give it its whole budget
         again. The switches follow from the config, not from when the search ends: torch's
         results depend on the thread count in their last bits, and a rerun or a resumed run
-        must compute every step on the same count. `search_threads` keeps the share of the
-        trainer's steps meanwhile for the metrics."""
+        must compute every step on the same count."""
         self.threads.to(searching=searching)
-        if searching:
-            self.search_threads = self.threads.budget.count(stepping=True, searching=True)
 
     def use(self, step: int) -> HardNegativeTable:
         """The table of the refresh used at `step`, waiting for its search if it still runs;
         saved (by the process that writes run files) and recorded as a `mined` event."""
         assert self.job is not None and self.pending is not None and self.pending.use == step
         self.points.enter("mine", step)
+        # the trainer's threads for the steps the search ran beside (its share, or all)
+        search_threads = self.threads.budget.count(stepping=True, searching=self.threads.searching)
         try:
             mined, waited = self.job.result()
         finally:
@@ -160,7 +158,6 @@ class Refresher:
             mined.table.save(self.table_path)
         self.job = self.pending = None
         probe = mined.probe
-        search_threads, self.search_threads = self.search_threads, None
         raised = self.miner_setup.raise_after_probe(probe.recall) if probe else {}
         self.metrics.write(
             "mined",
@@ -171,7 +168,7 @@ class Refresher:
             seconds=round(mined.search_seconds, 3),
             encode_seconds=round(refresh.encode_seconds, 3),
             wait_seconds=round(waited, 3),
-            trainer_threads=search_threads or self.threads.budget.count(True, False),
+            trainer_threads=search_threads,
             **(probe.as_dict() if probe else {}),
             **({"raised": raised} if raised else {}),
             **mined.report.as_dict(),
