@@ -99,7 +99,7 @@ CHANGED = {
     "warmup": (["--warmup-steps", "5"], "warmup_steps: None -> 5"),
     "share": (["--warmup-share", "0.1"], "warmup_share: 0.05 -> 0.1"),
     "masking": (["--no-exclude-context"], "exclude_context: True -> False"),
-    "residual": (["--residual", "last"], "residual: 'none' -> 'last'"),
+    "residual": (["--residual", "none"], "residual: 'last' -> 'none'"),
 }
 
 

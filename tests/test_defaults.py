@@ -1,5 +1,5 @@
-"""Defaults that depend on the data resolve from it and are recorded; a config.json written
-before an option existed is read as what that run did."""
+"""Defaults that depend on the data or on the tower resolve from it and are recorded; a
+config.json written before an option existed is read as what that run did."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from tests.datasets import small_arrays, write_dir
 from twotower.config import TrainConfig
+from twotower.errors import UsageError
 from twotower.training.trainer import train
 
 
@@ -34,10 +35,11 @@ def test_a_config_from_before_the_options_reads_as_the_old_recipe() -> None:
     """Keys a config.json lacks mean what such a run did: a constant rate, a random split, no
     masking; so resuming it under today's defaults is refused, not silently changed."""
     old = TrainConfig(data="d", steps=10).to_dict()
-    for key in ("lr_schedule", "warmup_share", "eval_split", "exclude_context"):
+    for key in ("lr_schedule", "warmup_share", "eval_split", "exclude_context", "residual"):
         del old[key]
     today = TrainConfig(data="d", steps=10).for_data(True)
     differences = today.numeric_differences(old)
+    assert "residual: 'none' -> 'last'" in differences
     assert "lr_schedule: 'constant' -> 'cosine'" in differences
     assert "eval_split: 'random' -> 'auto'" in differences
     assert "exclude_context: False -> True" in differences
@@ -48,5 +50,20 @@ def test_a_config_from_before_the_options_reads_as_the_old_recipe() -> None:
         warmup_share=0.0,
         eval_split="random",
         exclude_context=False,
+        residual="none",
     )
     assert plain.numeric_differences(old) == []
+
+
+def test_the_gru_defaults_to_the_residual_tower_and_meanpool_to_none() -> None:
+    """--residual unset resolves by tower (last for gru, none for meanpool) before the config
+    is hashed or written; a value given is kept, and last on meanpool is refused."""
+    assert TrainConfig(data="d").residual == "last"
+    assert TrainConfig(data="d", residual="none").residual == "none"
+    assert TrainConfig(data="d", tower="meanpool").residual == "none"
+    assert (
+        TrainConfig(data="d").numeric_hash()
+        == TrainConfig(data="d", residual="last").numeric_hash()
+    )
+    with pytest.raises(UsageError, match="--residual is a gru option"):
+        TrainConfig(data="d", tower="meanpool", residual="last")

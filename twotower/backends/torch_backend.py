@@ -147,13 +147,13 @@ def infonce(
         queue_ids = torch.as_tensor(batch.queue_ids, device=device)
     positive_ids = torch.as_tensor(batch.own_positive_ids(first_row), device=device)[:, None]
     queue_masked = (queue_ids[None, :] == positive_ids) | (queue_ids[None, :] == -1)
-    seen = batch.seen_in_queue()  # (B, Q) from the host ring's ids, with seen-item masking only
-    if seen is not None:
-        queue_masked |= torch.as_tensor(seen, device=device)
+    seen_queue = batch.seen_in_queue()  # (B, Q) from the host ring's ids, seen-item masking only
+    if seen_queue is not None:
+        queue_masked |= torch.as_tensor(seen_queue, device=device)
     sampled = positives[:0]
     if batch.sampled_ids is not None:
-        ids = torch.as_tensor(batch.sampled_ids, device=device)
-        sampled = bank.rows[ids] if bank is not None else torch.as_tensor(batch.sampled_vecs)
+        rows = torch.as_tensor(batch.sampled_ids, device=device)
+        sampled = bank.rows[rows] if bank is not None else torch.as_tensor(batch.sampled_vecs)
     scores = [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue_vecs.T]
     if batch.in_batch_logq is not None and batch.queue_logq is not None:
         in_batch_logq = torch.as_tensor(batch.in_batch_logq, device=device)

@@ -422,7 +422,7 @@ def replay(
         {k: v.astype(np.float64) for k, v in params.items()},
         batch,
         view.config.temperature,
-        view.config.residual,
+        str(view.config.residual),  # resolved by TrainConfig: never None here
     )
     report = ReplayReport(
         view.run.root,

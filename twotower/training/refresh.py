@@ -7,8 +7,9 @@ is put into use at step use = k E (waiting for the search if it has not finished
 A refresh whose use step is not before the run's planned total is never taken: no
 step would train on its table. Both steps follow from the config alone
 (`MiningSchedule`), so whether the search ran beside training (`MiningJob` in a
-thread) or at once, the table is the same, and so is every number after it. With scope "upcoming" a refresh mines only the
-rows steps [use, use + E) train on; "all" mines every training row.
+thread) or at once, the table is the same, and so is every number after it. With scope
+"upcoming" a refresh mines only the rows steps [use, use + E) train on; "all" mines every
+training row.
 
 A checkpoint written while a refresh is taken but not yet in use (take < step <=
 use) stores its encoded queries (mined/queries-step-NNNNNNN.npy, named by the take
