@@ -1,6 +1,8 @@
 """`twotower.train` on torch-cpu against the plain torch loop of bench/test_backends.py,
-on identical work: the same dataset, batch rows, K=8 hard negatives, Q=4096 queue, no eval
-inside the measured steps. Target: the trainer's steady-state step rate >= the plain loop's.
+on the same work: the same dataset, batch rows, K=8 hard negatives, Q=4096 queue, no eval
+inside the measured steps. The trainer runs its default tower, the residual GRU: one (B, D)
+gather and add beyond the plain loop's GRU, about 1e-5 of a step's multiply-adds. Target: the
+trainer's steady-state step rate >= the plain loop's.
 
 The trainer's step time is the median interval between consecutive `step` records of
 its metrics.jsonl (everything between two steps counts: gathering, negatives,
