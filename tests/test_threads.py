@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -222,35 +223,6 @@ def test_the_trainer_gives_up_cores_only_while_its_worker_searches(tmp_path: Pat
     assert f"threads: trainer {cores} ({cores - cores // 2} while the worker searches)" in log_text
 
 
-# A GRU step at WIDE on 1 thread and on 2, in a child (the thread count is process-wide),
-# scored against as many rows as the run's queue holds (4096: the scores' GEMM is where
-# this CPU splits differently): prints True when their gradients differ in any bit.
-THREAD_BITS_PROBE = f"""
-import torch
-torch.manual_seed(0)
-gru, proj = torch.nn.GRU({WIDE}, {WIDE}, batch_first=True), torch.nn.Linear({WIDE}, {WIDE})
-x, bank = torch.randn(32, 8, {WIDE}), torch.randn(4096, {WIDE})
-grads = []
-for threads in (1, 2):
-    torch.set_num_threads(threads)
-    gru.zero_grad()
-    proj.zero_grad()
-    q = proj(gru(x)[1][-1])
-    torch.logsumexp(q @ bank.T, 1).mean().backward()
-    grads.append([p.grad.clone() for p in [*gru.parameters(), *proj.parameters()]])
-print(any(not torch.equal(a, b) for a, b in zip(*grads)))
-"""
-
-
-def thread_count_changes_bits() -> bool:
-    """Whether torch-cpu on this machine computes a GRU step at WIDE differently on 1 thread
-    and on 2 (it does on some CPUs, not on others)."""
-    done = subprocess.run(
-        [sys.executable, "-c", THREAD_BITS_PROBE], capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip() == "True"
-
-
 SPLIT_ARGS = (
     f"--no-supervise --backend torch-cpu --hidden {WIDE} --batch-size 32 --steps 20 "
     "--max-eval 20 --hard-negatives 2 --miner exact --miner-isolation process --mine-overlap "
@@ -266,10 +238,13 @@ def test_a_run_resumed_inside_a_search_window_computes_the_same_bits(tmp_path: P
     """The trainer's thread count of each step follows from the config (its share from the
     refresh's take step 4 to its use at 10), not from when the search happened to end: a run
     killed at step 9 and resumed from the checkpoint at 7, whose search starts again then,
-    ends bitwise equal to the run never killed. The control, where this CPU's torch gives
-    different bits on 1 thread and on 2 (`thread_count_changes_bits`): a run on one thread
-    ends with different parameters, so a count that followed the search's timing would show.
-    Where it does not, the thread count cannot change the numbers and the control is moot."""
+    ends bitwise equal to the run never killed.
+
+    The control is the same run on one thread: where this CPU's torch gives it different
+    parameters, a thread count that followed the search's timing would show in the resumed
+    run, and the parity above proves the count does not. Where the two agree (torch splits
+    this step's work the same on this CPU at any count), the parity holds whatever the
+    count, and the test says so in a warning rather than claim a power it lacks here."""
     data = tmp_path / "data"
     synthesize(data, samples=400, bank=300, dim=WIDE, seq_len=8, seed=5)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -284,5 +259,9 @@ def test_a_run_resumed_inside_a_search_window_computes_the_same_bits(tmp_path: P
     one_thread = train_in_child(data, tmp_path / "one", *SPLIT_ARGS, "--threads", "1")
     assert one_thread.returncode == 0, one_thread.stderr
     other = load_checkpoint(tmp_path / "one")[1]
-    differs = any(not np.array_equal(other[name], value) for name, value in expected.items())
-    assert differs == thread_count_changes_bits()
+    if not any(not np.array_equal(other[name], value) for name, value in expected.items()):
+        warnings.warn(
+            "torch-cpu computes this run bit for bit alike on 1 thread and on every core on "
+            "this CPU, so the parity above cannot tell a count that followed the search's timing",
+            stacklevel=1,
+        )
