@@ -210,23 +210,56 @@ def test_export_takes_best_unless_told_and_says_which(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     """Like HF Trainer's load_best_model_at_end: a run that kept best/ exports it by default,
-    in one line on stderr; --checkpoint latest exports the newest checkpoint instead."""
+    named in one line on stderr; this run's best/ is its untrained step 0 (no evaluation beat
+    it), so a second line says so and names --checkpoint latest, which exports the newest
+    checkpoint instead, without that line."""
     run = runs["gru-1"]
     best_meta, best = load_checkpoint(run, which="best")
     latest_meta, latest = load_checkpoint(run, which="latest")
-    assert best_meta["step"] != latest_meta["step"]  # else the test could not tell them apart
+    assert best_meta["step"] == 0 < latest_meta["step"]  # else the test could not tell them apart
     cases = (([], best_meta, best), (["--checkpoint", "latest"], latest_meta, latest))
     for flags, meta, state in cases:
         out = tmp_path / f"export{len(flags)}"
         result = run_twotower("export", "--run", str(run), "--out", str(out), *flags)
         assert result.returncode == 0, result.stderr
-        said = [line for line in result.stderr.splitlines() if "--checkpoint" in line]
+        said = [line for line in result.stderr.splitlines() if "picks another" in line]
         assert len(said) == 1 and f"step {meta['step']}" in said[0], result.stderr
         assert ("best/" in said[0]) == (not flags)
+        warned = [line for line in result.stderr.splitlines() if "untrained" in line]
+        if flags:
+            assert not warned, result.stderr
+        else:
+            assert len(warned) == 1, result.stderr
+            assert f"the latest checkpoint is step {latest_meta['step']}" in warned[0]
+            assert "--checkpoint latest" in warned[0]
         exported = read_tower_files(out)
         assert exported.doc["source"]["checkpoint"] == ("latest" if flags else "best")
         for name, value in exported.params.items():
             np.testing.assert_array_equal(value, state[name])
+
+
+def test_eval_export_and_encode_take_the_same_checkpoint_by_default(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """One default for every command that reads a run: eval scores the step export writes and
+    encode encodes with (best/ here, step 0, not the latest at 8), and each says so."""
+    run = runs["gru-1"]
+    best_step = load_checkpoint(run, which="best")[0]["step"]
+    assert best_step != load_checkpoint(run, which="latest")[0]["step"]
+    evaluated = run_twotower("eval", "--run", str(run))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"tower: step {best_step}\n" in evaluated.stdout, evaluated.stdout
+    exported = run_twotower("export", "--run", str(run), "--out", str(tmp_path / "tower"))
+    assert exported.returncode == 0, exported.stderr
+    assert read_tower_files(tmp_path / "tower").doc["source"]["step"] == best_step
+    encoded = run_twotower("encode", "--run", str(run), "--out", str(tmp_path / "q.npy"))
+    assert encoded.returncode == 0, encoded.stderr
+    for result in (evaluated, exported, encoded):
+        said = [line for line in result.stderr.splitlines() if "picks another" in line]
+        assert (
+            len(said) == 1 and f"best/ (its best held-out evaluation), step {best_step}" in said[0]
+        )
+        assert "--checkpoint latest takes it" in result.stderr
 
 
 def test_a_bad_export_directory_is_one_line(tmp_path: Path, runs: dict[str, Path]) -> None:

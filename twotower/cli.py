@@ -6,9 +6,11 @@ Bad input is one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
+from twotower.data.synth import DEMO_SIZES
 from twotower.errors import EXIT_GAVE_UP, EXIT_OK, UsageError
 from twotower.miners.base import MinerCrashed
 from twotower.process import wait_policy
@@ -22,6 +24,27 @@ from twotower.train_flags import (
 from twotower.training.checkpoint import CHOICES
 
 CHECKPOINT_HELP = f"{CHOICES} (default: best/ where the run kept one, else latest)"
+
+
+SYNTH_SIZES = {  # `twotower synth`'s flags: what each is, and synthesize's default
+    "samples": ("training samples N", DEMO_SIZES["samples"]),
+    "bank": ("bank rows M", DEMO_SIZES["bank"]),
+    "dim": ("vector size D", DEMO_SIZES["dim"]),
+    "seq-len": ("max sequence length T", DEMO_SIZES["seq_len"]),
+    "seed": ("seed", 0),
+}
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """Every sub-command's --help ends a flag's help with its default, unless the help already
+    says what the default is (a default of None or off means 'not given')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default in (None, False, argparse.SUPPRESS)
+        if unset or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: {action.default})"
 
 
 # --- sub-commands -------------------------------------------------------------------------
@@ -188,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="twotower", description="Train two-tower retrieval models that survive native crashes."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=DefaultsShown)
 
-    train = sub.add_parser(
+    train = add(
         "train",
         help="train a query tower (supervised by default)",
         usage=TRAIN_USAGE,
@@ -200,13 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(run=cmd_train)
 
-    synth = sub.add_parser("synth", help="write a synthetic dataset")
+    synth = add("synth", help="write a synthetic dataset")
     synth.add_argument("--out", required=True, help="dataset directory to write")
-    synth.add_argument("--samples", type=int, help="training samples N")
-    synth.add_argument("--bank", type=int, help="bank rows M")
-    synth.add_argument("--dim", type=int, help="vector size D")
-    synth.add_argument("--seq-len", type=int, help="max sequence length T")
-    synth.add_argument("--seed", type=int, help="seed")
+    for flag, (what, default) in SYNTH_SIZES.items():
+        synth.add_argument(f"--{flag}", type=int, help=f"{what} (default: {default:,})")
     synth.add_argument(
         "--layout", choices=("ids", "contexts"), default="ids", help="context_ids or vectors"
     )
@@ -215,15 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(run=cmd_synth)
 
-    convert = sub.add_parser("convert", help="stream a .npz into a memory-mappable directory")
+    convert = add("convert", help="stream a .npz into a memory-mappable directory")
     convert.add_argument("npz", help="the .npz file")
     convert.add_argument("--out", required=True, help="dataset directory to write")
     convert.add_argument("--key", help="map other key names: bank=emb,positives=pos,...")
     convert.set_defaults(run=cmd_convert)
 
-    ev = sub.add_parser(
-        "eval", help="recall@1/10/100 and MRR of a run beside the parameter-free baselines"
-    )
+    ev = add("eval", help="recall@1/10/100 and MRR of a run beside the parameter-free baselines")
     ev.add_argument(
         "--run",
         dest="run_dir",
@@ -251,13 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-exclude-context",
         dest="exclude_context",
         action="store_false",
+        default=None,
         help="rank with them",
     )
-    ev.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="with --run: best (best/, the best held-out metric), latest (the newest) or step-N",
-    )
+    ev.add_argument("--checkpoint", help=f"with --run: {CHECKPOINT_HELP}")
     ev.add_argument(
         "--rows",
         choices=("held-out", "all"),
@@ -266,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(run=cmd_eval)
 
-    watch = sub.add_parser(
+    watch = add(
         "watch",
         help="run any command (your own training script) with crash forensics",
         usage="twotower watch [--out DIR] -- COMMAND...",
@@ -277,19 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     watch.set_defaults(run=cmd_watch)
 
-    engines = sub.add_parser(
-        "backends", help="list every backend and miner, available or not, and why"
-    )
+    engines = add("backends", help="list every backend and miner, available or not, and why")
     engines.set_defaults(run=cmd_backends)
 
-    doctor = sub.add_parser(
+    doctor = add(
         "doctor", help="check versions, OpenMP runtimes, threads, engines, data, memory, disk"
     )
     doctor.add_argument("--data", help="also check this dataset (directory or .npz)")
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.set_defaults(run=cmd_doctor)
 
-    rep = sub.add_parser(
+    rep = add(
         "replay", help="rebuild one step of a run and compare every backend with the reference"
     )
     rep.add_argument("--run", dest="run_dir", required=True, help="run directory")
@@ -302,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", help="the run's dataset, if it has moved")
     rep.set_defaults(run=cmd_replay)
 
-    export = sub.add_parser("export", help="write a run's tower as a self-contained directory")
+    export = add("export", help="write a run's tower as a self-contained directory")
     export.add_argument("--run", dest="run_dir", required=True, help="run directory")
     export.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     export.add_argument("--out", required=True, help="directory to write")
@@ -313,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=cmd_export)
 
-    encode = sub.add_parser("encode", help="encode a dataset's rows into a .npy of query vectors")
+    encode = add("encode", help="encode a dataset's rows into a .npy of query vectors")
     add_tower_flags(encode)
     encode.add_argument("--out", required=True, help=".npy file to write (replaced atomically)")
     encode.set_defaults(run=cmd_encode)
 
-    search = sub.add_parser("search", help="top-k bank rows for a dataset's rows, into a .npz")
+    search = add("search", help="top-k bank rows for a dataset's rows, into a .npz")
     add_tower_flags(search)
     search.add_argument("--k", type=int, default=100, help="results per query")
     search.add_argument("--miner", default="exact", help="exact, faiss or hnswlib")
@@ -331,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", required=True, help=".npz file to write (ids, scores, rows)")
     search.set_defaults(run=cmd_search)
 
-    report = sub.add_parser("report", help="draw a run: losses, evaluations, minings, crashes")
+    report = add("report", help="draw a run: losses, evaluations, minings, crashes")
     report.add_argument("--run", dest="run_dir", required=True, help="run directory")
     report.add_argument("--out", help="report.png or report.html (default RUN/report.png)")
     report.set_defaults(run=cmd_report)

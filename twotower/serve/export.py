@@ -22,9 +22,9 @@ from twotower.serve.tower_dir import (
 )
 from twotower.towers import TowerSpec
 from twotower.training.checkpoint import (
-    CHOICES,
     CheckpointError,
     choose_checkpoint,
+    describe_choice,
     load_checkpoint,
 )
 
@@ -36,18 +36,11 @@ SPLIT_SETTINGS = ("eval_fraction", "max_eval", "seed", "eval_split", "eval_data"
 
 
 def say_checkpoint(files: TowerFiles) -> None:
-    """One line on stderr naming the checkpoint of the run a command took (the default is
-    best/ where the run kept one, so the user sees which)."""
+    """On stderr, the lines `describe_choice` says of the run's checkpoint a command took (the
+    default is best/ where the run kept one, so the user sees which, and when it is untrained)."""
     source = files.doc["source"]
-    which = {"best": "best/ (its best held-out evaluation)", "latest": "its latest checkpoint"}
-    run = Path(source["run"])
-    shown = run.relative_to(Path.cwd()) if run.is_relative_to(Path.cwd()) else run
-    print(
-        f"twotower: {shown}: {which.get(source['checkpoint'], source['checkpoint'])}, "
-        f"step {source['step']} (--checkpoint {CHOICES} picks another)",
-        file=sys.stderr,
-        flush=True,
-    )
+    for line in describe_choice(source["run"], source["checkpoint"], int(source["step"])):
+        print(f"twotower: {line}", file=sys.stderr, flush=True)
 
 
 def _run_settings(run: Path) -> dict[str, Any]:

@@ -373,6 +373,33 @@ def choose_checkpoint(
     return which, path
 
 
+def describe_choice(run_dir: str | os.PathLike[str], which: str, step: int) -> list[str]:
+    """What every command that read a run's checkpoint says about it: one line naming it
+    (`which` as `choose_checkpoint` returned it, at `step`), and one more when it is best/
+    and that is the untrained step 0 or not even half as far as the latest checkpoint, naming
+    the flag that takes the latest. Lines without the 'twotower: ' prefix."""
+    run_dir = Path(run_dir)
+    words = {"best": "best/ (its best held-out evaluation)", "latest": "its latest checkpoint"}
+    shown = run_dir.relative_to(Path.cwd()) if run_dir.is_relative_to(Path.cwd()) else run_dir
+    lines = [
+        f"{shown}: {words.get(which, which)}, step {step} (--checkpoint {CHOICES} picks another)"
+    ]
+    newest = _committed(run_dir / CHECKPOINTS_DIR)
+    latest = _step_of(newest[-1]) if newest else None
+    if which == "best" and latest is not None and latest > 0:
+        if step == 0:
+            lines.append(
+                "best/ holds the untrained step 0 (no evaluation since beat it, or none ran "
+                f"yet); the latest checkpoint is step {latest}: --checkpoint latest takes it"
+            )
+        elif 2 * step < latest:
+            lines.append(
+                f"best/ (step {step}) is far behind the latest checkpoint (step {latest}), "
+                "no later evaluation beat it: --checkpoint latest takes the latest"
+            )
+    return lines
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], which: str = "latest"
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

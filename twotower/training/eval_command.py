@@ -19,7 +19,12 @@ from twotower.config_files import read_config_file
 from twotower.data import load_dataset
 from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
-from twotower.training.checkpoint import CheckpointError, load_checkpoint
+from twotower.training.checkpoint import (
+    CheckpointError,
+    choose_checkpoint,
+    describe_choice,
+    load_checkpoint,
+)
 from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
 from twotower.training.heldout import held_out
 
@@ -64,6 +69,22 @@ def _run_settings(run: str) -> dict[str, Any]:
     raise UsageError(f"{run}: no config.json here or above; give a run directory (--out of a run)")
 
 
+def _checkpoint_of(run: Path, checkpoint: str | None) -> tuple[int, dict[str, np.ndarray]]:
+    """The step and state of `run`'s checkpoint `checkpoint` (a run directory: named on the log
+    by `describe_choice`), or of `run` itself (a store or a checkpoint directory)."""
+    try:
+        if not (run / "config.json").is_file():
+            meta, state = load_checkpoint(run)
+            return int(meta["step"]), state
+        which, source = choose_checkpoint(run, checkpoint)
+        meta, state = load_checkpoint(source)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
+    for line in describe_choice(run, which, int(meta["step"])):
+        logging.getLogger("twotower").info(line)
+    return int(meta["step"]), state
+
+
 def evaluate_run(
     run: str | None = None,
     data: str | None = None,
@@ -74,10 +95,11 @@ def evaluate_run(
     seed: int | None = None,
     max_eval: int | None = None,
     exclude_context: bool | None = None,
-    checkpoint: str = "latest",
+    checkpoint: str | None = None,
     rows: str = "held-out",
 ) -> EvalReport:
-    """Evaluate a run's checkpoint (`checkpoint`: best, latest or step-N), or without `run`
+    """Evaluate a run's checkpoint (`checkpoint`: best, latest or step-N; None: best/ where
+    the run kept one, else latest, as every command; named on the log), or without `run`
     a freshly initialised tower (meanpool with proj=False is the mean-of-context baseline
     itself), next to the baselines on the same rows. rows: 'held-out' (the run's split of the
     data, or of `data`) or 'all' (every row of `data`: a test set of the user's own).
@@ -90,11 +112,7 @@ def evaluate_run(
     step = None
     if run is not None:
         settings = _run_settings(run)
-        try:
-            meta, state = load_checkpoint(run, which=checkpoint)
-        except CheckpointError as error:
-            raise UsageError(str(error)) from None
-        step = int(meta["step"])
+        step, state = _checkpoint_of(Path(run), checkpoint)
     config = TrainConfig.from_dict(
         {
             **settings,
