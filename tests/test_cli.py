@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -273,3 +274,21 @@ def test_resume_reads_an_old_config_as_the_run_it_was(tmp_path: Path) -> None:
     assert (stored["lr_schedule"], stored["mine_lead"]) == ("constant", 0)
     assert not {"out", "resume", "supervise", "an_option_since_removed"} & set(stored)
     assert TrainConfig.from_dict(stored).numeric_differences(old) == []
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "report", "replay"])
+def test_a_run_that_is_not_there_names_the_runs_nearby(tmp_path: Path, command: str) -> None:
+    """A user who follows a tour to runs/demo after a run went to runs/<time> is told, in one
+    line with exit code 2, which runs exist (newest first), not only that the name is wrong."""
+    for name, when in (("20261207-101500", 1_000), ("20261207-111500", 2_000)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.json").write_text("{}")
+        os.utime(tmp_path / "runs" / name / "config.json", (when, when))
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    extra = {"export": ["--out", "tower"], "replay": ["--step", "1"]}.get(command, [])
+    result = run_twotower(command, "--run", "runs/demo", *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "twotower: error: runs/demo: does not exist, so it is no twotower run directory; "
+        "runs nearby: runs/20261207-111500, runs/20261207-101500"
+    ]

@@ -56,7 +56,7 @@ from twotower.training.heldout import held_out
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MINING_CHUNK, MiningSchedule, load_refresh
-from twotower.training.rundir import RunDir, read_metrics
+from twotower.training.rundir import RunDir, not_a_run, read_metrics
 from twotower.training.schedule import LRSchedule, planned_steps
 from twotower.training.solo import Solo
 from twotower.training.step import StepState, prepare, update
@@ -167,7 +167,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     """
     run_dir = RunDir(run)
     if not run_dir.config.is_file():
-        raise UsageError(f"{run_dir.root}: no config.json; give a run directory (--out of a run)")
+        raise UsageError(not_a_run(run_dir.root))
     settings = {**ABSENT_MEANS, **read_config_file(run_dir.config)}  # as that run did
     settings.update({"resume": False, **({"data": data} if data else {})})
     config = TrainConfig.from_dict(settings, source=str(run_dir.config))

@@ -16,6 +16,7 @@ from typing import Any
 
 from twotower.diagnose.run_picture import RunPicture, run_picture
 from twotower.errors import UsageError
+from twotower.training.rundir import not_a_run
 
 MARKER_COLOURS = {
     "crash": "tab:red",
@@ -186,6 +187,8 @@ def draw(picture: RunPicture, out: Path) -> Path:
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw run directory `run` into `out` (default RUN/report.png); returns the path."""
     run = Path(run)
+    if not (run / "config.json").is_file():
+        raise UsageError(not_a_run(run))
     if not (run / "metrics.jsonl").is_file():
-        raise UsageError(f"{run}: no metrics.jsonl (not a twotower run directory)")
+        raise UsageError(f"{run}: no metrics.jsonl (the run has not logged a step yet)")
     return draw(run_picture(run), Path(out) if out else run / "report.png")

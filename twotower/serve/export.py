@@ -27,6 +27,7 @@ from twotower.training.checkpoint import (
     describe_choice,
     load_checkpoint,
 )
+from twotower.training.rundir import not_a_run
 
 FORMATS = ("safetensors", "torch", "onnx")
 
@@ -48,7 +49,7 @@ def _run_settings(run: Path) -> dict[str, Any]:
     try:
         settings = json.loads(config.read_text())
     except FileNotFoundError:
-        raise UsageError(f"{run}: no config.json (not a twotower run directory)") from None
+        raise UsageError(not_a_run(run)) from None
     except ValueError as error:
         raise UsageError(f"{config}: unreadable ({error})") from None
     return dict(settings)

@@ -27,6 +27,7 @@ from twotower.training.checkpoint import (
 )
 from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
 from twotower.training.heldout import held_out
+from twotower.training.rundir import not_a_run
 
 ROWS = ("held-out", "all")
 
@@ -66,7 +67,7 @@ def _run_settings(run: str) -> dict[str, Any]:
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / "config.json").is_file():
             return read_config_file(candidate / "config.json")
-    raise UsageError(f"{run}: no config.json here or above; give a run directory (--out of a run)")
+    raise UsageError(not_a_run(run))
 
 
 def _checkpoint_of(run: Path, checkpoint: str | None) -> tuple[int, dict[str, np.ndarray]]:

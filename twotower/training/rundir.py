@@ -43,6 +43,34 @@ class RunDir:
         return self
 
 
+def runs_nearby(path: str | Path, most: int = 5) -> list[Path]:
+    """Run directories (holding a config.json) inside `path`, beside it and under ./runs,
+    newest first, at most `most`: what a user who named a run that is not there may mean."""
+    path = Path(path)
+    places = {path, path.parent, Path("runs")}
+    found = {
+        child
+        for place in places
+        if place.is_dir()
+        for child in place.iterdir()
+        if (child / "config.json").is_file()
+    }
+    return sorted(found, key=lambda run: (run / "config.json").stat().st_mtime, reverse=True)[:most]
+
+
+def not_a_run(path: str | Path) -> str:
+    """The one line for a path that holds no run: what is missing, and the runs nearby."""
+    path = Path(path)
+    what = "does not exist" if not path.exists() else "holds no config.json"
+    nearby = runs_nearby(path)
+    hint = (
+        "runs nearby: " + ", ".join(str(run) for run in nearby)
+        if nearby
+        else "give the --out of a run (without --out, a run goes to runs/YYYYmmdd-HHMMSS)"
+    )
+    return f"{path}: {what}, so it is no twotower run directory; {hint}"
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl and flushes each line.
 
