@@ -14,6 +14,7 @@ import pytest
 from tests.processes import REPO, child_env, run_twotower, train_in_child
 from twotower import backends, miners
 from twotower.data import synthesize
+from twotower.diagnose import report
 from twotower.diagnose.run_picture import Marker, run_picture, smooth
 from twotower.training.rundir import read_metrics
 
@@ -32,6 +33,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_metrics(run: Path, records: list[dict]) -> None:
     run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -170,3 +172,33 @@ def test_report_draws_a_small_run_as_png(tmp_path: Path) -> None:
     result = run_twotower("report", "--run", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "report.png").stat().st_size > 10_000
+
+
+def test_the_baselines_a_run_logged_are_drawn_and_empty_panels_take_no_room(
+    data: Path, tmp_path: Path
+) -> None:
+    """A real run (no crash, no mining): every metric of both baselines, found in metrics.jsonl
+    by its content (the record holding 'last item'), is a flat dashed or dotted line over the
+    run in the held-out panel; there is no events panel and no mining panel."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    run = tmp_path / "run"
+    args = "--no-supervise --backend numpy --hard-negatives 0 --steps 12 --eval-every 6"
+    result = train_in_child(data, run, *args.split(), "--max-eval", "40")
+    assert result.returncode == 0, result.stderr
+    logged = next(r for r in read_metrics(run / "metrics.jsonl") if "last item" in r)
+    figure, events, axes = report._panels(plt, run_picture(run))
+    assert events is None
+    labels = [axis.get_ylabel() for axis in axes]
+    assert labels == ["InfoNCE loss", "gradient norm", "held-out", "step time (ms)"]
+    flat = {
+        (line.get_linestyle(), line.get_color(), float(line.get_ydata()[0]))
+        for line in axes[2].get_lines()
+        if line.get_linestyle() in ("--", ":")
+    }
+    expected = {
+        (style, f"C{i}", float(logged[name][metric]))
+        for name, style in (("context mean", "--"), ("last item", ":"))
+        for i, metric in enumerate(("recall@1", "recall@10", "recall@100", "mrr@100"))
+    }
+    assert flat == expected
+    plt.close(figure)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twotower.diagnose.run_picture import RunPicture, run_picture
+from twotower.diagnose.run_picture import EVAL_KEYS, RunPicture, run_picture
 from twotower.errors import UsageError
 from twotower.training.rundir import not_a_run
 
@@ -29,6 +30,7 @@ MARKER_COLOURS = {
     "interrupted": "tab:gray",
 }
 FORMATS = (".png", ".html")
+BASELINE_STYLES = ("--", ":", "-.")  # one line style for each baseline (last item, context mean)
 
 
 def _pyplot() -> Any:
@@ -52,16 +54,15 @@ def _line(axis: Any, picture: RunPicture, name: str, **style: Any) -> bool:
     return True
 
 
-def _panels(plt: Any, picture: RunPicture) -> Any:
-    figure, axes = plt.subplots(
-        6, 1, figsize=(10, 14), sharex=True, height_ratios=[1.4, 1, 1, 1, 1, 1]
-    )
-    _, loss, grad, quality, mining, cost = axes
-    _line(loss, picture, "loss", color="tab:blue", alpha=0.3, linewidth=0.7, label="loss")
-    _line(loss, picture, "loss_smooth", color="tab:blue", label="loss (smoothed)")
-    loss.set_ylabel("InfoNCE loss")
+def _draw_loss(axis: Any, picture: RunPicture) -> None:
+    _line(axis, picture, "loss", color="tab:blue", alpha=0.3, linewidth=0.7, label="loss")
+    _line(axis, picture, "loss_smooth", color="tab:blue", label="loss (smoothed)")
+    axis.set_ylabel("InfoNCE loss")
+
+
+def _draw_gradient(axis: Any, picture: RunPicture) -> None:
     _line(
-        grad,
+        axis,
         picture,
         "grad_norm",
         color="tab:olive",
@@ -69,61 +70,92 @@ def _panels(plt: Any, picture: RunPicture) -> Any:
         linewidth=0.7,
         label="gradient norm",
     )
-    _line(grad, picture, "grad_norm_smooth", color="tab:olive", label="gradient norm (smoothed)")
-    grad.set_ylabel("gradient norm")
+    _line(axis, picture, "grad_norm_smooth", color="tab:olive", label="gradient norm (smoothed)")
+    axis.set_ylabel("gradient norm")
     if "lr" in picture.series:
-        lr = grad.twinx()
+        lr = axis.twinx()
         _line(lr, picture, "lr", color="black", linestyle=":", label="learning rate")
         lr.set_ylabel("learning rate")
-    for i, metric in enumerate(("recall@1", "recall@10", "recall@100", "mrr@100")):
+
+
+def _draw_quality(axis: Any, picture: RunPicture) -> None:
+    """Each evaluation's metrics (one colour a metric), each baseline flat in the same colour
+    (one line style a baseline, named once in the legend)."""
+    names = sorted({name.split(":")[1] for name in picture.series if name.startswith("baseline:")})
+    for i, metric in enumerate(EVAL_KEYS):
         colour = f"C{i}"
-        _line(quality, picture, f"eval:{metric}", color=colour, marker="o", label=metric)
-        _line(
-            quality,
-            picture,
-            f"baseline:{metric}",
-            color=colour,
-            linestyle="--",
-            label=f"baseline {metric}",
-        )
-    quality.set_ylabel("held-out")
-    quality.set_ylim(-0.02, 1.02)
+        _line(axis, picture, f"eval:{metric}", color=colour, marker="o", label=metric)
+        for name, style in zip(names, BASELINE_STYLES, strict=False):
+            label = f"baseline: {name}" if i == 0 else None
+            _line(
+                axis,
+                picture,
+                f"baseline:{name}:{metric}",
+                color=colour,
+                linestyle=style,
+                label=label,
+            )
+    axis.set_ylabel("held-out")
+    axis.set_ylim(-0.02, 1.02)
+
+
+def _draw_mining(axis: Any, picture: RunPicture) -> None:
     seconds = picture.series.get("mining:seconds")
     if seconds is not None:
-        mining.bar(
-            seconds.steps,
-            seconds.values,
-            width=max(1, _span(picture) / 100),
-            color="tab:cyan",
-            label="mining (s)",
-        )
+        width = max(1, _span(picture) / 100)
+        axis.bar(seconds.steps, seconds.values, width=width, color="tab:cyan", label="mining (s)")
     if "mining:recall" in picture.series:
-        probe = mining.twinx()
+        probe = axis.twinx()
         _line(
             probe, picture, "mining:recall", color="tab:red", marker="x", label="miner recall probe"
         )
         probe.set_ylabel("recall probe")
-    mining.set_ylabel("mining (s)")
-    _line(
-        cost,
-        picture,
-        "ms",
-        color="tab:gray",
-        linestyle="",
-        marker=".",
-        markersize=2,
-        label="step time (ms)",
-    )
-    cost.set_ylabel("step time (ms)")
+    axis.set_ylabel("mining (s)")
+
+
+def _draw_cost(axis: Any, picture: RunPicture) -> None:
+    style = {"color": "tab:gray", "linestyle": "", "marker": ".", "markersize": 2}
+    _line(axis, picture, "ms", label="step time (ms)", **style)
+    axis.set_ylabel("step time (ms)")
     if "rss_kb" in picture.series:
-        memory = cost.twinx()
+        memory = axis.twinx()
         rss = picture.series["rss_kb"]
         memory.plot(
             rss.steps, [kb / 1024 for kb in rss.values], color="tab:purple", label="RSS (MiB)"
         )
         memory.set_ylabel("RSS (MiB)")
-    cost.set_xlabel("steps completed")
-    return figure, axes
+
+
+# The panels top to bottom below the events: the series each draws (a panel whose series the
+# run never logged takes no room), and how to draw it.
+PANELS: list[tuple[tuple[str, ...], Callable[[Any, RunPicture], None]]] = [
+    (("loss",), _draw_loss),
+    (("grad_norm", "lr"), _draw_gradient),
+    (tuple(f"eval:{metric}" for metric in EVAL_KEYS), _draw_quality),
+    (("mining:seconds", "mining:recall"), _draw_mining),
+    (("ms", "rss_kb"), _draw_cost),
+]
+
+
+def _panels(plt: Any, picture: RunPicture) -> tuple[Any, Any | None, list[Any]]:
+    """(figure, the events axis or None on a run without markers, the data axes): one panel
+    for each of PANELS with a series in `picture`, and the events panel only where a marker is."""
+    drawn = [draw for names, draw in PANELS if any(name in picture.series for name in names)]
+    heights = ([1.4] if picture.markers else []) + [1.0] * len(drawn)
+    figure, axes = plt.subplots(
+        len(heights),
+        1,
+        figsize=(10, 2.4 * sum(heights)),
+        sharex=True,
+        height_ratios=heights,
+        squeeze=False,
+    )
+    axes = list(axes[:, 0])
+    events = axes.pop(0) if picture.markers else None
+    for axis, draw in zip(axes, drawn, strict=True):
+        draw(axis, picture)
+    axes[-1].set_xlabel("steps completed")
+    return figure, events, axes
 
 
 def _span(picture: RunPicture) -> int:
@@ -131,25 +163,26 @@ def _span(picture: RunPicture) -> int:
     return max(steps, default=1) - min(steps, default=0)
 
 
-def _mark(axes: Any, picture: RunPicture) -> None:
-    """A vertical line per marker in every panel; the top panel lists them, one row each."""
-    events = axes[0]
-    for row, marker in enumerate(picture.markers):
-        colour = MARKER_COLOURS.get(marker.kind, "black")
-        for axis in axes[1:]:
-            axis.axvline(marker.step, color=colour, linestyle="--", linewidth=1, alpha=0.8)
-        events.plot([marker.step], [row], marker="v", color=colour)
-        events.annotate(
-            f" step {marker.step}: {marker.kind}: {marker.label}",
-            (marker.step, row),
-            fontsize=7,
-            color=colour,
-            va="center",
-        )
-    events.set_ylim(len(picture.markers), -1)
-    events.set_yticks([])
-    events.set_ylabel("events")
-    for axis in axes[1:]:
+def _mark(events: Any | None, axes: list[Any], picture: RunPicture) -> None:
+    """A vertical line per marker in every data panel; the events panel lists them, one row
+    each; a legend in every panel that labelled a line."""
+    if events is not None:
+        for row, marker in enumerate(picture.markers):
+            colour = MARKER_COLOURS.get(marker.kind, "black")
+            for axis in axes:
+                axis.axvline(marker.step, color=colour, linestyle="--", linewidth=1, alpha=0.8)
+            events.plot([marker.step], [row], marker="v", color=colour)
+            events.annotate(
+                f" step {marker.step}: {marker.kind}: {marker.label}",
+                (marker.step, row),
+                fontsize=7,
+                color=colour,
+                va="center",
+            )
+        events.set_ylim(len(picture.markers), -1)
+        events.set_yticks([])
+        events.set_ylabel("events")
+    for axis in axes:
         handles, _ = axis.get_legend_handles_labels()
         if handles:
             axis.legend(fontsize=7, loc="upper right")
@@ -160,8 +193,8 @@ def draw(picture: RunPicture, out: Path) -> Path:
     if out.suffix not in FORMATS:
         raise UsageError(f"--out {out}: the report is written as {' or '.join(FORMATS)}")
     plt = _pyplot()
-    figure, axes = _panels(plt, picture)
-    _mark(axes, picture)
+    figure, events, axes = _panels(plt, picture)
+    _mark(events, axes, picture)
     figure.suptitle(f"twotower run {picture.run.name}")
     figure.tight_layout()
     buffer = io.BytesIO()

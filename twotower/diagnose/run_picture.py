@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from twotower.training.rundir import RunDir, read_metrics
+from twotower.training.validation import BASELINES_EVENT
 
 SMOOTHING = 0.9  # weight of the past in the exponential moving average of noisy series
 STEP_SERIES = {
@@ -135,12 +136,30 @@ def _event_marker(record: dict[str, Any], crashed_at: int) -> Marker | None:
     return None
 
 
+def _baseline_series(records: list[dict[str, Any]], steps: list[int]) -> dict[str, Series]:
+    """`baseline:<name>:<metric>` of the run's last baselines record (they are logged once,
+    with no step: the parameter-free queries never change), drawn flat from the first of
+    `steps` to the last."""
+    logged = [r for r in records if r["event"] == BASELINES_EVENT]
+    if not logged or not steps:
+        return {}
+    span = [min(steps), max(steps)]
+    return {
+        f"baseline:{name}:{key}": Series(span, [float(metrics[key])] * 2)
+        for name, metrics in logged[-1].items()
+        if isinstance(metrics, dict)
+        for key in EVAL_KEYS
+        if key in metrics
+    }
+
+
 def run_picture(run_dir: str | Path) -> RunPicture:
     """The series and markers of a run directory.
 
     Series: loss, grad_norm, lr (if logged), ms, rss_kb and their smoothed `*_smooth`
     (loss, grad_norm) per step; `eval:<metric>` (recall@1/10/100, mrr@100) per evaluation
-    and `baseline:<metric>` where baselines were logged; `mining:seconds` and
+    and `baseline:<name>:<metric>` (a flat line over the run's steps) for each baseline the
+    run logged; `mining:seconds` and
     `mining:recall` (a recall probe, where logged) per mining. Markers: see `Marker`.
     """
     run = RunDir(run_dir)
@@ -149,10 +168,10 @@ def run_picture(run_dir: str | Path) -> RunPicture:
     series = {key: _last_per_step(steps, key) for key in STEP_SERIES}
     for key in ("loss", "grad_norm"):
         series[f"{key}_smooth"] = Series(series[key].steps, smooth(series[key].values))
-    for prefix, event in (("eval", "eval"), ("baseline", "baseline")):
-        chosen = [r for r in records if r["event"] == event]
-        for key in EVAL_KEYS:
-            series[f"{prefix}:{key}"] = _last_per_step(chosen, key)
+    evals = [r for r in records if r["event"] == "eval"]
+    for key in EVAL_KEYS:
+        series[f"eval:{key}"] = _last_per_step(evals, key)
+    series.update(_baseline_series(records, [*series["loss"].steps, *series["eval:mrr@100"].steps]))
     mined = [r for r in records if r["event"] == "mined"]
     series["mining:seconds"] = _last_per_step(mined, "seconds")
     series["mining:recall"] = _last_per_step(mined, "recall")

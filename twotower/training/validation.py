@@ -17,6 +17,9 @@ from twotower.training.selection import Selection
 log = logging.getLogger("twotower")
 
 
+BASELINES_EVENT = "baselines"  # metrics.jsonl's record of the baselines (run_picture reads it)
+
+
 class Validator:
     """Evaluates a backend's tower on `split`'s held-out rows with `miner` (built over the
     held-out rows' bank), logs each evaluation to `metrics`, and tracks `selection`.
@@ -52,7 +55,9 @@ class Validator:
                 self.split.eval_dataset, self.split.eval_rows, self.miner, self.masking
             )
             self.seconds += time.perf_counter() - started
-            self.metrics.write("baselines", queries=len(self.split.eval_rows), **self._baselines)
+            self.metrics.write(
+                BASELINES_EVENT, queries=len(self.split.eval_rows), **self._baselines
+            )
         return self._baselines
 
     @property
