@@ -100,7 +100,7 @@ class TrainConfig:
     demo: bool = knob(
         False,
         "Train on built-in synthetic data (written on first use), with settings that finish "
-        "in about a minute.",
+        "in about half a minute on two CPU cores.",
     )
     # model
     tower: str = knob(

@@ -13,3 +13,13 @@ def user_cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "twotower"
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path as a line for the user shows it: relative to the current directory where it lies
+    below it, else with ~ for the home directory, else absolute."""
+    path = Path(path).absolute()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if path.is_relative_to(base) and path != base:
+            return prefix + str(path.relative_to(base))
+    return str(path)

@@ -110,7 +110,7 @@ METAVARS = {
 }
 TRAIN_USAGE = "twotower train (--data DIR|FILE.npz | --demo | --resume) [--out RUN] [options]"
 TRAIN_EXAMPLES = """examples:
-  twotower train --demo --out runs/demo            built-in data, about a minute
+  twotower train --demo --out runs/demo            built-in data, about half a minute
   twotower train --data DIR --out runs/mine        your dataset, the default recipe
   twotower train --out runs/mine --resume          continue it, with its own settings
   twotower train --out runs/mine --resume --backend numpy   ... on another engine"""

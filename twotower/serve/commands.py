@@ -95,5 +95,5 @@ def search_command(
         close = getattr(search, "close", None)
         if close is not None:
             close()
-    _say_wrote(written, f"ids and scores, {len(selected):,} x {k}")
+    _say_wrote(written, f"ids and scores, {len(selected):,} x {k}; rows, {len(selected):,}")
     return written

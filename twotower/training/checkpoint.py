@@ -33,6 +33,7 @@ import numpy as np
 from twotower import progress
 from twotower.atomic import TEMPORARY_GLOB, fsync_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
+from twotower.paths import shown_path
 
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)
@@ -380,10 +381,8 @@ def describe_choice(run_dir: str | os.PathLike[str], which: str, step: int) -> l
     the flag that takes the latest. Lines without the 'twotower: ' prefix."""
     run_dir = Path(run_dir)
     words = {"best": "best/ (its best held-out evaluation)", "latest": "its latest checkpoint"}
-    shown = run_dir.relative_to(Path.cwd()) if run_dir.is_relative_to(Path.cwd()) else run_dir
-    lines = [
-        f"{shown}: {words.get(which, which)}, step {step} (--checkpoint {CHOICES} picks another)"
-    ]
+    named = f"{shown_path(run_dir)}: {words.get(which, which)}, step {step}"
+    lines = [f"{named} (--checkpoint {CHOICES} picks another)"]
     newest = _committed(run_dir / CHECKPOINTS_DIR)
     latest = _step_of(newest[-1]) if newest else None
     if which == "best" and latest is not None and latest > 0:

@@ -18,7 +18,7 @@ from twotower.config import TrainConfig
 from twotower.config_files import read_config_file
 from twotower.data import load_dataset
 from twotower.errors import UsageError
-from twotower.paths import user_cache_dir
+from twotower.paths import shown_path, user_cache_dir
 from twotower.training.checkpoint import (
     CheckpointError,
     choose_checkpoint,
@@ -57,7 +57,7 @@ class EvalReport:
     def lines(self) -> list[str]:
         """The printed report: where the numbers come from, the table, the verdict."""
         where = f"step {self.step}" if self.step is not None else "untrained"
-        header = f"{self.rows} queries of {self.data} ({self.split}); tower: {where}"
+        header = f"{self.rows} queries of {shown_path(self.data)} ({self.split}); tower: {where}"
         return [header, *self.comparison.table()]
 
 
