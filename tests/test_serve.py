@@ -28,6 +28,7 @@ from twotower.serve.export import export_tower
 from twotower.serve.search import drop_context, search_to_file
 from twotower.serve.tower_dir import read_tower_files
 from twotower.training.checkpoint import load_checkpoint
+from twotower.training.heldout import held_out
 from twotower.training.trainer import train
 
 DIM, HIDDEN, T = 16, 12, 6
@@ -316,12 +317,23 @@ def test_chunked_encoding_equals_row_by_row(
 def test_encode_from_the_cli_selects_the_runs_held_out_rows(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    out = tmp_path / "heldout.npy"
-    flags = "--rows held-out --backend numpy".split()
-    result = run_twotower("encode", "--run", str(runs["meanpool"]), *flags, "--out", str(out))
+    """Which rows, not only how many: the vectors `--rows held-out` writes are, in order, the
+    rows of the `--rows all` output that the trainer held out (its split rebuilt from the run's
+    whole config.json, not from the few settings encode reads); the data's first rows are not."""
+    run = runs["meanpool"]
+    out, every = tmp_path / "heldout.npy", tmp_path / "all.npy"
+    flags = "--backend numpy".split()
+    result = run_twotower(
+        "encode", "--run", str(run), *flags, "--rows", "held-out", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
-    heldout = json.loads((runs["meanpool"] / "metrics.jsonl").read_text().splitlines()[0])["eval"]
-    assert np.load(out).shape == (heldout, DIM)
+    done = run_twotower("encode", "--run", str(run), *flags, "--rows", "all", "--out", str(every))
+    assert done.returncode == 0, done.stderr
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    rows = held_out(config, load_dataset(config.data)).eval_rows
+    heldout = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["eval"]
+    assert len(rows) == heldout and not np.array_equal(rows, np.arange(heldout))
+    np.testing.assert_array_equal(np.load(out), np.load(every)[rows])
     assert f"twotower: encode: {heldout:,} rows with numpy\n" in result.stderr  # at the start
     assert f"twotower: encode: {heldout:,} rows in " in result.stderr  # at the end, with its rate
     assert f"twotower: wrote {out} ({heldout:,} x {DIM} float32)" in result.stderr
