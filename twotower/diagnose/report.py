@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twotower.diagnose.run_picture import EVAL_KEYS, RunPicture, run_picture
+from twotower.config import METRICS
+from twotower.diagnose.run_picture import RunPicture, run_picture
 from twotower.errors import UsageError
 from twotower.training.rundir import not_a_run
 
@@ -82,7 +83,7 @@ def _draw_quality(axis: Any, picture: RunPicture) -> None:
     """Each evaluation's metrics (one colour a metric), each baseline flat in the same colour
     (one line style a baseline, named once in the legend)."""
     names = sorted({name.split(":")[1] for name in picture.series if name.startswith("baseline:")})
-    for i, metric in enumerate(EVAL_KEYS):
+    for i, metric in enumerate(METRICS):
         colour = f"C{i}"
         _line(axis, picture, f"eval:{metric}", color=colour, marker="o", label=metric)
         for name, style in zip(names, BASELINE_STYLES, strict=False):
@@ -131,7 +132,7 @@ def _draw_cost(axis: Any, picture: RunPicture) -> None:
 PANELS: list[tuple[tuple[str, ...], Callable[[Any, RunPicture], None]]] = [
     (("loss",), _draw_loss),
     (("grad_norm", "lr"), _draw_gradient),
-    (tuple(f"eval:{metric}" for metric in EVAL_KEYS), _draw_quality),
+    (tuple(f"eval:{metric}" for metric in METRICS), _draw_quality),
     (("mining:seconds", "mining:recall"), _draw_mining),
     (("ms", "rss_kb"), _draw_cost),
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from twotower.config import METRICS
 from twotower.training.rundir import RunDir, read_metrics
 from twotower.training.validation import BASELINES_EVENT
 
@@ -26,7 +27,6 @@ STEP_SERIES = {
     "ms": "step time (ms)",
     "rss_kb": "RSS (KiB)",
 }
-EVAL_KEYS = ("recall@1", "recall@10", "recall@100", "mrr@100")
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _baseline_series(records: list[dict[str, Any]], steps: list[int]) -> dict[st
         f"baseline:{name}:{key}": Series(span, [float(metrics[key])] * 2)
         for name, metrics in logged[-1].items()
         if isinstance(metrics, dict)
-        for key in EVAL_KEYS
+        for key in METRICS
         if key in metrics
     }
 
@@ -169,7 +169,7 @@ def run_picture(run_dir: str | Path) -> RunPicture:
     for key in ("loss", "grad_norm"):
         series[f"{key}_smooth"] = Series(series[key].steps, smooth(series[key].values))
     evals = [r for r in records if r["event"] == "eval"]
-    for key in EVAL_KEYS:
+    for key in METRICS:
         series[f"eval:{key}"] = _last_per_step(evals, key)
     series.update(_baseline_series(records, [*series["loss"].steps, *series["eval:mrr@100"].steps]))
     mined = [r for r in records if r["event"] == "mined"]

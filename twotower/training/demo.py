@@ -1,4 +1,4 @@
-"""`twotower train --demo`: built-in synthetic data and settings that train in about half a minute."""
+"""`twotower train --demo`: built-in synthetic data and settings that train in half a minute."""
 
 from __future__ import annotations
 

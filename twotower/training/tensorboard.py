@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from twotower.config import METRICS
 from twotower.errors import UsageError
 
 FLUSH_SECONDS = 10
 SCALARS = {
     "step": ("train", ("loss", "grad_norm", "lr", "ms", "rss_kb")),
-    "eval": ("eval", ("recall@1", "recall@10", "recall@100", "mrr@100")),
+    "eval": ("eval", METRICS),
     "mined": ("mining", ("seconds", "recall")),
 }
 
