@@ -39,6 +39,7 @@ DEFAULT_TARGET_RECALL = 0.95
 
 CUTOFFS = (1, 10, 100)  # evaluation: recall@c for each, MRR over the first max(CUTOFFS)
 METRICS = (*(f"recall@{c}" for c in CUTOFFS), f"mrr@{max(CUTOFFS)}")
+MINER_TIMEOUT = 600.0  # seconds a search may take in a worker before it is presumed hung
 EVAL_SPLITS = ("auto", "random", "group")
 
 # Fields a decaying schedule (or a warm-up share) reads through the planned total S: with
@@ -161,7 +162,7 @@ class TrainConfig:
         at_least=1,
     )
     miner_timeout: float = knob(
-        600.0, "Seconds a miner may go without answering before it is killed."
+        MINER_TIMEOUT, "Seconds a miner may go without answering before it is killed."
     )
     faiss_index: str = knob(
         "Flat", "The faiss index factory string: Flat, HNSW32, IVF4096,Flat, ..."

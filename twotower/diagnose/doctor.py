@@ -38,12 +38,12 @@ from twotower.diagnose.doctor_platform import (
 from twotower.diagnose.findings import STATUSES, Finding
 from twotower.process import stalls, wait_policy
 from twotower.process.memory import machine_memory
+from twotower.process.openmp import THREAD_VARIABLES
 from twotower.process.threads import usable_cores
 
 INDENT = " " * 8  # evidence lines after the first, and what to do
 DISTRIBUTIONS = ("numpy", "torch", "faiss-cpu", "faiss-gpu", "hnswlib")
 TESTED_PYTHONS = ((3, 10), (3, 13))
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 TRUE_WORDS = ("1", "true", "yes", "on", "y", "t", ".true.")  # what Intel's runtime reads as true
 CLASH = (
     "two OpenMP runtimes in one process can crash it without a traceback (faiss issue 4273, "

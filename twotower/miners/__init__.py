@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from twotower.config import MINER_TIMEOUT
 from twotower.errors import UsageError
 from twotower.miners.base import InProcessMiner, Miner, MinerCrashed, raise_recall, use_params
 from twotower.registry import EngineInfo, EngineRegistry, missing_module_reason
@@ -39,7 +40,6 @@ __all__ = [
     "NAMES",
 ]
 
-DEFAULT_TIMEOUT = 600.0  # seconds a search may take in a worker before it is presumed hung
 
 REGISTRY = EngineRegistry(
     "miner",
@@ -93,7 +93,7 @@ def get(
     name: str,
     isolation: str | None = None,
     threads: int | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = MINER_TIMEOUT,
     cache_dir: str | os.PathLike[str] | None = None,
     fault_phase: str | None = "mine",
     **engine_opts: Any,

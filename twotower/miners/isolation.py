@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 
 from twotower import progress
+from twotower.config import MINER_TIMEOUT
 from twotower.errors import UsageError
-from twotower.miners import DEFAULT_TIMEOUT
 from twotower.miners.base import BUILD_FAULT_PHASE, MinerCrashed
 from twotower.miners.worker_death import WorkerRecord
 from twotower.process import faults, wait_policy
 from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import portable_reading
+from twotower.process.openmp import THREAD_VARIABLES
 
 EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MIN_BUFFER_BYTES = 1 << 20
 STACK_DUMP_WAIT = 0.5  # seconds a silent worker gets to write its stacks before SIGKILL
 WAIT_SLICE = 0.5  # seconds between looks at a busy worker's CPU time while waiting on it
@@ -110,7 +110,7 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         if threads is not None:
-            env.update({var: str(threads) for var in THREAD_ENV_VARS})
+            env.update({var: str(threads) for var in THREAD_VARIABLES})
         command = [sys.executable, "-m", "twotower.miners.worker"]
         self.record = WorkerRecord(miner, command)
         env.update(self.record.env())
@@ -265,7 +265,7 @@ class IsolatedMiner:
         name: str,
         engine_opts: dict[str, Any] | None = None,
         threads: int | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float = MINER_TIMEOUT,
         build_timeout: float | None = None,
         fault_phase: str | None = "mine",
     ):

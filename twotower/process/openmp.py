@@ -27,6 +27,9 @@ import psutil
 
 from twotower.process.memory import process_tree
 
+# the variables that size a process's OpenMP and BLAS pools when they load (read once, at load)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
 
 @contextlib.contextmanager
 def _environment_kept(name: str) -> Iterator[None]:
