@@ -97,6 +97,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return watch(command, args.out)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Explain a crash report the user already has (.ips, twotower report, run directory)."""
+    from twotower.diagnose.explain import explain
+
+    print(explain(args.path, latest=args.latest))
+    return EXIT_OK
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from twotower import backends, miners
 
@@ -276,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     watch.set_defaults(run=cmd_watch)
+
+    why = sub.add_parser(
+        "explain",
+        help="explain crash reports you already have: macOS .ips, twotower reports, a run",
+        usage="twotower explain PATH | --latest",
+    )
+    why.add_argument(
+        "path", nargs="?", help="an .ips, a twotower crash report (.json) or a run directory"
+    )
+    why.add_argument(
+        "--latest",
+        action="store_true",
+        help="the newest Python*.ips in ~/Library/Logs/DiagnosticReports (macOS)",
+    )
+    why.set_defaults(run=cmd_explain)
 
     engines = sub.add_parser(
         "backends", help="list every backend and miner, available or not, and why"
