@@ -94,7 +94,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from twotower.guard.watch import watch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return watch(command, args.out)
+    return watch(command, args.out, keep_core=args.keep_core)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -277,10 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser(
         "watch",
         help="run any command (your own training script) with crash forensics",
-        usage="twotower watch [--out DIR] -- COMMAND...",
+        usage="twotower watch [--out DIR] [--keep-core] -- COMMAND...",
     )
     watch.add_argument(
         "--out", default="twotower-watch", help="where crash reports go (default ./twotower-watch)"
+    )
+    watch.add_argument(
+        "--keep-core",
+        action="store_true",
+        help="keep the core a native crash leaves (Linux), after reading its frames",
     )
     watch.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     watch.set_defaults(run=cmd_watch)

@@ -1,0 +1,107 @@
+"""Native frames for a watched child's report: from its core after a crash, by attaching
+before the watchdog's SIGKILL, or from the crash report macOS writes for it.
+
+`NativeWatch` is armed once when the child starts (`preexec`: RLIMIT_CORE for the child alone,
+per `process.cores.CorePlan`; nothing runs while the child does) and asked afterwards:
+`after_crash` reads the core with gdb (`process.native_stacks`) and deletes it unless kept, or,
+on macOS, waits a bounded time for the .ips whose pid is the child's (`diagnose.ips`);
+`before_kill` attaches gdb to a hung child. Each returns a report's "native" section, which
+always says in `note` why there are no frames where there are none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twotower.diagnose import ips
+from twotower.diagnose.explain import crash_lines
+from twotower.process import native_stacks
+from twotower.process.cores import CorePlan
+
+CORE_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE", "SIGTRAP", "SIGSYS")
+IPS_WAIT = 20.0  # seconds to wait for macOS's crash reporter to write the child's .ips
+REPORTS_ENV = "TWOTOWER_CRASH_REPORTS"  # where macOS crash reports are looked for (tests)
+
+
+class NativeWatch:
+    """Native evidence about one child started in `cwd`; see the module docstring."""
+
+    def __init__(self, cwd: Path, keep_core: bool | None = None):
+        self.plan = CorePlan.prepare(cwd, keep_core)
+        self.reports = Path(os.environ.get(REPORTS_ENV) or ips.REPORTS)
+        self.started = time.time()
+        self.executable: str | None = None
+
+    def preexec(self) -> None:
+        """Run in the child before exec: its core limit (nothing when no core is wanted)."""
+        if self.plan.kind != "none":
+            self.plan.preexec()
+
+    def after_crash(
+        self, pid: int, signal: str | None, dumped: bool, command: list[str]
+    ) -> dict[str, Any] | None:
+        """The "native" section for a child that died by `signal` (None: not a native crash).
+
+        dumped: the kernel says it wrote a core (WCOREDUMP).
+        """
+        if signal not in CORE_SIGNALS:
+            return None
+        if sys.platform == "darwin" or self.reports != ips.REPORTS:
+            found = self.from_crash_report(pid)
+            if found is not None:
+                return found
+            if sys.platform == "darwin":
+                return _none("macOS", f"no crash report for pid {pid} in {self.reports}")
+        executable = self.executable or shutil.which(command[0]) or command[0]
+        core, why = self.plan.find(pid, executable, self.started)
+        if core is None:
+            if self.plan.kind == "file" and not dumped:
+                why = f"no core: the kernel wrote none for pid {pid} ({why})"
+            return _none("core", why or "no core")
+        stacks = native_stacks.from_core(core, executable)
+        section = stacks.as_dict()
+        section["core"] = self.plan.discard(core)
+        if stacks.pid not in (None, pid):
+            section["note"] = f"the core is of pid {stacks.pid}, a process this one started"
+        return section
+
+    def before_kill(self, pid: int) -> dict[str, Any]:
+        """The "native" section of a hung child, read by attaching gdb (it stays stopped only
+        while gdb reads)."""
+        if sys.platform == "darwin":
+            return _none("attach", "no native stacks of a hang on macOS (gdb cannot attach)")
+        return native_stacks.from_pid(pid).as_dict()
+
+    def from_crash_report(self, pid: int) -> dict[str, Any] | None:
+        """The .ips macOS writes for `pid` (waited for up to IPS_WAIT s), as a "native" section
+        with the explanation's lines; None if none came."""
+        path = ips.report_for_pid(pid, self.reports, self.started, IPS_WAIT)
+        if path is None:
+            return None
+        crash = ips.read_ips(path)
+        return {
+            "source": f"macOS crash report {path}",
+            "tool": "ips",
+            "pid": crash.pid,
+            "note": None,
+            "exception": crash.exception,
+            "messages": list(crash.messages),
+            "threads": [
+                {
+                    "name": crash.thread,
+                    "crashed": True,
+                    "frames": [frame.as_dict() for frame in crash.frames],
+                }
+            ],
+            "images": list(crash.images),
+            "explain": crash_lines(crash),
+        }
+
+
+def _none(source: str, note: str) -> dict[str, Any]:
+    return native_stacks.unavailable(source, note).as_dict()

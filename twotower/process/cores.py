@@ -1,0 +1,157 @@
+"""Core dumps of one watched child (Linux): allowed for it alone, found, read, deleted.
+
+`CorePlan.prepare(cwd)` reads /proc/sys/kernel/core_pattern and decides where a core of the
+child would land: a file pattern (`core`, `core.%p`, `/var/crash/core.%e.%p`; relative ones
+are in the child's working directory; core_uses_pid appends `.PID`), systemd-coredump
+(`|.../systemd-coredump ...`, read back through `coredumpctl`) or another pipe handler, which
+keeps nothing we can find. A core is as large as the process's anonymous memory, so the limit
+given to the child is the free space of the core's filesystem less a reserve; with less than
+`MIN_FREE` free it stays 0. `plan.preexec` raises RLIMIT_CORE in the child alone (its own
+children are lowered again by `crash_dump.enable_crash_dumps`); nothing else changes before a
+crash. After one, `plan.find(pid, since)` names the core (or says in one line why there is
+none) and `plan.discard` deletes it unless it is to be kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PATTERN_FILE = Path("/proc/sys/kernel/core_pattern")
+USES_PID_FILE = Path("/proc/sys/kernel/core_uses_pid")
+RESERVE = 1 << 30  # bytes left free on the core's filesystem whatever the core's size
+MIN_FREE = 256 << 20  # below this much room for a core, no core is asked for
+KEEP_CORE_ENV = "TWOTOWER_KEEP_CORE"  # 1: keep the core after reading it (--keep-core)
+
+
+@dataclass
+class CorePlan:
+    """Where a crashing child's core would go and how large it may be.
+
+    kind: 'file' (pattern is a path pattern), 'coredumpctl' (systemd-coredump keeps it) or
+    'none' (no core for us: note says why). limit: RLIMIT_CORE for the child, in bytes.
+    """
+
+    kind: str
+    cwd: Path
+    pattern: str = ""
+    uses_pid: bool = False
+    limit: int = 0
+    note: str | None = None
+    keep: bool = False
+
+    @classmethod
+    def prepare(cls, cwd: Path, keep: bool | None = None) -> CorePlan:
+        """The plan for a child started in `cwd` (Linux; elsewhere kind 'none')."""
+        keep = os.environ.get(KEEP_CORE_ENV) == "1" if keep is None else keep
+        if not sys.platform.startswith("linux"):
+            why = "macOS keeps crash reports, not cores" if sys.platform == "darwin" else ""
+            return cls("none", cwd, note=f"no core on {sys.platform}" + (f": {why}" if why else ""))
+        try:
+            pattern = PATTERN_FILE.read_text().strip()
+        except OSError as error:
+            return cls("none", cwd, note=f"no core: {PATTERN_FILE} unreadable ({error.strerror})")
+        if pattern.startswith("|"):
+            handler = pattern[1:].split()[0] if pattern[1:].split() else "?"
+            if "systemd-coredump" in handler and shutil.which("coredumpctl"):
+                return cls("coredumpctl", cwd, pattern, limit=resource.RLIM_INFINITY, keep=keep)
+            note = f"no core: core_pattern pipes cores to {handler}, which keeps none for us"
+            return cls("none", cwd, pattern, note=note)
+        uses_pid = _read_flag(USES_PID_FILE)
+        folder = (cwd / pattern).parent if "/" in pattern else cwd
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError as error:
+            return cls("none", cwd, pattern, note=f"no core: {folder}: {error.strerror}")
+        if free - RESERVE < MIN_FREE:
+            note = f"no core: {free >> 20} MiB free in {folder}, a core needs room"
+            return cls("none", cwd, pattern, uses_pid, note=note)
+        return cls("file", cwd, pattern, uses_pid, free - RESERVE, keep=keep)
+
+    def preexec(self) -> None:
+        """In the child, before exec: allow it a core of up to `limit` bytes."""
+        _soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        soft = self.limit if hard == resource.RLIM_INFINITY else min(self.limit, hard)
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+    def find(self, pid: int, executable: str, since: float) -> tuple[Path | None, str | None]:
+        """(the core of `pid`, None) or (None, one line saying why there is none)."""
+        if self.kind == "none":
+            return None, self.note
+        if self.kind == "coredumpctl":
+            return _from_coredumpctl(pid)
+        for path in self._candidates(pid, executable):
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_mtime >= since - 1:
+                    return path, None
+        return None, f"no core: none at {self.cwd / self.expected(pid, executable)}"
+
+    def expected(self, pid: int, executable: str) -> str:
+        """The pattern with what is known filled in: '%p' -> pid, '%e' -> the name, ..."""
+        name = Path(executable).name[:15]
+        known = {
+            "p": str(pid),
+            "P": str(pid),
+            "e": name,
+            "E": executable.replace("/", "!"),
+            "h": socket.gethostname(),
+            "u": str(os.getuid()),
+            "g": str(os.getgid()),
+            "%": "%",
+        }
+        text = re.sub(r"%(.)", lambda m: known.get(m.group(1), "*"), self.pattern)
+        if self.uses_pid and "%p" not in self.pattern and "%P" not in self.pattern:
+            text += f".{pid}"
+        return text
+
+    def _candidates(self, pid: int, executable: str) -> list[Path]:
+        pattern = self.expected(pid, executable)
+        base = Path("/") if pattern.startswith("/") else self.cwd
+        relative = pattern.lstrip("/")
+        if "*" not in relative:
+            return [base / relative]
+        return sorted(base.glob(relative), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def discard(self, core: Path) -> str:
+        """Delete `core` unless it is to be kept (or it came from coredumpctl, whose copy is a
+        temporary file); the line saying which."""
+        if self.keep and self.kind == "file":
+            return f"core kept: {core} ({KEEP_CORE_ENV}=1 / --keep-core)"
+        core.unlink(missing_ok=True)
+        return "core deleted after reading" if self.kind == "file" else "core read from coredumpctl"
+
+
+def _read_flag(path: Path) -> bool:
+    try:
+        return path.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _from_coredumpctl(pid: int) -> tuple[Path | None, str | None]:
+    """systemd-coredump's core of `pid`, copied to a temporary file by `coredumpctl dump`."""
+    target = Path(tempfile.mkstemp(prefix=f"twotower-core-{pid}-")[1])
+    try:
+        out = subprocess.run(
+            ["coredumpctl", "dump", str(pid), "--output", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        target.unlink(missing_ok=True)
+        return None, f"no core: coredumpctl failed ({error})"
+    if out.returncode != 0 or target.stat().st_size == 0:
+        target.unlink(missing_ok=True)
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"no core: coredumpctl has none for pid {pid} ({last})"
+    return target, None
