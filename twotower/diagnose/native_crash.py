@@ -98,13 +98,15 @@ def from_report(report: dict[str, Any]) -> NativeCrash:
     crashed = next((thread for thread in threads if thread.get("crashed")), None)
     frames = tuple(NativeFrame.from_dict(frame) for frame in (crashed or {}).get("frames", []))
     stderr = report.get("stderr_tail") or ""
-    messages = [line.strip() for line in stderr.splitlines() if FATAL_LINES.search(line)]
+    messages = list(native.get("messages") or [])  # a macOS report's assertion messages
+    messages += [line.strip() for line in stderr.splitlines() if FATAL_LINES.search(line)]
     exit_ = report.get("exit") or {}
     return NativeCrash(
         source=str(report.get("label", "a twotower report")),
         process=" ".join(report.get("command") or [])[:120] or None,
         pid=report.get("pid"),
         signal=exit_.get("signal"),
+        exception=native.get("exception"),
         termination=exit_.get("description"),
         messages=tuple(messages),
         thread=crashed.get("name") if crashed else None,

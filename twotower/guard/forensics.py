@@ -357,7 +357,7 @@ def examine(
         "causes": [cause.__dict__ for cause in causes],
         **extra,
     }
-    report["causes"] += [cause.__dict__ for cause in native_report.known_causes(report)]
+    report["causes"] += native_report.known_causes(report)
     return report
 
 

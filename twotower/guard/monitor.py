@@ -241,7 +241,7 @@ class WatchedChild:
         oom_after = evidence.oom_kill_count()
         interrupted = self.signals.received
         exit_status = ExitStatus(process.returncode)
-        crash = native.after_crash(
+        crash = native.after_crash_safely(
             process.pid, exit_status.signal, os.WCOREDUMP(status), self.command
         )
         return forensics.ChildOutcome(

@@ -31,9 +31,16 @@ REPORTS_ENV = "TWOTOWER_CRASH_REPORTS"  # where macOS crash reports are looked f
 class NativeWatch:
     """Native evidence about one child started in `cwd`; see the module docstring."""
 
-    def __init__(self, cwd: Path, keep_core: bool | None = None):
+    def __init__(
+        self,
+        cwd: Path,
+        keep_core: bool | None = None,
+        reports: Path | None = None,
+        ips_wait: float = IPS_WAIT,
+    ):
         self.plan = CorePlan.prepare(cwd, keep_core)
-        self.reports = Path(os.environ.get(REPORTS_ENV) or ips.REPORTS)
+        self.reports = reports or Path(os.environ.get(REPORTS_ENV) or ips.REPORTS)
+        self.ips_wait = ips_wait
         self.started = time.time()
         self.executable: str | None = None
 
@@ -70,17 +77,31 @@ class NativeWatch:
             section["note"] = f"the core is of pid {stacks.pid}, a process this one started"
         return section
 
+    def after_crash_safely(
+        self, pid: int, signal: str | None, dumped: bool, command: list[str]
+    ) -> dict[str, Any] | None:
+        """`after_crash`, where a failure of its own becomes the section's note: the report,
+        the restart and the engine switch never depend on native frames."""
+        try:
+            return self.after_crash(pid, signal, dumped, command)
+        except Exception as error:  # noqa: BLE001 - any failure here must cost only the frames
+            return _none("core", f"native frames failed: {type(error).__name__}: {error}")
+
     def before_kill(self, pid: int) -> dict[str, Any]:
         """The "native" section of a hung child, read by attaching gdb (it stays stopped only
         while gdb reads)."""
         if sys.platform == "darwin":
             return _none("attach", "no native stacks of a hang on macOS (gdb cannot attach)")
-        return native_stacks.from_pid(pid).as_dict()
+        try:
+            return native_stacks.from_pid(pid).as_dict()
+        except Exception as error:  # noqa: BLE001 - the SIGKILL must follow whatever happens
+            return _none("attach", f"native stacks failed: {type(error).__name__}: {error}")
 
     def from_crash_report(self, pid: int) -> dict[str, Any] | None:
-        """The .ips macOS writes for `pid` (waited for up to IPS_WAIT s), as a "native" section
-        with the explanation's lines; None if none came."""
-        path = ips.report_for_pid(pid, self.reports, self.started, IPS_WAIT)
+        """The .ips macOS writes for `pid` (waited for up to `ips_wait` s, in `reports`: on
+        Linux only where one is named), as a "native" section with the explanation's lines;
+        None if none came."""
+        path = ips.report_for_pid(pid, self.reports, self.started, self.ips_wait)
         if path is None:
             return None
         crash = ips.read_ips(path)
