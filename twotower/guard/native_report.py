@@ -43,7 +43,7 @@ def native_summary(native: dict[str, Any] | None, frames: int = 12) -> list[str]
         return []
     role = "crashed thread" if first.get("crashed") else "main thread"
     after = (
-        f", after {first['handler_frames']} of signal handlers"
+        f", after {first['handler_frames']} frames of signal handlers"
         if first.get("handler_frames")
         else ""
     )
