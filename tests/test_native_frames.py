@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import run_twotower
+from twotower import miners
 from twotower.data import synthesize
 from twotower.process.cores import CorePlan
 
@@ -74,6 +75,27 @@ def test_an_injected_segv_names_the_libc_function_that_faulted(
     assert not cores_in(tmp_path)  # the supervisor's working directory: the core is gone
     assert "native frames (core " in result.stderr and "strlen" in result.stderr
     assert "File " in report["stacks"]  # the Python frames stay
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("faiss" not in miners.available(), reason="faiss is not installed")
+def test_a_miner_workers_segfault_has_its_native_frames(dataset: Path, tmp_path: Path) -> None:
+    """The trainer raises the core limit of its faiss worker alone; the worker's report (written
+    by the trainer, which goes on) reads the worker's core."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(out), "--backend", "numpy"]
+    args += ["--no-supervise", "--steps", "12", "--batch-size", "16", "--hidden", "8"]
+    args += ["--hard-negatives", "4", "--mine-every", "10", "--mine-pool", "8"]
+    args += ["--miner", "faiss", "--miner-fallback", "exact"]
+    # fires once: the refresh used at step 10 is taken at step 8, in the worker
+    result = run_twotower(*args, cwd=tmp_path, TWOTOWER_INJECT_FAULT="segv@mine:8")
+    assert result.returncode == 0, result.stderr
+    (path,) = (out / "crashes").glob("miner-faiss-*.json")
+    report = json.loads(path.read_text())
+    frames = crashed_frames(report)
+    assert "libc.so" in frames[0]["library"] and "strlen" in frames[0]["symbol"], frames[:3]
+    assert any("faiss" in image for image in report["native"]["images"])
+    assert not cores_in(tmp_path)
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from twotower.diagnose.explain import crash_lines
 from twotower.process import native_stacks
 from twotower.process.cores import CorePlan
 
-CORE_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE", "SIGTRAP", "SIGSYS")
 IPS_WAIT = 20.0  # seconds to wait for macOS's crash reporter to write the child's .ips
 REPORTS_ENV = "TWOTOWER_CRASH_REPORTS"  # where macOS crash reports are looked for (tests)
 
@@ -56,7 +55,7 @@ class NativeWatch:
 
         dumped: the kernel says it wrote a core (WCOREDUMP).
         """
-        if signal not in CORE_SIGNALS:
+        if signal not in native_stacks.CRASH_SIGNALS:
             return None
         if sys.platform == "darwin" or self.reports != ips.REPORTS:
             found = self.from_crash_report(pid)
@@ -65,17 +64,7 @@ class NativeWatch:
             if sys.platform == "darwin":
                 return _none("macOS", f"no crash report for pid {pid} in {self.reports}")
         executable = self.executable or shutil.which(command[0]) or command[0]
-        core, why = self.plan.find(pid, executable, self.started)
-        if core is None:
-            if self.plan.kind == "file" and not dumped:
-                why = f"no core: the kernel wrote none for pid {pid} ({why})"
-            return _none("core", why or "no core")
-        stacks = native_stacks.from_core(core, executable)
-        section = stacks.as_dict()
-        section["core"] = self.plan.discard(core)
-        if stacks.pid not in (None, pid):
-            section["note"] = f"the core is of pid {stacks.pid}, a process this one started"
-        return section
+        return self.plan.native_section(pid, executable, self.started, dumped)
 
     def after_crash_safely(
         self, pid: int, signal: str | None, dumped: bool, command: list[str]

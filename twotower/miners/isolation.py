@@ -120,6 +120,7 @@ class _Worker:
                 pass_fds=(request_read, reply_write),
                 stdin=subprocess.DEVNULL,
                 env=env,
+                preexec_fn=self.record.preexec,
             )
         except OSError:
             for fd in (request_read, request_write, reply_read, reply_write):

@@ -8,8 +8,9 @@ keeps nothing we can find. A core is as large as the process's anonymous memory,
 given to the child is the free space of the core's filesystem less a reserve; with less than
 `MIN_FREE` free it stays 0. `plan.preexec` raises RLIMIT_CORE in the child alone (its own
 children are lowered again by `crash_dump.enable_crash_dumps`); nothing else changes before a
-crash. After one, `plan.find(pid, since)` names the core (or says in one line why there is
-none) and `plan.discard` deletes it unless it is to be kept.
+crash. After one, `plan.native_section(pid, executable, since)` finds the core (or says in one
+line why there is none), reads it (`process.native_stacks`) and deletes it unless it is to be
+kept.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from twotower.process import native_stacks
 
 PATTERN_FILE = Path("/proc/sys/kernel/core_pattern")
 USES_PID_FILE = Path("/proc/sys/kernel/core_uses_pid")
@@ -120,6 +124,24 @@ class CorePlan:
         if "*" not in relative:
             return [base / relative]
         return sorted(base.glob(relative), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def native_section(
+        self, pid: int, executable: str, since: float, dumped: bool = True
+    ) -> dict[str, Any]:
+        """The crash report's "native" section for `pid`, dead since: every thread's frames
+        from its core (then deleted unless kept), or the one line saying why there are none.
+        dumped: the kernel says it wrote a core (WCOREDUMP)."""
+        core, why = self.find(pid, executable, since)
+        if core is None:
+            if self.kind == "file" and not dumped:
+                why = f"no core: the kernel wrote none for pid {pid} ({why})"
+            return native_stacks.unavailable("core", why or "no core").as_dict()
+        stacks = native_stacks.from_core(core, executable)
+        section = stacks.as_dict()
+        section["core"] = self.discard(core)
+        if stacks.pid not in (None, pid):
+            section["note"] = f"the core is of pid {stacks.pid}, a process this one started"
+        return section
 
     def discard(self, core: Path) -> str:
         """Delete `core` unless it is to be kept (or it came from coredumpctl, whose copy is a

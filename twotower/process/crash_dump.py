@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import os
-import resource
 import signal
 from pathlib import Path
 from typing import IO
@@ -26,8 +25,7 @@ _crash_stream: IO[str] | None = None
 def enable_crash_dumps() -> Path | None:
     """In a supervised child: send faulthandler's output to the file named by
     $TWOTOWER_CRASH_FILE (fatal signals: the traceback of every thread) and make
-    SIGUSR1 dump every thread's stack there (the watchdog's request). A process the guard
-    did not start itself (a miner worker) drops the core limit the guard gave the trainer.
+    SIGUSR1 dump every thread's stack there (the watchdog's request).
 
     Returns that path, or None when the variable is unset (nothing is changed).
     """
@@ -35,19 +33,11 @@ def enable_crash_dumps() -> Path | None:
     path = os.environ.get(CRASH_FILE_ENV)
     if not path:
         return None
-    if os.environ.get(SUPERVISOR_PID_ENV) != str(os.getppid()):
-        no_core()  # a miner worker: the guard asked a core of the trainer alone
     _crash_stream = open(path, "a")  # noqa: SIM115 - faulthandler writes to it until exit
     faulthandler.enable(file=_crash_stream, all_threads=True)
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, file=_crash_stream, all_threads=True)
     return Path(path)
-
-
-def no_core() -> None:
-    """RLIMIT_CORE to 0 for this process (and what it starts)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
 
 
 def die_with_parent() -> bool:

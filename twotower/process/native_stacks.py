@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE", "SIGTRAP", "SIGSYS")
 GDB_TIMEOUT = 60.0  # seconds for gdb to read a core or attach and walk every thread
 CRASHED_FRAMES = 64  # frames kept of the crashing (or hung main) thread
 OTHER_FRAMES = 24  # frames kept of every other thread
