@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -188,3 +190,25 @@ def test_the_core_pattern_is_read_as_the_kernel_writes_it(tmp_path: Path) -> Non
     (tmp_path / "core").write_bytes(b"\x7fELF")  # a core from before the child started
     old = CorePlan("file", tmp_path, "core")
     assert old.find(7, "python", since=(tmp_path / "core").stat().st_mtime + 10)[0] is None
+
+
+def test_explain_reads_a_linux_core_with_its_program(tmp_path: Path) -> None:
+    """A real core (a child allowed one segfaults in ctypes) explained later, as a user would;
+    a file that is no core and no report is one line, exit code 2."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"],
+        cwd=tmp_path,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (1 << 30, 1 << 30)),
+        capture_output=True,
+    )
+    assert child.returncode == -11
+    (core,) = cores_in(tmp_path)
+    result = run_twotower("explain", str(core), "--exe", sys.executable, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{core}: {sys.executable} (pid " in result.stdout
+    assert "died: SIGSEGV" in result.stdout
+    assert re.search(r"#0  libc\.so\.6  \S*strlen\S* \+ \d+", result.stdout), result.stdout
+    not_core = tmp_path / "core.txt"
+    not_core.write_text("not a core")
+    refused = run_twotower("explain", str(not_core), timeout=60)
+    assert refused.returncode == 2 and str(not_core) in refused.stderr

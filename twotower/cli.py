@@ -101,7 +101,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Explain a crash report the user already has (.ips, twotower report, run directory)."""
     from twotower.diagnose.explain import explain
 
-    print(explain(args.path, latest=args.latest))
+    print(explain(args.path, latest=args.latest, executable=args.exe))
     return EXIT_OK
 
 
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     why = sub.add_parser(
         "explain",
         help="explain crash reports you already have: macOS .ips, twotower reports, a run",
-        usage="twotower explain PATH | --latest",
+        usage="twotower explain PATH [--exe PROGRAM] | --latest",
     )
     why.add_argument(
         "path", nargs="?", help="an .ips, a twotower crash report (.json) or a run directory"
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the newest Python*.ips in ~/Library/Logs/DiagnosticReports (macOS)",
     )
+    why.add_argument("--exe", help="a Linux core's program (default: this Python)")
     why.set_defaults(run=cmd_explain)
 
     engines = sub.add_parser(

@@ -2,16 +2,19 @@
 anything again.
 
 PATH is a macOS crash report (`.ips`, macOS 12 and later), a twotower crash report (the JSON
-under RUN/crashes/ or twotower-watch/), or a directory holding them (a run directory: its newest
-crash). `--latest` takes the newest Python*.ips under ~/Library/Logs/DiagnosticReports. The
-answer: what died and how (exception, signal, assertion messages), the faulting thread's
-native frames with their images, and the known crashes that fit (`diagnose.known_crashes`),
-each with what to do and where it is discussed.
+under RUN/crashes/ or twotower-watch/), a directory holding them (a run directory: its newest
+crash), or a Linux core (read with gdb against `--exe`, default this Python). `--latest` takes
+the newest Python*.ips under ~/Library/Logs/DiagnosticReports. The answer: what died and how
+(exception, signal, assertion messages), the faulting thread's native frames with their images,
+and the known crashes that fit (`diagnose.known_crashes`), each with what to do and where it is
+discussed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +22,21 @@ from twotower.diagnose import ips
 from twotower.diagnose.known_crashes import matching
 from twotower.diagnose.native_crash import NativeCrash, frame_lines, from_report
 from twotower.errors import UsageError
+from twotower.process import native_stacks
+from twotower.process.exit_status import signal_name
 
 FRAMES_SHOWN = 16
 
 
 def explain(
-    path: str | Path | None = None, latest: bool = False, folder: Path | None = None
+    path: str | Path | None = None,
+    latest: bool = False,
+    folder: Path | None = None,
+    executable: str | None = None,
 ) -> str:
     """The explanation of the crash report at `path` (or, with `latest`, of the newest
-    Python*.ips in `folder`, default ~/Library/Logs/DiagnosticReports), as text.
+    Python*.ips in `folder`, default ~/Library/Logs/DiagnosticReports), as text. A Linux core
+    is read with gdb against `executable` (default: this Python).
 
     Raises UsageError (one line naming the file and what is wrong) for anything else.
     """
@@ -43,9 +52,28 @@ def explain(
         raise UsageError(f"{target}: no such file")
     if target.suffix == ".ips":
         return "\n".join(crash_lines(ips.read_ips(target)))
+    if native_stacks.is_core(target):
+        return "\n".join(crash_lines(core_crash(target, executable or sys.executable)))
     if target.suffix == ".crash":
         raise UsageError(f"{target}: a pre-macOS 12 text report; explain reads .ips reports")
     return "\n".join(report_lines(target, read_report(target)))
+
+
+def core_crash(core: Path, executable: str) -> NativeCrash:
+    """The crash a Linux core holds, read with gdb against `executable`. Raises UsageError
+    when gdb reads nothing from it."""
+    stacks = native_stacks.from_core(core, executable)
+    if stacks.note is not None:
+        raise UsageError(f"{core}: {stacks.note}")
+    report = {
+        "label": f"core {core}",
+        "pid": stacks.pid,
+        "command": [executable],
+        "exit": {"signal": signal_name(stacks.signal) if stacks.signal else None},
+        "native": stacks.as_dict(),
+    }
+    crash = from_report(report)
+    return dataclasses.replace(crash, source=str(core), process=executable, termination=None)
 
 
 def newest_report(folder: Path) -> Path:

@@ -34,8 +34,11 @@ class NativeFrame:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NativeFrame:
-        """A frame as `as_dict` wrote it (a report's "native" section)."""
-        return cls(data.get("library"), data.get("symbol"), data.get("offset"), data.get("pc"))
+        """A frame as `as_dict` wrote it (a report's "native" section); a library's path becomes
+        its file name."""
+        library = data.get("library")
+        image = PurePath(library).name if library else None
+        return cls(image, data.get("symbol"), data.get("offset"), data.get("pc"))
 
     def as_dict(self) -> dict[str, Any]:
         """{"library", "symbol", "offset", "pc"}: a frame in a twotower report."""

@@ -7,7 +7,6 @@ line saying why there are none) and, matched against `diagnose.known_crashes`, c
 
 from __future__ import annotations
 
-from pathlib import PurePath
 from typing import Any
 
 from twotower.diagnose.known_crashes import matching
@@ -48,10 +47,7 @@ def native_summary(native: dict[str, Any] | None, frames: int = 12) -> list[str]
         else ""
     )
     lines = [f"  native frames ({native['source']}; {role} {first['name']}{after}):"]
-    stack = tuple(
-        NativeFrame.from_dict({**frame, "library": PurePath(frame.get("library") or "?").name})
-        for frame in first["frames"]
-    )
+    stack = tuple(NativeFrame.from_dict(frame) for frame in first["frames"])
     lines.extend(f"    {line}"[:200] for line in frame_lines(stack, frames))
     if len(threads) > 1:
         lines.append(f"    ({len(threads) - 1} more threads in the report)")

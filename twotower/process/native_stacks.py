@@ -55,7 +55,11 @@ def frames(limit):
 inferior = gdb.selected_inferior()
 current = gdb.selected_thread()
 threads = sorted(inferior.threads(), key=lambda t: (t != current, t.num))
-out = {"pid": inferior.pid, "threads": [], "images": []}
+out = {"pid": inferior.pid, "threads": [], "images": [], "signal": None}
+try:
+    out["signal"] = int(gdb.parse_and_eval("$_siginfo.si_signo"))
+except gdb.error:
+    pass
 for thread in threads:
     thread.switch()
     name = "LWP %d" % thread.ptid[1] + (" (%s)" % thread.name if thread.name else "")
@@ -87,6 +91,7 @@ class NativeStacks:
     pid: int | None = None
     note: str | None = None
     seconds: float = 0.0
+    signal: int | None = None  # the signal that made the core (Linux's siginfo), None attached
 
     def as_dict(self) -> dict[str, Any]:
         """The "native" section of a crash report."""
@@ -94,6 +99,7 @@ class NativeStacks:
             "source": self.source,
             "tool": "gdb",
             "pid": self.pid,
+            "signal": self.signal,
             "seconds": round(self.seconds, 2),
             "note": self.note,
             "threads": self.threads,
@@ -104,6 +110,18 @@ class NativeStacks:
 def unavailable(source: str, note: str) -> NativeStacks:
     """No native stacks, and the one line saying why."""
     return NativeStacks(source, note=note)
+
+
+def is_core(path: Path) -> bool:
+    """True for an ELF core file (e_type ET_CORE), whatever its name."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(18)
+    except OSError:
+        return False
+    if len(head) < 18 or head[:4] != b"\x7fELF":
+        return False
+    return int.from_bytes(head[16:18], "little" if head[5] == 1 else "big") == 4
 
 
 def from_core(core: Path, executable: str, timeout: float = GDB_TIMEOUT) -> NativeStacks:
@@ -150,7 +168,8 @@ def _run_gdb(target: list[str], source: str, timeout: float, crashed: bool) -> N
     for thread in threads:
         if thread["crashed"]:
             past_handlers(thread)
-    return NativeStacks(source, threads, found["images"], found["pid"], None, seconds)
+    signal = found["signal"] if crashed else None
+    return NativeStacks(source, threads, found["images"], found["pid"], None, seconds, signal)
 
 
 def past_handlers(thread: dict[str, Any]) -> None:
