@@ -41,6 +41,7 @@ class WorkerRecord:
         self.openmp: list[str] | None = None
         self.peak_rss_kb: int | None = None
         self.cores = CorePlan.prepare(Path.cwd())  # its core, if it crashes: native frames
+        self.hang_stacks: dict[str, Any] | None = None  # its native stacks, when it went silent
 
     def preexec(self) -> None:
         """Run in the worker before exec: the core limit its native frames need."""
@@ -102,8 +103,16 @@ class WorkerRecord:
             "openmp": self.openmp,
             "stacks": stacks,
             "watchdog": watchdog,
-            "native": self.native(process),
+            "native": self.native(process) or self.hang_stacks,
         }
+
+    def read_hung_stacks(self, pid: int) -> None:
+        """Before a silent worker is killed: every thread's native stack, gdb attached."""
+        try:
+            self.hang_stacks = native_stacks.from_pid(pid).as_dict()
+        except Exception as error:  # noqa: BLE001 - the kill must follow whatever happens
+            note = f"native stacks failed: {type(error).__name__}: {error}"
+            self.hang_stacks = native_stacks.unavailable("attach", note).as_dict()
 
     def native(self, process: subprocess.Popen[bytes]) -> dict[str, Any] | None:
         """The dead worker's native frames from its core (None: it died of no native crash)."""
