@@ -209,10 +209,10 @@ class WatchedChild:
                 env=self.env,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=native.preexec,
             )
         except OSError as error:
             raise UsageError(f"cannot run {self.command[0]}: {error.strerror}") from None
+        native.allow(process.pid)
         assert process.stderr is not None
         tee = _Tee(process.stderr, self.stderr_copy)
         tee.start()

@@ -1,7 +1,7 @@
 """Native frames for a watched child's report: from its core after a crash, by attaching
 before the watchdog's SIGKILL, or from the crash report macOS writes for it.
 
-`NativeWatch` is armed once when the child starts (`preexec`: RLIMIT_CORE for the child alone,
+`NativeWatch` is armed once when the child starts (`allow`: RLIMIT_CORE for the child alone,
 per `process.cores.CorePlan`; nothing runs while the child does) and asked afterwards:
 `after_crash` reads the core with gdb (`process.native_stacks`) and deletes it unless kept, or,
 on macOS, waits a bounded time for the .ips whose pid is the child's (`diagnose.ips`);
@@ -43,10 +43,10 @@ class NativeWatch:
         self.started = time.time()
         self.executable: str | None = None
 
-    def preexec(self) -> None:
-        """Run in the child before exec: its core limit (nothing when no core is wanted)."""
-        if self.plan.kind != "none":
-            self.plan.preexec()
+    def allow(self, pid: int) -> None:
+        """Just after the child `pid` started: its core limit (nothing when no core is
+        planned)."""
+        self.plan.allow(pid)
 
     def after_crash(
         self, pid: int, signal: str | None, dumped: bool, command: list[str]

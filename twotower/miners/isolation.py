@@ -120,13 +120,13 @@ class _Worker:
                 pass_fds=(request_read, reply_write),
                 stdin=subprocess.DEVNULL,
                 env=env,
-                preexec_fn=self.record.preexec,
             )
         except OSError:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
             self.record.discard()
             raise
+        self.record.started_as(self.process.pid)
         os.close(request_read)  # the worker's ends: with them closed here, its death reads as EOF
         os.close(reply_write)
         self.requests = Connection(request_write, readable=False)

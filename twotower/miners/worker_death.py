@@ -43,10 +43,9 @@ class WorkerRecord:
         self.cores = CorePlan.prepare(Path.cwd())  # its core, if it crashes: native frames
         self.hang_stacks: dict[str, Any] | None = None  # its native stacks, when it went silent
 
-    def preexec(self) -> None:
-        """Run in the worker before exec: the core limit its native frames need."""
-        if self.cores.kind != "none":
-            self.cores.preexec()
+    def started_as(self, pid: int) -> None:
+        """Just after the worker `pid` started: the core limit its native frames need."""
+        self.cores.allow(pid)
 
     def env(self) -> dict[str, str]:
         """Environment variables for the worker: where its faulthandler writes."""

@@ -6,11 +6,11 @@ are in the child's working directory; core_uses_pid appends `.PID`), systemd-cor
 (`|.../systemd-coredump ...`, read back through `coredumpctl`) or another pipe handler, which
 keeps nothing we can find. A core is as large as the process's anonymous memory, so the limit
 given to the child is the free space of the core's filesystem less a reserve; with less than
-`MIN_FREE` free it stays 0. `plan.preexec` raises RLIMIT_CORE in the child alone (its own
-children are lowered again by `crash_dump.enable_crash_dumps`); nothing else changes before a
-crash. After one, `plan.native_section(pid, executable, since)` finds the core (or says in one
-line why there is none), reads it (`process.native_stacks`) and deletes it unless it is to be
-kept.
+`MIN_FREE` free it stays 0. `plan.allow(pid)` raises RLIMIT_CORE of the child alone, from
+outside (prlimit, just after it starts: no preexec_fn, which may deadlock a forked child of a
+threaded parent); nothing else changes before a crash. After one,
+`plan.native_section(pid, executable, since)` finds the core (or says in one line why there is
+none), reads it (`process.native_stacks`) and deletes it unless it is to be kept.
 """
 
 from __future__ import annotations
@@ -81,11 +81,19 @@ class CorePlan:
             return cls("none", cwd, pattern, uses_pid, note=note)
         return cls("file", cwd, pattern, uses_pid, free - RESERVE, keep=keep)
 
-    def preexec(self) -> None:
-        """In the child, before exec: allow it a core of up to `limit` bytes."""
-        _soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
-        soft = self.limit if hard == resource.RLIM_INFINITY else min(self.limit, hard)
-        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    def allow(self, pid: int) -> str | None:
+        """Allow the process `pid` a core of up to `limit` bytes (nothing when no core is
+        planned). Returns None, or the one line saying why it could not be allowed."""
+        if self.kind == "none":
+            return None
+        try:
+            _soft, hard = resource.prlimit(pid, resource.RLIMIT_CORE)
+            soft = self.limit if hard == resource.RLIM_INFINITY else min(self.limit, hard)
+            resource.prlimit(pid, resource.RLIMIT_CORE, (soft, hard))
+        except (OSError, ValueError) as error:  # it is gone already, or not ours to change
+            self.kind, self.note = "none", f"no core: its core limit stays ({error})"
+            return self.note
+        return None
 
     def find(self, pid: int, executable: str, since: float) -> tuple[Path | None, str | None]:
         """(the core of `pid`, None) or (None, one line saying why there is none)."""
