@@ -164,3 +164,20 @@ def test_a_twotower_report_and_its_run_directory_are_explained(tmp_path: Path) -
     empty.mkdir()
     with pytest.raises(UsageError, match="no crash report in it"):
         explain(empty)
+
+
+def test_a_hang_report_shows_the_main_threads_wait_and_no_crash_row(tmp_path: Path) -> None:
+    """Stacks taken at a hang (gdb attached, nothing crashed) are shown, but no known crash is
+    inferred from them: an idle OpenMP thread waits in __kmp_* with one runtime or two."""
+    gomp = ["/venv/torch/lib/libgomp.so.1", "/venv/faiss_cpu.libs/libgomp-e985bcbb.so.1.0.0"]
+    hang = native_report([("libgomp.so.1", "__kmp_wait_template"), ("libc.so.6", "futex")], gomp)
+    hang["exit"] = {"returncode": -9, "signal": "SIGKILL", "description": "killed by SIGKILL"}
+    hang["native"]["source"] = "gdb attached to pid 7"
+    hang["native"]["threads"] = [{**hang["native"]["threads"][1], "crashed": False}]
+    path = tmp_path / "attempt-1.json"
+    path.write_text(json.dumps(hang))
+    text = explain(path)
+    assert "main thread at the hang (LWP 7 of 1 threads), innermost first:" in text
+    assert "#0  libgomp.so.1  __kmp_wait_template + 4" in text
+    assert "known causes: none of the table's rows fit" in text
+    assert "written before twotower kept native frames" not in text

@@ -120,7 +120,8 @@ def native_lines(crash: NativeCrash) -> list[str]:
     lines = [f"  native: {note}" for note in crash.notes]
     if crash.frames:
         of = f" of {crash.threads} threads" if crash.threads else ""
-        lines.append(f"  faulting thread ({crash.thread or 'unnamed'}{of}), innermost first:")
+        role = "main thread at the hang" if crash.hang else "faulting thread"
+        lines.append(f"  {role} ({crash.thread or 'unnamed'}{of}), innermost first:")
         lines.extend(f"    {line}" for line in frame_lines(crash.frames, FRAMES_SHOWN))
     if crash.images:
         lines.append(f"  images loaded: {len(crash.images)}")
@@ -151,7 +152,7 @@ def report_lines(path: Path, report: dict[str, Any]) -> list[str]:
     if crash.messages:
         lines.append("  messages (stderr):")
         lines.extend(f"    {message}" for message in crash.messages[-8:])
-    if not (report.get("native") or {}):
+    if not report.get("native") and report["exit"].get("signal") in native_stacks.CRASH_SIGNALS:
         lines.append("  native: none in this report (written before twotower kept native frames)")
     lines.extend(native_lines(crash))
     for cause in report["causes"]:

@@ -100,6 +100,7 @@ KNOWN_CRASHES: tuple[KnownCrash, ...] = (
             "https://github.com/pytorch/pytorch/issues/149201",
             "https://github.com/faiss-wheels/faiss-wheels/issues/73",
         ),
+        signals=CRASH_SIGNALS,  # not a hang: an idle OpenMP thread waits in __kmp_* too
         images=OPENMP_IMAGES,
         image_count=2,
         frames=(r"__kmp_",),

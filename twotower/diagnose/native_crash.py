@@ -11,7 +11,7 @@ their images, and the images loaded.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
@@ -56,8 +56,8 @@ class NativeCrash:
 
     signal: 'SIGSEGV'; exception: Mach's 'EXC_BAD_ACCESS (KERN_INVALID_ADDRESS at 0x0)' on
     macOS, None elsewhere; messages: assertion messages (the .ips `asi`) and fatal lines from
-    stderr; frames: the faulting thread's, innermost first; images: paths (or names) of every
-    loaded image.
+    stderr; frames: the faulting thread's (at a hang, the main thread's), innermost first;
+    images: paths (or names) of every loaded image.
     """
 
     source: str
@@ -71,7 +71,8 @@ class NativeCrash:
     frames: tuple[NativeFrame, ...] = ()
     images: tuple[str, ...] = ()
     threads: int = 0
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
+    hang: bool = False  # the frames were taken from a hung process: nothing faulted
 
     def image_names(self) -> list[str]:
         """The loaded images' file names ('libomp.dylib')."""
@@ -94,12 +95,14 @@ FATAL_LINES = re.compile(
 
 def from_report(report: dict[str, Any]) -> NativeCrash:
     """The native crash a twotower crash report describes: the crashing thread's native frames
-    and the images of its "native" section (else its OpenMP runtimes), the fatal lines of its
-    stderr tail as messages."""
+    (for a hang, the main thread's) and the images of its "native" section (else its OpenMP
+    runtimes), the fatal lines of its stderr tail as messages."""
     native = report.get("native") or {}
     threads = native.get("threads") or []
     crashed = next((thread for thread in threads if thread.get("crashed")), None)
-    frames = tuple(NativeFrame.from_dict(frame) for frame in (crashed or {}).get("frames", []))
+    shown = crashed or (threads[0] if threads else {})  # a hang's: the main thread, first
+    frames = tuple(NativeFrame.from_dict(frame) for frame in shown.get("frames", []))
+    name = shown.get("name")
     stderr = report.get("stderr_tail") or ""
     messages = list(native.get("messages") or [])  # a macOS report's assertion messages
     messages += [line.strip() for line in stderr.splitlines() if FATAL_LINES.search(line)]
@@ -112,9 +115,10 @@ def from_report(report: dict[str, Any]) -> NativeCrash:
         exception=native.get("exception"),
         termination=exit_.get("description"),
         messages=tuple(messages),
-        thread=crashed.get("name") if crashed else None,
+        thread=name,
         frames=frames,
         images=tuple(native.get("images") or report.get("openmp") or ()),
         threads=len(threads),
         notes=tuple(filter(None, [native.get("note")])),
+        hang=crashed is None and bool(threads),
     )
