@@ -14,12 +14,14 @@ import pytest
 
 from tests.processes import run_twotower
 from twotower.diagnose import ips
+from twotower.diagnose.crash_text import read_crash_text
 from twotower.diagnose.explain import explain
 from twotower.diagnose.known_crashes import KNOWN_CRASHES, matching
 from twotower.diagnose.native_crash import from_report
 from twotower.errors import UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ips"
+TEXT = Path(__file__).parent / "fixtures" / "crash"
 EXPECTED = {  # fixture -> the rows it must match, and no other
     "openmp-two-runtimes.ips": {"two-openmp-runtimes"},
     "mps-ndarray-4gib.ips": {"mps-ndarray-over-4gib"},
@@ -74,6 +76,29 @@ def test_explain_prints_what_died_the_frames_and_the_fitting_causes() -> None:
     plain = explain(FIXTURES / "torch-sum-segv.ips")
     assert "libtorch_cpu.dylib  void at::native::" in plain
     assert "known causes: none of the table's rows fit" in plain
+
+
+def test_text_reports_old_and_translated_are_read_too(tmp_path: Path) -> None:
+    """A macOS 11 `.crash` and the "Translated Report" text of macOS 12+ (what users paste)."""
+    old = read_crash_text(TEXT / "faiss-terminate-11.crash")
+    assert (old.process, old.pid, old.signal) == ("Python", 2211, "SIGABRT")
+    assert old.frames[6].image == "_swigfaiss.so" and old.frames[6].offset == 4011
+    assert old.frames[7].symbol is None and old.frames[7].offset == 3395777  # unsymbolicated
+    assert old.messages[0].startswith("libc++abi: terminating with uncaught exception")
+    assert [row.name for row, _ in matching(old)] == ["faiss-exception-terminates"]
+    pasted = tmp_path / "report.txt"  # no suffix to go by: the text itself is recognised
+    pasted.write_bytes((TEXT / "openmp-translated.crash").read_bytes())
+    text = explain(pasted)
+    assert "died: EXC_BAD_ACCESS (0x0000000000000001, 0x0000000000000008), SIGSEGV" in text
+    assert "faulting thread (thread 3 of 4 threads)" in text
+    assert "#0  libomp.dylib  void __kmp_suspend_64<false, true>" in text
+    assert "two-openmp-runtimes" in text and "faiss-exception-terminates" not in text
+    broken = tmp_path / "broken.crash"
+    broken.write_text("Process:  Python [1]\nException Type:  EXC_CRASH (SIGABRT)\n")
+    with pytest.raises(
+        UsageError, match="broken.crash: no 'Exception Type' and 'Thread N Crashed'"
+    ):
+        explain(broken)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """`twotower explain PATH`: the crash reports a user already has, explained without running
 anything again.
 
-PATH is a macOS crash report (`.ips`, macOS 12 and later), a twotower crash report (the JSON
+PATH is a macOS crash report (`.ips`, macOS 12 and later; or the text of `.crash` files and of
+Console's "Translated Report"), a twotower crash report (the JSON
 under RUN/crashes/ or twotower-watch/), a directory holding them (a run directory: its newest
 crash), or a Linux core (read with gdb against `--exe`, default this Python). `--latest` takes
 the newest Python*.ips under ~/Library/Logs/DiagnosticReports. The answer: what died and how
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twotower.diagnose import ips
+from twotower.diagnose.crash_text import looks_like_crash_text, read_crash_text
 from twotower.diagnose.known_crashes import matching
 from twotower.diagnose.native_crash import NativeCrash, frame_lines, from_report
 from twotower.errors import UsageError
@@ -54,9 +56,18 @@ def explain(
         return "\n".join(crash_lines(ips.read_ips(target)))
     if native_stacks.is_core(target):
         return "\n".join(crash_lines(core_crash(target, executable or sys.executable)))
-    if target.suffix == ".crash":
-        raise UsageError(f"{target}: a pre-macOS 12 text report; explain reads .ips reports")
+    if target.suffix == ".crash" or looks_like_crash_text(_head(target)):
+        return "\n".join(crash_lines(read_crash_text(target)))
     return "\n".join(report_lines(target, read_report(target)))
+
+
+def _head(path: Path) -> str:
+    """The start of a file as text ('' when unreadable: the reader that follows says why)."""
+    try:
+        with path.open(errors="replace") as file:
+            return file.read(8000)
+    except OSError:
+        return ""
 
 
 def core_crash(core: Path, executable: str) -> NativeCrash:
