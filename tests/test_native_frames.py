@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import run_twotower
+from tests.processes import child_env, run_twotower
 from twotower import miners
 from twotower.data import synthesize
 from twotower.process.cores import CorePlan
@@ -212,3 +212,30 @@ def test_explain_reads_a_linux_core_with_its_program(tmp_path: Path) -> None:
     not_core.write_text("not a core")
     refused = run_twotower("explain", str(not_core), timeout=60)
     assert refused.returncode == 2 and str(not_core) in refused.stderr
+
+
+def test_the_core_limit_is_raised_for_the_watched_child_alone(tmp_path: Path) -> None:
+    """The watched child may dump a core; the process that watches it keeps its own limit."""
+    code = (
+        "import resource, time; time.sleep(0.5); "
+        "print('child', resource.getrlimit(resource.RLIMIT_CORE)[0])"
+    )
+    watcher = (
+        "import resource, sys; from twotower.cli import main; "
+        "code = main(['watch', '--out', sys.argv[1], '--', sys.executable, '-c', sys.argv[2]]); "
+        "print('watcher', resource.getrlimit(resource.RLIMIT_CORE)[0])"
+    )
+    before = resource.getrlimit(resource.RLIMIT_CORE)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", watcher, str(tmp_path / "r"), code],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    child = int(re.search(r"child (\d+)", result.stdout).group(1))
+    watcher_limit = int(re.search(r"watcher (\d+)", result.stdout).group(1))
+    assert child > 256 << 20  # room for a core (free space less a reserve)
+    assert watcher_limit == before  # the watcher's own limit is untouched
