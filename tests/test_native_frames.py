@@ -239,3 +239,15 @@ def test_the_core_limit_is_raised_for_the_watched_child_alone(tmp_path: Path) ->
     watcher_limit = int(re.search(r"watcher (\d+)", result.stdout).group(1))
     assert child > 256 << 20  # room for a core (free space less a reserve)
     assert watcher_limit == before  # the watcher's own limit is untouched
+
+
+def test_a_core_that_a_grandchild_leaves_is_deleted(tmp_path: Path) -> None:
+    """The child's children inherit its core limit: a python that a shell runs crashes, the
+    shell goes on and exits 0; its core does not stay behind in the working directory."""
+    script = f'"{sys.executable}" -c "import ctypes; ctypes.string_at(0)"; true'
+    result = run_twotower(
+        "watch", "--out", str(tmp_path / "r"), "--", "/bin/sh", "-c", script, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert not cores_in(tmp_path)
+    assert "deleted the core" in result.stderr and "a process it started left" in result.stderr

@@ -244,6 +244,8 @@ class WatchedChild:
         crash = native.after_crash_safely(
             process.pid, exit_status.signal, os.WCOREDUMP(status), self.command
         )
+        for core in native.plan.sweep(started):
+            self.note(f"deleted the core {core} a process it started left (--keep-core keeps it)")
         return forensics.ChildOutcome(
             command=self.command,
             pid=process.pid,

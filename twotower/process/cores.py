@@ -52,6 +52,7 @@ class CorePlan:
     limit: int = 0
     note: str | None = None
     keep: bool = False
+    raised: bool = False  # allow() lifted a limit of 0: any core after it is ours to clean
 
     @classmethod
     def prepare(cls, cwd: Path, keep: bool | None = None) -> CorePlan:
@@ -87,9 +88,10 @@ class CorePlan:
         if self.kind == "none":
             return None
         try:
-            _soft, hard = resource.prlimit(pid, resource.RLIMIT_CORE)
+            before, hard = resource.prlimit(pid, resource.RLIMIT_CORE)
             soft = self.limit if hard == resource.RLIM_INFINITY else min(self.limit, hard)
             resource.prlimit(pid, resource.RLIMIT_CORE, (soft, hard))
+            self.raised = before == 0
         except (OSError, ValueError) as error:  # it is gone already, or not ours to change
             self.kind, self.note = "none", f"no core: its core limit stays ({error})"
             return self.note
@@ -124,6 +126,24 @@ class CorePlan:
         if self.uses_pid and "%p" not in self.pattern and "%P" not in self.pattern:
             text += f".{pid}"
         return text
+
+    def sweep(self, since: float) -> list[Path]:
+        """Delete the cores that processes the child started left since `since` (they inherit
+        its limit; the child's own is read and deleted by `native_section`), unless kept or
+        the limit was not ours to raise. Returns the paths deleted."""
+        if self.kind != "file" or self.keep or not self.raised:
+            return []
+        pattern = re.sub(r"%.", "*", self.pattern)
+        if self.uses_pid and "%p" not in self.pattern and "%P" not in self.pattern:
+            pattern += ".*"
+        base = Path("/") if pattern.startswith("/") else self.cwd
+        deleted = []
+        for path in base.glob(pattern.lstrip("/")):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime >= since - 1 and native_stacks.is_core(path):
+                    path.unlink()
+                    deleted.append(path)
+        return deleted
 
     def _candidates(self, pid: int, executable: str) -> list[Path]:
         pattern = self.expected(pid, executable)
