@@ -30,6 +30,7 @@ from typing import IO, Any
 from twotower.errors import UsageError
 from twotower.guard import evidence, forensics
 from twotower.guard.native import NativeWatch
+from twotower.process.cores import dumping_core
 from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import rss_kb
 from twotower.process.openmp import mapped_openmp_runtimes
@@ -82,7 +83,7 @@ class SignalForwarder:
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
-        if self.child_pid is not None:
+        if self.child_pid is not None and not dumping_core(self.child_pid):  # let it finish
             with contextlib.suppress(ProcessLookupError):  # it has just ended
                 os.kill(self.child_pid, signum)
 
@@ -244,7 +245,9 @@ class WatchedChild:
         crash = native.after_crash_safely(
             process.pid, exit_status.signal, os.WCOREDUMP(status), self.command
         )
-        for core in native.plan.sweep(started):
+        for core in native.plan.sweep(started) if self.tree else []:  # a trainer's own cores
+            # are its miner workers', read and deleted by their reports; a rank's sibling may
+            # write the same `core` meanwhile: sweep only a user's command tree
             self.note(f"deleted the core {core} a process it started left (--keep-core keeps it)")
         return forensics.ChildOutcome(
             command=self.command,

@@ -180,6 +180,20 @@ class CorePlan:
         return "core deleted after reading" if self.kind == "file" else "core read from coredumpctl"
 
 
+PF_DUMPCORE = 0x200  # linux/sched.h: the process is writing its core
+
+
+def dumping_core(pid: int) -> bool:
+    """True while the process `pid` writes its core (Linux; False where unknown). A signal
+    that kills it then (SIGKILL, a parent's death signal) cuts the core short."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return len(fields) > 6 and int(fields[6]) & PF_DUMPCORE != 0
+
+
 def _read_flag(path: Path) -> bool:
     try:
         return path.read_text().strip() == "1"

@@ -149,8 +149,13 @@ def _run_gdb(target: list[str], source: str, timeout: float, crashed: bool) -> N
         command = [gdb, "-batch", "-nx", "-iex", "set auto-load off"]
         command += ["-iex", "set debuginfod enabled off", "-x", script.name, *target]
         try:
-            out = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, errors="replace"
+            out = subprocess.run(  # its own session: a Ctrl-C or torchrun's stop of our
+                command,  # process group must not cut the read short
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                errors="replace",
+                start_new_session=True,
             )
         except subprocess.TimeoutExpired:
             return unavailable(source, f"gdb took over {timeout:.0f} s")
