@@ -181,6 +181,7 @@ def test_a_twotower_report_and_its_run_directory_are_explained(tmp_path: Path) -
     (crashes / "attempt-1.json").write_text(json.dumps(one))
     os.utime(crashes / "attempt-1.json", (time.time() - 60, time.time() - 60))
     (crashes / "attempt-2.json").write_text(json.dumps(clash))
+    (tmp_path / "run" / "heartbeat.json").write_text('{"phase": "step"}')  # newer, no report
     text = explain(tmp_path / "run")
     assert "attempt-2.json: attempt 1 (pid 7)" in text
     assert "#0  libgomp.so.1  __kmp_wait_template + 4" in text

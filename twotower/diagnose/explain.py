@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from twotower.process import native_stacks
 from twotower.process.exit_status import signal_name
 
 FRAMES_SHOWN = 16
+REPORT_NAME = re.compile(r"^((attempt|run|rank\d+-attempt)-\d+|miner-.+)\.json$|\.(ips|crash)$")
 
 
 def explain(
@@ -88,12 +90,15 @@ def core_crash(core: Path, executable: str) -> NativeCrash:
 
 
 def newest_report(folder: Path) -> Path:
-    """The newest crash report in `folder`, its crashes/ or a twotower-watch/ inside it."""
+    """The newest crash report in `folder`, its crashes/ or a twotower-watch/ inside it: a
+    twotower report by its name (attempt-N, run-N, rankR-attempt-A, miner-...), an .ips or a
+    .crash; a run's other JSON files (config, heartbeat) are not reports."""
     candidates = [
         path
         for where in (folder, folder / "crashes", folder / "twotower-watch")
         if where.is_dir()
-        for path in [*where.glob("*.json"), *where.glob("*.ips")]
+        for path in where.iterdir()
+        if REPORT_NAME.match(path.name)
     ]
     if not candidates:
         raise UsageError(f"{folder}: no crash report in it (nor in its crashes/)")
