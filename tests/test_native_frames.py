@@ -7,6 +7,7 @@ the report says so in one line and the core is still deleted. Cores are the chil
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import shutil
@@ -19,6 +20,7 @@ import pytest
 from tests.processes import child_env, run_twotower
 from twotower import miners
 from twotower.data import synthesize
+from twotower.process import cores
 from twotower.process.cores import CorePlan
 
 pytestmark = [
@@ -251,3 +253,23 @@ def test_a_core_that_a_grandchild_leaves_is_deleted(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert not cores_in(tmp_path)
     assert "deleted the core" in result.stderr and "a process it started left" in result.stderr
+
+
+def test_a_pipe_handler_or_no_room_means_no_core_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pattern = tmp_path / "core_pattern"
+    monkeypatch.setattr(cores, "PATTERN_FILE", pattern)
+    pattern.write_text("|/usr/share/apport/apport -p%p -s%s -c%c -d%d -P%P -u%u -g%g -- %E\n")
+    apport = CorePlan.prepare(tmp_path)
+    assert apport.kind == "none" and apport.limit == 0
+    assert apport.note == (
+        "no core: core_pattern pipes cores to /usr/share/apport/apport, which keeps none for us"
+    )
+    assert apport.allow(os.getpid()) is None  # nothing is raised
+    pattern.write_text("core\n")
+    monkeypatch.setattr(cores, "MIN_FREE", 1 << 62)  # more room than any disk has
+    full = CorePlan.prepare(tmp_path)
+    assert full.kind == "none" and full.note.startswith("no core: ") and "MiB free in" in full.note
+    monkeypatch.setattr(cores, "MIN_FREE", 0)
+    assert CorePlan.prepare(tmp_path).kind == "file"
