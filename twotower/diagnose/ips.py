@@ -140,12 +140,12 @@ def report_for_pid(pid: int, folder: Path, since: float, wait: float) -> Path | 
     seen: set[Path] = set()
     while True:
         for path in sorted(folder.glob("*.ips")) if folder.is_dir() else []:
-            if path in seen or path.stat().st_mtime < since - 1:
-                continue
             try:
+                if path in seen or path.stat().st_mtime < since - 1:
+                    continue
                 _, body = _split(path)
-            except UsageError:
-                continue  # still being written: read again next round
+            except (OSError, UsageError):
+                continue  # gone, or still being written: read again next round
             seen.add(path)
             if body.get("pid") == pid:
                 return path
