@@ -188,6 +188,25 @@ def test_rank_killed_torchrun_restarts_and_the_run_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="native frames need gdb")
+def test_a_ranks_segfault_report_has_its_native_frames(dataset: Path, tmp_path: Path) -> None:
+    """The rank's guard allows its trainer a core and reads it: the faulting libc frame, under
+    ctypes' string_at (segv@step:6 on rank 1); torchrun restarts and the run finishes."""
+    out = tmp_path / "run"
+    result = torchrun(
+        dataset, out, restarts=1, TWOTOWER_INJECT_FAULT="segv@step:6", TWOTOWER_FAULT_RANK="1"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "crashes" / "rank1-attempt-1.json").read_text())
+    native = report["native"]
+    assert report["exit"]["signal"] == "SIGSEGV" and native["note"] is None, native["note"]
+    frames = next(t for t in native["threads"] if t["crashed"])["frames"]
+    assert "libc.so" in frames[0]["library"] and "strlen" in frames[0]["symbol"], frames[:3]
+    assert native["core"] == "core deleted after reading"
+    assert "native frames (core " in result.stderr
+
+
+@pytest.mark.slow
 def test_a_rank_stuck_outside_a_collective_is_named_by_the_rank_that_waited(
     dataset: Path, tmp_path: Path
 ) -> None:

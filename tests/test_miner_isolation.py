@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,10 +118,15 @@ def test_a_hung_worker_is_killed_after_the_timeout(small_case, monkeypatch, tmp_
     miner = miners.get("faiss")
     miner.build(bank)
     miner.timeout = 1.0  # only the search is timed: a loaded machine may start a worker slowly
-    with pytest.raises(MinerCrashed, match=r"no answer for 1 s"):
+    with pytest.raises(MinerCrashed, match=r"no answer for 1 s") as caught:
         miner.search(queries, 5)
     assert not alive(miner.pid)
     assert (tmp_path / "hang@mine_2").exists()  # fire-once: a restarted worker will not hang
+    native = caught.value.evidence["native"]  # gdb attached before the kill (Linux)
+    if sys.platform.startswith("linux") and shutil.which("gdb"):
+        assert native["note"] is None and native["source"].startswith("gdb attached to pid")
+        symbols = " ".join(f["symbol"] or "" for f in native["threads"][0]["frames"][:8])
+        assert re.search(r"futex|sem_(timed)?wait|pthread_cond", symbols), symbols
 
 
 def test_an_interrupted_search_kills_its_worker(small_case, monkeypatch) -> None:

@@ -117,7 +117,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from twotower.guard.watch import watch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return watch(command, args.out)
+    return watch(command, args.out, keep_core=args.keep_core)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Explain a crash report the user already has (.ips, twotower report, run directory)."""
+    from twotower.diagnose.explain import explain
+
+    print(explain(args.path, latest=args.latest, executable=args.exe))
+    return EXIT_OK
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -285,13 +293,34 @@ def build_parser() -> argparse.ArgumentParser:
     watch = add(
         "watch",
         help="run any command (your own training script) with crash forensics",
-        usage="twotower watch [--out DIR] -- COMMAND...",
+        usage="twotower watch [--out DIR] [--keep-core] -- COMMAND...",
     )
     watch.add_argument(
         "--out", default="twotower-watch", help="where crash reports go (default ./twotower-watch)"
     )
+    watch.add_argument(
+        "--keep-core",
+        action="store_true",
+        help="keep the core a native crash leaves (Linux), after reading its frames",
+    )
     watch.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     watch.set_defaults(run=cmd_watch)
+
+    why = add(
+        "explain",
+        help="explain crash reports you already have: macOS .ips, twotower reports, a run",
+        usage="twotower explain PATH [--exe PROGRAM] | --latest",
+    )
+    why.add_argument(
+        "path", nargs="?", help="an .ips, a twotower crash report (.json) or a run directory"
+    )
+    why.add_argument(
+        "--latest",
+        action="store_true",
+        help="the newest Python*.ips in ~/Library/Logs/DiagnosticReports (macOS)",
+    )
+    why.add_argument("--exe", help="a Linux core's program (default: this Python)")
+    why.set_defaults(run=cmd_explain)
 
     engines = add("backends", help="list every backend and miner, available or not, and why")
     engines.set_defaults(run=cmd_backends)

@@ -372,6 +372,9 @@ class TrainConfig:
         "Seconds without a heartbeat before the watchdog ends a stalled trainer. Default: no "
         "watchdog.",
     )
+    keep_core: bool = knob(
+        False, "Keep the core a native crash leaves (Linux) after reading its native frames."
+    )
     resume: bool = knob(
         False,
         "Continue the run in --out from its newest valid checkpoint, with the settings in its "

@@ -87,7 +87,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "miner_timeout",
     ),
     "run and checkpoints": ("out", "resume", "checkpoint_every", "keep_checkpoints", "tensorboard"),
-    "guard": ("supervise", "max_restarts", "hang_timeout", "collective_timeout"),
+    "guard": ("supervise", "max_restarts", "hang_timeout", "keep_core", "collective_timeout"),
 }
 # The value a flag takes, where its type alone says too little.
 METAVARS = {

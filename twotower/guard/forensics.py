@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from twotower.atomic import replace_file
+from twotower.guard import native_report
 from twotower.guard.evidence import (
     MemoryTrend,
     kernel_log,
@@ -56,7 +57,9 @@ class ChildOutcome:
     the watchdog killed it for a stall. interrupted: the signal name, when this
     side forwarded SIGINT/SIGTERM to it. oom_kills: the cgroup's OOM-kill
     counter's growth while it ran (None where unreadable). role: which process of
-    the run it was ("trainer", "miner worker").
+    the run it was ("trainer", "miner worker"). native: the report's "native" section: every
+    thread's native frames from a core, an attached gdb or a macOS crash report, or the note
+    saying why there are none.
     """
 
     command: list[str]
@@ -74,6 +77,7 @@ class ChildOutcome:
     interrupted: str | None = None
     oom_kills: int | None = None
     role: str = "trainer"  # or "miner worker"
+    native: dict[str, Any] | None = None  # native frames (guard.native), None: no native crash
 
     @property
     def crashed(self) -> bool:
@@ -317,7 +321,7 @@ def examine(
         where = {key: beat.get(key) for key in ("phase", "step", "backend", "miner")}
         ended = outcome.started + outcome.seconds
         where["heartbeat_age_s"] = round(max(0.0, ended - beat.get("time", ended)), 2)
-    return {
+    report = {
         "label": label,
         "pid": outcome.pid,
         "command": outcome.command,
@@ -346,12 +350,15 @@ def examine(
         "threadpools": beat.get("threadpools") if beat else None,
         "threads": beat.get("threads") if beat else None,
         "stacks": outcome.stacks,
+        "native": outcome.native,
         "python_traceback": python_traceback(outcome.stderr_tail),
         "kernel_log": evidence["kernel_log"],
         "stderr_tail": tail(outcome.stderr_tail),
         "causes": [cause.__dict__ for cause in causes],
         **extra,
     }
+    report["causes"] += native_report.known_causes(report)
+    return report
 
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
@@ -410,6 +417,7 @@ def summary_lines(report: dict[str, Any], stack_lines: int = 12) -> list[str]:
         lines.append("  traceback (last lines):")
         traceback = report["python_traceback"].splitlines()
         lines.extend(f"    {line}" for line in traceback[-stack_lines:])
+    lines.extend(native_report.native_summary(report.get("native")))
     for cause in report["causes"]:
         lines.append(f"  {cause['confidence']} cause: {cause['cause']}")
         lines.extend(f"    evidence: {item}" for item in cause["evidence"])

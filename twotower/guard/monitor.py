@@ -7,7 +7,9 @@ its tail; samples its memory and OpenMP runtimes; reads its heartbeat (a
 twotower trainer's) and, if it stops changing for `hang_timeout` seconds, asks
 the child for every thread's stack (SIGUSR1) and kills its process group; and
 reaps it with `os.wait4`, whose rusage gives the child's own peak RSS even
-when it was killed. The result is a `forensics.ChildOutcome`.
+when it was killed. Native frames (`guard.native`): the child may leave a core, read after a
+crash, and the watchdog attaches gdb before its SIGKILL. The result is a
+`forensics.ChildOutcome`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import IO, Any
 
 from twotower.errors import UsageError
 from twotower.guard import evidence, forensics
+from twotower.guard.native import NativeWatch
+from twotower.process.cores import dumping_core
 from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import rss_kb
 from twotower.process.openmp import mapped_openmp_runtimes
@@ -79,7 +83,7 @@ class SignalForwarder:
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
-        if self.child_pid is not None:
+        if self.child_pid is not None and not dumping_core(self.child_pid):  # let it finish
             with contextlib.suppress(ProcessLookupError):  # it has just ended
                 os.kill(self.child_pid, signum)
 
@@ -131,6 +135,14 @@ def _to_stderr(chunk: bytes) -> None:
         pass
 
 
+def _executable(pid: int) -> str:
+    """The program `pid` runs ('' where /proc cannot say: macOS)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
 def _kill_group(pid: int) -> None:
     """SIGKILL the child's process group (it leads its own session: its workers die too)."""
     try:
@@ -149,7 +161,8 @@ class WatchedChild:
     writes (read after exit; removed if empty). stderr_copy: a file that gets
     the child's whole stderr. signals: the forwarder the caller has entered.
     tree: sample memory and OpenMP runtimes of the child and every process it
-    starts (a shell script wrapping python), not of the child alone.
+    starts (a shell script wrapping python), not of the child alone. keep_core: keep the
+    core a crash leaves after reading it (None: $TWOTOWER_KEEP_CORE decides).
     """
 
     def __init__(
@@ -163,6 +176,7 @@ class WatchedChild:
         stderr_copy: Path | None = None,
         note: Callable[[str], None] = say,
         tree: bool = False,
+        keep_core: bool | None = None,
     ):
         self.command = list(command)
         self.env = env
@@ -173,6 +187,9 @@ class WatchedChild:
         self.stderr_copy = stderr_copy
         self.note = note
         self.tree = tree
+        self.keep_core = keep_core
+        self.native: NativeWatch | None = None
+        self.hang_stacks: dict[str, Any] | None = None
         self.memory = evidence.MemoryTrend()
         self.beat: dict[str, Any] | None = None
         self.openmp: set[str] | None = None  # None until a census could be taken
@@ -186,12 +203,17 @@ class WatchedChild:
         """Start the child, watch it until it exits, and describe how it ended."""
         oom_before = evidence.oom_kill_count()
         started, t0 = time.time(), time.monotonic()
+        self.native = native = NativeWatch(Path.cwd(), self.keep_core)
         try:
             process = subprocess.Popen(
-                self.command, env=self.env, stderr=subprocess.PIPE, start_new_session=True
+                self.command,
+                env=self.env,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as error:
             raise UsageError(f"cannot run {self.command[0]}: {error.strerror}") from None
+        native.allow(process.pid)
         assert process.stderr is not None
         tee = _Tee(process.stderr, self.stderr_copy)
         tee.start()
@@ -219,10 +241,18 @@ class WatchedChild:
         stderr = tee.text(STDERR_WAIT)
         oom_after = evidence.oom_kill_count()
         interrupted = self.signals.received
+        exit_status = ExitStatus(process.returncode)
+        crash = native.after_crash_safely(
+            process.pid, exit_status.signal, os.WCOREDUMP(status), self.command
+        )
+        for core in native.plan.sweep(started) if self.tree else []:  # a trainer's own cores
+            # are its miner workers', read and deleted by their reports; a rank's sibling may
+            # write the same `core` meanwhile: sweep only a user's command tree
+            self.note(f"deleted the core {core} a process it started left (--keep-core keeps it)")
         return forensics.ChildOutcome(
             command=self.command,
             pid=process.pid,
-            exit=ExitStatus(process.returncode),
+            exit=exit_status,
             started=started,
             seconds=time.monotonic() - t0,
             peak_rss_kb=peak or None,
@@ -236,12 +266,15 @@ class WatchedChild:
             oom_kills=(
                 oom_after - oom_before if oom_after is not None and oom_before is not None else None
             ),
+            native=crash or self.hang_stacks,
         )
 
     # --- while it runs --------------------------------------------------------------------
 
     def _sample(self, pid: int, seconds: float, now: float) -> None:
         self._read_heartbeat(pid, seconds, now)
+        if self.native is not None and self.native.executable is None:  # once: for gdb
+            self.native.executable = _executable(pid)
         step = self.beat.get("step") if self.beat else None
         if now >= self._next_rss:
             self._next_rss = now + RSS_EVERY
@@ -287,6 +320,8 @@ class WatchedChild:
             dumped = size > self._dump_sizes[0] and size == self._dump_sizes[1]
             self._dump_sizes = (self._dump_sizes[0], size)
             if dumped or now >= self._kill_at:
+                if self.native is not None:
+                    self.hang_stacks = self.native.before_kill(pid)
                 _kill_group(pid)
                 self._kill_at = float("inf")  # killed: wait for the exit
             return

@@ -70,6 +70,7 @@ def guard_rank(config: TrainConfig, world: World) -> int:
                 heartbeat=world.heartbeat_path(run_dir.root),
                 hang_timeout=config.hang_timeout,
                 stack_file=stack_file,
+                keep_core=config.keep_core or None,
             ).run()
     if outcome.crashed and outcome.exit.returncode != EXIT_USAGE:
         armed = faults.parse_faults(os.environ.get(faults.ENV_VAR)) if world.arms_faults() else []

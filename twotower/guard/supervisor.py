@@ -139,6 +139,7 @@ class Supervisor:
             hang_timeout=config.hang_timeout,
             stack_file=stack_file,
             note=self._log,
+            keep_core=config.keep_core or None,
         )
         return child.run()
 

@@ -30,9 +30,10 @@ from twotower.process import faults
 DEFAULT_OUT = Path("twotower-watch")
 
 
-def watch(command: Sequence[str], out: str | Path = DEFAULT_OUT) -> int:
-    """Run `command` watched; write OUT/run-N.json if it crashes. Returns its exit code
-    (128 + N if signal N ended it). Raises UsageError for an empty or unrunnable command."""
+def watch(command: Sequence[str], out: str | Path = DEFAULT_OUT, keep_core: bool = False) -> int:
+    """Run `command` watched; write OUT/run-N.json if it crashes, with its native frames (from
+    its core, deleted afterwards unless `keep_core`). Returns its exit code (128 + N if signal
+    N ended it). Raises UsageError for an empty or unrunnable command."""
     if not command:
         raise UsageError("watch: give the command after --, e.g. twotower watch -- python train.py")
     folder = Path(out)
@@ -40,7 +41,14 @@ def watch(command: Sequence[str], out: str | Path = DEFAULT_OUT) -> int:
     number = next_number(folder)
     stderr_copy = folder / f"run-{number}.stderr.txt"
     with SignalForwarder() as signals:
-        child = WatchedChild(command, child_env(), signals, stderr_copy=stderr_copy, tree=True)
+        child = WatchedChild(
+            command,
+            child_env(),
+            signals,
+            stderr_copy=stderr_copy,
+            tree=True,
+            keep_core=keep_core or None,
+        )
         outcome = child.run()
     if outcome.crashed:
         armed = faults.parse_faults(os.environ.get(faults.ENV_VAR))

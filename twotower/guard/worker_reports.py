@@ -54,6 +54,7 @@ def report_worker_death(crashes: Path, event: dict[str, Any]) -> Path:
         stacks=evidence.get("stacks"),
         watchdog=evidence.get("watchdog"),
         role=evidence.get("process", "miner worker"),
+        native=evidence.get("native"),
     )
     armed = faults.parse_faults(os.environ.get(faults.ENV_VAR))
     label = f"{outcome.role} ({evidence['miner']})"

@@ -126,6 +126,7 @@ class _Worker:
                 os.close(fd)
             self.record.discard()
             raise
+        self.record.started_as(self.process.pid)
         os.close(request_read)  # the worker's ends: with them closed here, its death reads as EOF
         os.close(reply_write)
         self.requests = Connection(request_write, readable=False)
@@ -163,10 +164,13 @@ class _Worker:
         return reply
 
     def _dump_stacks(self) -> None:
-        """Ask a silent worker for every thread's stack (faulthandler's SIGUSR1) before the kill."""
+        """Ask a silent worker for every thread's stack before the kill: its Python stacks
+        (faulthandler's SIGUSR1), then its native ones (gdb attached, Linux)."""
         if hasattr(signal, "SIGUSR1") and self.process.poll() is None:
             os.kill(self.pid, signal.SIGUSR1)
             time.sleep(STACK_DUMP_WAIT)
+        if sys.platform.startswith("linux") and self.process.poll() is None:
+            self.record.read_hung_stacks(self.pid)
 
     def _wait(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         """The reply to `message`, relaying progress events that come before it; after

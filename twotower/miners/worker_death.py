@@ -2,8 +2,9 @@
 
 The worker writes faulthandler's stacks into a file of its own ($TWOTOWER_CRASH_FILE, see
 `twotower.process.crash_dump`); it tells its OpenMP runtimes in its replies; its peak RSS comes from
-the kernel's rusage when it is reaped. `WorkerRecord.evidence` gathers those with the signal,
-the request it was serving (phase, step) and its timing into one JSON-ready dict, which
+the kernel's rusage when it is reaped; a native crash leaves a core (its limit is raised for the
+worker alone at its start), read into native frames. `WorkerRecord.evidence` gathers those with
+the signal, the request it was serving (phase, step) and its timing into one JSON-ready dict, which
 `MinerCrashed.evidence` carries up to whoever writes the report (guard/, via the trainer).
 """
 
@@ -17,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twotower.process import faults
+from twotower.process import faults, native_stacks
+from twotower.process.cores import CorePlan
 from twotower.process.crash_dump import CRASH_FILE_ENV
+from twotower.process.exit_status import signal_name
 
 PROCESS = "miner worker"
 STACKS_LIMIT = 64 << 10  # bytes of faulthandler output kept in a report
@@ -37,6 +40,12 @@ class WorkerRecord:
         self.started = time.time()
         self.openmp: list[str] | None = None
         self.peak_rss_kb: int | None = None
+        self.cores = CorePlan.prepare(Path.cwd())  # its core, if it crashes: native frames
+        self.hang_stacks: dict[str, Any] | None = None  # its native stacks, when it went silent
+
+    def started_as(self, pid: int) -> None:
+        """Just after the worker `pid` started: the core limit its native frames need."""
+        self.cores.allow(pid)
 
     def env(self) -> dict[str, str]:
         """Environment variables for the worker: where its faulthandler writes."""
@@ -93,7 +102,27 @@ class WorkerRecord:
             "openmp": self.openmp,
             "stacks": stacks,
             "watchdog": watchdog,
+            "native": self.native(process) or self.hang_stacks,
         }
+
+    def read_hung_stacks(self, pid: int) -> None:
+        """Before a silent worker is killed: every thread's native stack, gdb attached."""
+        try:
+            self.hang_stacks = native_stacks.from_pid(pid).as_dict()
+        except Exception as error:  # noqa: BLE001 - the kill must follow whatever happens
+            note = f"native stacks failed: {type(error).__name__}: {error}"
+            self.hang_stacks = native_stacks.unavailable("attach", note).as_dict()
+
+    def native(self, process: subprocess.Popen[bytes]) -> dict[str, Any] | None:
+        """The dead worker's native frames from its core (None: it died of no native crash)."""
+        code = process.returncode
+        if code is None or code >= 0 or signal_name(-code) not in native_stacks.CRASH_SIGNALS:
+            return None
+        try:
+            return self.cores.native_section(process.pid, sys.executable, self.started)
+        except Exception as error:  # noqa: BLE001 - a failure here costs only the frames
+            note = f"native frames failed: {type(error).__name__}: {error}"
+            return native_stacks.unavailable("core", note).as_dict()
 
     def discard(self) -> None:
         """Remove the stack file (the worker is gone and its evidence taken or not needed)."""
