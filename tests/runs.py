@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import twotower
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 STEPS = 30
 BATCH = 16

@@ -15,7 +15,7 @@ from tests.processes import REPO, child_env, run_twotower, train_in_child
 from twotower import backends, miners
 from twotower.data import synthesize
 from twotower.diagnose.run_picture import Marker, run_picture, smooth
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 SMALL = (
     "--batch-size 16 --hidden 16 --hard-negatives 4 --mine-every 5 --mine-lead 0 --mine-pool 8 "

@@ -27,9 +27,9 @@ from twotower.guard.evidence import MemoryTrend
 from twotower.guard.forensics import ChildOutcome, crashing_thread_first, likely_causes
 from twotower.guard.monitor import STACK_WAIT
 from twotower.process.exit_status import ExitStatus
+from twotower.run.heartbeat import read_heartbeat
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.heartbeat import read_heartbeat
-from twotower.training.rundir import read_metrics
 
 SUPERVISED_ARGS = tuple(arg for arg in TRAIN_ARGS if arg != "--no-supervise")
 IN_PROCESS = ("--miner-isolation", "none")  # the miner in the trainer: its crash is the trainer's

@@ -16,8 +16,8 @@ from tests.processes import REPO, child_env, train_in_child
 from twotower import miners
 from twotower.config import TrainConfig
 from twotower.data import synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 SMALL = (

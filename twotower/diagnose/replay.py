@@ -38,11 +38,12 @@ from twotower import backends, miners
 from twotower.agreement import REPLAY_TOLERANCES, disagreement
 from twotower.backends import Backend, make_backend
 from twotower.batch import Batch
-from twotower.config import ABSENT_MEANS, TrainConfig
-from twotower.config_files import read_config_file
+from twotower.config import TrainConfig
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
 from twotower.paths import user_cache_dir
+from twotower.run.rundir import RunDir, read_metrics
+from twotower.run.settings import read_run_config
 from twotower.training.bank_negatives import BankNegatives, logq_table
 from twotower.training.batching import StepPlan, gather_step, mine_table
 from twotower.training.checkpoint import (
@@ -56,7 +57,6 @@ from twotower.training.heldout import held_out
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MINING_CHUNK, MiningSchedule, load_refresh
-from twotower.training.rundir import RunDir, read_metrics
 from twotower.training.schedule import LRSchedule, planned_steps
 from twotower.training.solo import Solo
 from twotower.training.step import StepState, prepare, update
@@ -168,9 +168,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     run_dir = RunDir(run)
     if not run_dir.config.is_file():
         raise UsageError(f"{run_dir.root}: no config.json; give a run directory (--out of a run)")
-    settings = {**ABSENT_MEANS, **read_config_file(run_dir.config)}  # as that run did
-    settings.update({"resume": False, **({"data": data} if data else {})})
-    config = TrainConfig.from_dict(settings, source=str(run_dir.config))
+    config = read_run_config(run_dir.root, resume=False, **({"data": data} if data else {}))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
     config = config.for_data(dataset.context_ids is not None)
     train_rows = held_out(config, dataset).train_rows

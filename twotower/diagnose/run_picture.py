@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower.training.rundir import RunDir, read_metrics
+from twotower.run.rundir import RunDir, read_metrics
 
 SMOOTHING = 0.9  # weight of the past in the exponential moving average of noisy series
 STEP_SERIES = {

@@ -41,9 +41,10 @@ from twotower.guard.monitor import SignalForwarder, WatchedChild
 from twotower.guard.supervisor import trainer_env
 from twotower.process import faults
 from twotower.process.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
+from twotower.run.heartbeat import read_heartbeat
+from twotower.run.rundir import RunDir
+from twotower.run.settings import write_settings
 from twotower.training.distributed import World, check_config
-from twotower.training.heartbeat import read_heartbeat
-from twotower.training.rundir import RunDir
 
 NEXT_STEP = "torchrun restarts the group from the newest checkpoint, within its --max-restarts"
 
@@ -59,8 +60,7 @@ def guard_rank(config: TrainConfig, world: World) -> int:
     stack_file = run_dir.crashes / f"{stem}.stacks.txt"
     trainer = dataclasses.replace(config, supervise=False)
     with tempfile.TemporaryDirectory(prefix="twotower-rank-") as folder:
-        config_file = Path(folder) / "config.json"
-        config_file.write_text(trainer.to_json())
+        config_file = write_settings(folder, trainer)
         command = [sys.executable, "-m", "twotower", "train", "--config", str(config_file)]
         with SignalForwarder() as signals:
             outcome = WatchedChild(

@@ -41,8 +41,8 @@ from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
 from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
+from twotower.run.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.checkpoint import list_checkpoints
-from twotower.training.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.trainer import PROGRESS_ENV, RunResult
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)

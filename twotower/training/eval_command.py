@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,10 +14,10 @@ import numpy as np
 from twotower import miners
 from twotower.backends import make_backend
 from twotower.config import TrainConfig
-from twotower.config_files import read_config_file
 from twotower.data import load_dataset
 from twotower.errors import UsageError
 from twotower.paths import user_cache_dir
+from twotower.run.settings import find_run, read_settings
 from twotower.training.checkpoint import CheckpointError, load_checkpoint
 from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
 from twotower.training.heldout import held_out
@@ -55,15 +54,6 @@ class EvalReport:
         return [header, *self.comparison.table()]
 
 
-def _run_settings(run: str) -> dict[str, Any]:
-    """The config.json of the run that `run` (a run, store or checkpoint directory) belongs to."""
-    path = Path(run)
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "config.json").is_file():
-            return read_config_file(candidate / "config.json")
-    raise UsageError(f"{run}: no config.json here or above; give a run directory (--out of a run)")
-
-
 def evaluate_run(
     run: str | None = None,
     data: str | None = None,
@@ -89,7 +79,7 @@ def evaluate_run(
     state = None
     step = None
     if run is not None:
-        settings = _run_settings(run)
+        settings = read_settings(find_run(run))  # as the version that wrote it meant
         try:
             meta, state = load_checkpoint(run, which=checkpoint)
         except CheckpointError as error:

@@ -19,6 +19,7 @@ from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.process.threads import ThreadSwitch
+from twotower.run.rundir import MetricsLog, RunDir
 from twotower.training.checkpoint import list_checkpoints, step_dir_name
 from twotower.training.evaluation import encode_rows
 from twotower.training.miner_setup import MinerSetup
@@ -33,7 +34,6 @@ from twotower.training.refresh import (
     is_approximate,
     recall_warning,
 )
-from twotower.training.rundir import MetricsLog, RunDir
 from twotower.training.solo import RunGroup
 
 log = logging.getLogger("twotower")

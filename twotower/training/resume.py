@@ -4,7 +4,6 @@ in flight, the model selection)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.errors import UsageError
+from twotower.run.rundir import RunDir
+from twotower.run.settings import read_settings
 from twotower.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -22,7 +23,6 @@ from twotower.training.checkpoint import (
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MiningSchedule, Refresh, load_refresh
-from twotower.training.rundir import RunDir
 from twotower.training.selection import Selection
 
 log = logging.getLogger("twotower")
@@ -43,10 +43,7 @@ def check_run_dir(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
         return None
     if not run.config.exists():
         return None
-    try:
-        stored = json.loads(run.config.read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{run.config}: unreadable ({error}); cannot resume") from None
+    stored = read_settings(run.root)
     differences = config.numeric_differences(stored)
     if differences and has_checkpoints:
         raise UsageError(

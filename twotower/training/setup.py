@@ -7,7 +7,6 @@ directory (`resume.check_run_dir`), the backend and the miners' options.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -35,6 +34,9 @@ from twotower.process.threads import (
     thread_budget,
     usable_cores,
 )
+from twotower.run.heartbeat import Heartbeat
+from twotower.run.rundir import MetricsLog, RunDir, open_log
+from twotower.run.settings import read_settings, write_settings
 from twotower.training.bank_choice import BankChoice
 from twotower.training.bank_choice import resolve as resolve_bank_negatives
 from twotower.training.bank_negatives import BankNegatives, logq_table
@@ -49,7 +51,6 @@ from twotower.training.cadence import (
 )
 from twotower.training.demo import demo_dataset
 from twotower.training.distributed import Group, check_config, launched_world
-from twotower.training.heartbeat import Heartbeat
 from twotower.training.heldout import HeldOut, held_out
 from twotower.training.miner_setup import MinerSetup
 from twotower.training.mining import HardNegativeTable
@@ -58,7 +59,6 @@ from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MiningSchedule
 from twotower.training.refresher import Refresher, make_probe_miner, mines_beside_training
 from twotower.training.resume import check_run_dir, restore
-from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
 from twotower.training.solo import RunGroup, Solo
 from twotower.training.step import StepState
@@ -172,7 +172,7 @@ def _open_run_files(
     if group.writes_run_files:
         run.prepare()
         if write_config:
-            run.config.write_text(config.to_json())
+            write_settings(run.root, config)
         open_log(run.log)
         scalars = TensorboardScalars(config.tensorboard) if config.tensorboard else None
         metrics = MetricsLog(run.metrics, also=scalars)
@@ -237,14 +237,11 @@ class Accepted:
 
 
 def _stored_config(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
-    """RUN/config.json of the run being resumed; None for a fresh run or an unreadable file
-    (`check_run_dir` then refuses it)."""
+    """RUN/config.json of the run being resumed (`read_settings`); None for a fresh run.
+    Raises UsageError when it is unreadable."""
     if not (config.resume and run.config.is_file()):
         return None
-    try:
-        return dict(json.loads(run.config.read_text()))
-    except (OSError, ValueError):
-        return None
+    return read_settings(run.root)
 
 
 def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> Accepted:

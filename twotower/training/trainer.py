@@ -24,10 +24,10 @@ from tqdm import tqdm
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK
+from twotower.run.rundir import read_metrics
 from twotower.training import step as one_step
 from twotower.training.batching import Prefetcher, StepData
 from twotower.training.checkpoint import BEST_DIR, CheckpointError, load_checkpoint, save_checkpoint
-from twotower.training.rundir import read_metrics
 from twotower.training.setup import OpenedRun, WorkerDeathReporter, open_run
 
 log = logging.getLogger("twotower")

@@ -9,9 +9,9 @@ import time
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.miners import Miner
+from twotower.run.rundir import MetricsLog
 from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
 from twotower.training.heldout import HeldOut
-from twotower.training.rundir import MetricsLog
 from twotower.training.selection import Selection
 
 log = logging.getLogger("twotower")
