@@ -41,6 +41,7 @@ from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
 from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
+from twotower.run.lock import RunLock
 from twotower.run.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.checkpoint import list_checkpoints
 from twotower.training.trainer import PROGRESS_ENV, RunResult
@@ -94,6 +95,17 @@ class Supervisor:
         restarts are used up."""
         self._check_engine_names()
         fresh = not self.run_dir.root.exists()
+        lock = RunLock(self.run_dir.root)
+        took_over = lock.acquire()  # for this session and its children; RunInUse: exit 2
+        if took_over:
+            say(took_over)
+        try:
+            return self._attempts(fresh)
+        finally:
+            lock.release()
+
+    def _attempts(self, fresh: bool) -> RunResult:
+        """`run`'s loop, the lock held; fresh: the run directory did not exist before."""
         metrics_before = self._metrics_count()
         number = next_number(self.folder, self.run_dir.crashes)
         attempt = dataclasses.replace(self.config, supervise=False)

@@ -35,6 +35,7 @@ from twotower.process.threads import (
     usable_cores,
 )
 from twotower.run.heartbeat import Heartbeat
+from twotower.run.lock import RunLock, own_run
 from twotower.run.rundir import MetricsLog, RunDir, open_log
 from twotower.run.settings import read_settings, write_settings
 from twotower.training.bank_choice import BankChoice
@@ -98,6 +99,12 @@ class OpenedRun:
     total: int
     eval_every: int
     metrics_at_start: dict[str, float]
+    lock: RunLock | None = None  # the writer's lock this process holds (None: its supervisor's)
+
+    def close(self) -> None:
+        """End the run's hold on its directory: the phase points, then the writer's lock."""
+        self.points.close()
+        _let_go(self.lock)
 
 
 class MinerEvents:
@@ -290,11 +297,19 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
     checkpoint, the indexes, the validator and the refresher; logs the `start` event.
 
     on_worker_death(RUN/crashes, event) writes a dead miner worker's crash report and
-    returns its path (None: the death is only logged). The caller closes `points`.
+    returns its path (None: the death is only logged). The caller calls `close()`. Raises
+    RunInUse when another trainer writes the run.
     """
     a = accept(config, on_worker_death)
-    write_config = a.stored is None
-    heartbeat, metrics, scalars = _open_run_files(a.config, a.run, a.group, write_config)
+    lock, took_over = own_run(a.run.root, supervisor_pid()) if a.group.writes_run_files else NO_LOCK
+    try:
+        write_config = a.stored is None
+        heartbeat, metrics, scalars = _open_run_files(a.config, a.run, a.group, write_config)
+    except BaseException:
+        _let_go(lock)
+        raise
+    if took_over:
+        log.warning("%s", took_over)
     a.events.metrics = metrics
     points = PhasePoints(heartbeat, a.backend.name, a.config.miner)
     try:
@@ -306,10 +321,21 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
         if a.bank_choice is not None:
             c = a.config
             log.info("--bank-negatives auto: %s (%s)", c.bank_negatives, a.bank_choice.reason)
-        return _load(a, points, metrics, scalars)
+        opened = _load(a, points, metrics, scalars)
     except BaseException:
         points.close()
+        _let_go(lock)
         raise
+    opened.lock = lock
+    return opened
+
+
+NO_LOCK: tuple[None, None] = (None, None)  # no lock taken: a rank other than 0 writes no run files
+
+
+def _let_go(lock: RunLock | None) -> None:
+    if lock is not None:
+        lock.release()
 
 
 def _load(

@@ -398,4 +398,4 @@ def train(config: TrainConfig, on_worker_death: WorkerDeathReporter | None = Non
     try:
         return Trainer(opened).train()
     finally:
-        opened.points.close()
+        opened.close()
