@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from twotower import backends, miners
+from twotower.atomic import replace_file
 from twotower.config import METRICS, TrainConfig
 from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from twotower.guard import evidence, forensics
@@ -139,7 +140,7 @@ class Supervisor:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.run_dir.crashes.mkdir(parents=True, exist_ok=True)
         config_file = self.folder / f"attempt-{number}.json"
-        config_file.write_text(config.to_json())
+        replace_file(config_file, config.to_json())
         stack_file = self.run_dir.crashes / f"attempt-{number}.stacks.txt"
         extra = {PROGRESS_ENV: "1"} if sys.stderr.isatty() else {}
         command = [sys.executable, "-m", "twotower", "train", "--config", str(config_file)]

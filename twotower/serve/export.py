@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from twotower.atomic import temporary_beside
+from twotower.atomic import replace_dir, temporary_beside
 from twotower.errors import UsageError
 from twotower.run.settings import read_settings
 from twotower.serve.tower_dir import (
@@ -112,9 +112,7 @@ def export_tower(
             from twotower.serve.torch_tower import save_extra
 
             save_extra(tmp, tower.spec, tower.params, format)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        replace_dir(tmp, out)  # an earlier export is swapped out, never deleted first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 from twotower import progress
-from twotower.atomic import TEMPORARY_GLOB, fsync_dir, replace_file
+from twotower.atomic import TEMPORARY_GLOB, fsync_dir, replace_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
 
 FORMAT_VERSION = 1
@@ -155,8 +155,8 @@ def save_checkpoint(
     temporary directory is removed. After the commit LATEST names the new
     checkpoint, and only the `keep` newest steps up to this one survive; any
     with a higher step (left by a run resumed from an earlier checkpoint) go
-    too. Saving a step that exists replaces it: the old one is renamed away
-    only once the new one is complete, and the two renames are back to back.
+    too. Saving a step that exists replaces it (`atomic.replace_dir`): the old one is
+    swapped out only once the new one is complete.
     Writing the arrays is the "checkpoint" progress task (`twotower.progress`).
     """
     if keep < 1:
@@ -197,13 +197,8 @@ def save_checkpoint(
         _remove(tmp)
         raise
     final = ckpt_dir / name
-    replaced = _retire(ckpt_dir, final) if final.exists() else None
-    os.rename(tmp, final)
-    fsync_dir(ckpt_dir)
+    replace_dir(tmp, final)  # a checkpoint of the same step is swapped out, then removed
     _set_latest(ckpt_dir, name)
-
-    if replaced is not None:
-        _remove(replaced)
     others = [path for path in _committed(ckpt_dir) if path.name != name]
     older = [path for path in others if _step_of(path) < step]
     newer = [path for path in others if _step_of(path) > step]
