@@ -42,6 +42,18 @@ def temporary_beside(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OSError raised in the block `path` as its file name where it names none (a
+    write through a file object does not), so a full disk is reported with the file it hit."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
     """Yield `temporary_beside(path)` for the block to write (by name: a memory map, a
     library's save); when the block ends, rename it over `path`; when it raises, remove it.
@@ -51,11 +63,12 @@ def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
     """
     tmp = temporary_beside(path)
     try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb+") as file:
-                os.fsync(file.fileno())
-        os.replace(tmp, path)
+        with naming(path):
+            yield tmp
+            if durable:
+                with open(tmp, "rb+") as file:
+                    os.fsync(file.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,6 +8,8 @@ faulthandler writing to `crashes/attempt-N.stacks.txt`, its heartbeat followed
     0          done
     2          bad input: final, passed through at once (a run directory this session
                made, refused before the trainer wrote to it, is removed again)
+    4          a full disk (`run.disk`): final, passed through at once; so is a crash whose
+               last words are ENOSPC or EDQUOT (no restart or engine switch frees a disk)
     130        interrupted (SIGINT/SIGTERM here are forwarded; the child checkpoints)
     otherwise  a crash: `crashes/attempt-N.json` and a summary on stderr
                (`forensics.examine`), then a restart from the newest checkpoint
@@ -37,11 +39,19 @@ from typing import Any
 from twotower import backends, miners
 from twotower.atomic import replace_file
 from twotower.config import METRICS, TrainConfig
-from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from twotower.errors import (
+    EXIT_DISK_FULL,
+    EXIT_GAVE_UP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+)
 from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
 from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
+from twotower.run.disk import DISK_FULL_ERRNOS, disk_full_line, stops_on_full_disk
 from twotower.run.lock import RunLock
 from twotower.run.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.checkpoint import list_checkpoints
@@ -64,6 +74,14 @@ def trainer_env(stack_file: Path | None = None, **extra: str) -> dict[str, str]:
         env[CRASH_FILE_ENV] = str(stack_file)
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
+
+
+FINAL = (EXIT_OK, EXIT_USAGE, EXIT_DISK_FULL)  # no restart: done, bad input, a full disk
+
+
+def disk_full(outcome: forensics.ChildOutcome) -> bool:
+    """Whether a child's last words are an OSError of a full disk (ENOSPC, EDQUOT)."""
+    return any(f"[Errno {number}]" in outcome.stderr_tail for number in DISK_FULL_ERRNOS)
 
 
 def next_number(*folders: Path) -> int:
@@ -101,7 +119,8 @@ class Supervisor:
         if took_over:
             say(took_over)
         try:
-            return self._attempts(fresh)
+            with stops_on_full_disk(self.run_dir.root):  # the supervisor's own writes
+                return self._attempts(fresh)
         finally:
             lock.release()
 
@@ -116,7 +135,10 @@ class Supervisor:
                     return self._result(EXIT_INTERRUPTED, metrics_before, attempt)
                 outcome = self._attempt(number, attempt, signals)
                 code = outcome.exit.returncode
-                if code in (EXIT_OK, EXIT_USAGE) and outcome.interrupted is None:
+                if code not in FINAL and disk_full(outcome):  # not caught by the trainer
+                    say(disk_full_line(self.run_dir.root))
+                    code = EXIT_DISK_FULL
+                if code in FINAL and outcome.interrupted is None:
                     if code == EXIT_USAGE and fresh and not self.run_dir.metrics.exists():
                         shutil.rmtree(self.run_dir.root)  # refused up front: leave nothing
                     self.attempts.append(self._summary(number, attempt, outcome, None, None))

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 from twotower import progress
-from twotower.atomic import TEMPORARY_GLOB, fsync_dir, replace_dir, replace_file
+from twotower.atomic import TEMPORARY_GLOB, fsync_dir, naming, replace_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
 
 FORMAT_VERSION = 1
@@ -77,7 +77,7 @@ class _HashingWriter:
 
 def _write_durably(path: Path, write: Callable[[BinaryIO], _T]) -> _T:
     """Create `path`, let `write` fill it, flush and fsync it; return what `write` returned."""
-    with open(path, "xb") as file:
+    with naming(path), open(path, "xb") as file:
         result = write(file)
         file.flush()
         os.fsync(file.fileno())

@@ -34,6 +34,7 @@ from twotower.process.threads import (
     thread_budget,
     usable_cores,
 )
+from twotower.run.disk import room_warning
 from twotower.run.heartbeat import Heartbeat
 from twotower.run.lock import RunLock, own_run
 from twotower.run.rundir import MetricsLog, RunDir, open_log
@@ -353,6 +354,10 @@ def _load(
     for gap in plan_gaps(c, total, eval_every) if group.writes_run_files else []:
         log.warning("%s", gap)
     restored = restore(c, a.run, backend, queue, table, mining)
+    if group.writes_run_files:
+        size = sum(array.nbytes for array in {**backend.state(), **queue.state()}.values())
+        if short := room_warning(a.run.root, size, c.keep_checkpoints):
+            log.warning("%s", short)
     a.miners.search_params = restored.search_params  # set again after the build
     step = restored.step
     mirror = getattr(backend, "queue_mirror", None)  # the ring on the backend's device

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK
+from twotower.run.disk import stops_on_full_disk
 from twotower.run.rundir import read_metrics
 from twotower.training import step as one_step
 from twotower.training.batching import Prefetcher, StepData
@@ -389,13 +390,15 @@ class Trainer:
 
 
 def train(config: TrainConfig, on_worker_death: WorkerDeathReporter | None = None) -> RunResult:
-    """Train in this process. Raises UsageError for bad input before anything is written.
+    """Train in this process. Raises UsageError for bad input before anything is written,
+    DiskFull (exit code 4) when a write of the run fails for want of space.
 
     on_worker_death(RUN/crashes, event) writes a dead miner worker's crash report and
     returns its path (`twotower.train` passes guard's; None: the death is only logged).
     """
-    opened = open_run(config, on_worker_death)
-    try:
-        return Trainer(opened).train()
-    finally:
-        opened.close()
+    with stops_on_full_disk(config.out):
+        opened = open_run(config, on_worker_death)
+        try:
+            return Trainer(opened).train()
+        finally:
+            opened.close()
