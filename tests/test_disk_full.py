@@ -17,6 +17,7 @@ from tests.processes import run_twotower
 from tests.runs import TRAIN_ARGS, assert_same_state
 from twotower.data import synthesize
 from twotower.run.disk import bytes_text, room_warning
+from twotower.run.rundir import MetricsLog, read_metrics
 from twotower.training.checkpoint import load_checkpoint
 
 # A queue of 30000 x 16 float32 makes each checkpoint about 2.1 MiB: the one at step 7 fits in
@@ -83,3 +84,12 @@ def test_the_room_warning_counts_what_the_run_keeps(tmp_path: Path) -> None:
     huge = 2**60
     line = room_warning(tmp_path, huge, keep=3)
     assert line is not None and "keeps 3 checkpoints" in line and bytes_text(huge) in line
+
+
+def test_a_line_cut_by_a_full_disk_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "step", "step": 1}\n{"event": "step", "st')  # cut mid-line
+    log = MetricsLog(path)
+    log.write("start", step=1)
+    log.close()
+    assert [r["event"] for r in read_metrics(path)] == ["step", "start"]
