@@ -33,9 +33,14 @@ import numpy as np
 from twotower import progress
 from twotower.atomic import TEMPORARY_GLOB, fsync_dir, naming, replace_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
+from twotower.run.records import (
+    CHECKPOINT_FORMAT,
+    READABLE_CHECKPOINT_FORMATS,
+    CheckpointMeta,
+)
 
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = CHECKPOINT_FORMAT  # meta.json's, kept in twotower.run.records
+READABLE_VERSIONS = READABLE_CHECKPOINT_FORMATS
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 STORES = {"latest": CHECKPOINTS_DIR, "best": BEST_DIR}  # --checkpoint's words for a store
@@ -395,3 +400,12 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path} is not valid: {why}") from None
     _, meta, state = _first_valid(path, read=True)
     return meta, state
+
+
+def load_record(
+    path: str | os.PathLike[str], which: str = "latest"
+) -> tuple[CheckpointMeta, dict[str, np.ndarray]]:
+    """`load_checkpoint` with meta.json as its typed record (`run.records.CheckpointMeta`):
+    what every command of twotower reads a checkpoint with. Raises as `load_checkpoint`."""
+    meta, state = load_checkpoint(path, which)
+    return CheckpointMeta.from_dict(meta), state

@@ -83,7 +83,7 @@ class PhasePoints:
             openmp=self.openmp,
             **fields,
         )
-        self.rss_kb = beat["rss_kb"]
+        self.rss_kb = beat.rss_kb
 
     @contextmanager
     def stop_signals(self) -> Iterator[None]:
