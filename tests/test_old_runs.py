@@ -1,4 +1,5 @@
-"""A run made by an older twotower is read as that version meant it.
+"""A run made by an older twotower is read as that version meant it: eval, export then encode,
+resume, replay and report, each compared with what the run logged.
 
 tests/fixtures/old_runs/run-a60e82e/ is a whole run (config.json, metrics.jsonl, its one
 checkpoint) and its data, made by the code of a60e82e^, before --residual, --lr-schedule,
@@ -81,3 +82,24 @@ def test_the_old_run_resumes(old_run: Path) -> None:
     records = read_metrics(old_run / "run" / "metrics.jsonl")
     new_steps = [r["step"] for r in records if r["event"] == "step" and r["step"] > LOGGED_STEP]
     assert new_steps == list(range(LOGGED_STEP + 1, 31))
+
+
+def test_replay_rebuilds_a_step_of_the_old_run_as_it_logged_it(old_run: Path) -> None:
+    replay = run_twotower(
+        "replay", "--run", "run", "--step", "20", "--backends", "numpy", cwd=old_run
+    )
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    logged = next(
+        r
+        for r in read_metrics(old_run / "run" / "metrics.jsonl")
+        if r["event"] == "step" and r["step"] == 21
+    )
+    assert f"batch {logged['batch']} " in replay.stdout and "is the logged one" in replay.stdout
+    assert f"logged {logged['loss']:.8f}: the state was rebuilt exactly" in replay.stdout
+
+
+def test_report_draws_the_old_run(old_run: Path) -> None:
+    pytest.importorskip("matplotlib")
+    drawn = run_twotower("report", "--run", "run", cwd=old_run)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (old_run / "run" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
