@@ -115,14 +115,14 @@ class Supervisor:
         self._check_engine_names()
         fresh = not self.run_dir.root.exists()
         lock = RunLock(self.run_dir.root)
-        took_over = lock.acquire()  # for this session and its children; RunInUse: exit 2
-        if took_over:
-            say(took_over)
-        try:
-            with stops_on_full_disk(self.run_dir.root):  # the supervisor's own writes
+        with stops_on_full_disk(self.run_dir.root):  # the supervisor's own writes
+            took_over = lock.acquire()  # for this session and its children; RunInUse: exit 2
+            if took_over:
+                say(took_over)
+            try:
                 return self._attempts(fresh)
-        finally:
-            lock.release()
+            finally:
+                lock.release()
 
     def _attempts(self, fresh: bool) -> RunResult:
         """`run`'s loop, the lock held; fresh: the run directory did not exist before."""
