@@ -26,6 +26,7 @@ log.txt. Attempt numbers continue across supervised sessions of one run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -53,6 +54,7 @@ from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
 from twotower.run.disk import DISK_FULL_ERRNOS, disk_full_line, stops_on_full_disk
 from twotower.run.lock import RunLock
+from twotower.run.records import Beat
 from twotower.run.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.checkpoint import list_checkpoints
 from twotower.training.trainer import PROGRESS_ENV, RunResult
@@ -82,6 +84,19 @@ FINAL = (EXIT_OK, EXIT_USAGE, EXIT_DISK_FULL)  # no restart: done, bad input, a 
 def disk_full(outcome: forensics.ChildOutcome) -> bool:
     """Whether a child's last words are an OSError of a full disk (ENOSPC, EDQUOT)."""
     return any(f"[Errno {number}]" in outcome.stderr_tail for number in DISK_FULL_ERRNOS)
+
+
+def last_beat(outcome: forensics.ChildOutcome, config: TrainConfig) -> Beat:
+    """The child's last heartbeat as a record, its engines filled in from `config` where it
+    named none; before its first beat (or for an unreadable one) phase 'start-up', no step."""
+    beat = None
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        beat = Beat.from_dict(outcome.heartbeat) if outcome.heartbeat else None
+    if beat is None:
+        return Beat(outcome.pid, None, "start-up", config.backend, config.miner)
+    return dataclasses.replace(
+        beat, backend=beat.backend or config.backend, miner=beat.miner or config.miner
+    )
 
 
 def next_number(*folders: Path) -> int:
@@ -184,7 +199,7 @@ class Supervisor:
 
         Returns the next attempt's config: resumed, perhaps on another engine.
         """
-        beat = outcome.heartbeat or {}
+        beat = last_beat(outcome, config)
         following, switch = (
             self._next_config(config, outcome) if then == "restart" else (config, None)
         )
@@ -210,10 +225,10 @@ class Supervisor:
             pid=outcome.pid,
             returncode=outcome.exit.returncode,
             signal=outcome.exit.signal,
-            phase=beat.get("phase", "start-up"),
-            step=beat.get("step"),
-            backend=beat.get("backend", config.backend),
-            miner=beat.get("miner", config.miner),
+            phase=beat.phase,
+            step=beat.step,
+            backend=beat.backend,
+            miner=beat.miner,
             cause=cause["cause"],
             report=str(report_path.relative_to(self.run_dir.root)),
         )
@@ -247,16 +262,16 @@ class Supervisor:
         before the first heartbeat). At its second occurrence the role's engine moves
         down its fallback chain.
         """
-        beat = outcome.heartbeat or {}
-        phase = beat.get("phase", "start-up")
+        beat = last_beat(outcome, config)
+        phase = beat.phase
         role = "miner" if phase in forensics.MINER_PHASES else "backend"
-        engine = beat.get(role) or getattr(config, role)
-        point = (role, engine, phase, beat.get("step"))
+        engine = getattr(beat, role)
+        point = (role, engine, phase, beat.step)
         repeated = point in self.crash_points
         self.crash_points.append(point)
         # restarts keep the engines the child resolved ("auto" -> torch-cpu), except a miner
         # "auto" chose: its settings (the index) are the child's, which chooses again the same
-        resolved = {key: beat[key] for key in ("backend", "miner") if beat.get(key)}
+        resolved = {"backend": beat.backend, "miner": beat.miner}
         if config.miner == "auto":
             resolved.pop("miner", None)
         following = dataclasses.replace(config, resume=True, **resolved)
@@ -271,8 +286,7 @@ class Supervisor:
             "role": role,
             "previous": engine,
             "to": to,
-            "reason": f"{role} {engine} crashed twice in phase {phase} at step "
-            f"{beat.get('step')} ({how})",
+            "reason": f"{role} {engine} crashed twice in phase {phase} at step {beat.step} ({how})",
         }
         if role == "backend":
             return dataclasses.replace(following, backend=to), switch
@@ -286,17 +300,17 @@ class Supervisor:
         report: Path | None,
         cause: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        beat = outcome.heartbeat or {}
+        beat = last_beat(outcome, config)
         return {
             "attempt": number,
             "pid": outcome.pid,
-            "backend": beat.get("backend", config.backend),
-            "miner": beat.get("miner", config.miner),
+            "backend": beat.backend,
+            "miner": beat.miner,
             "returncode": outcome.exit.returncode,
             "exit": outcome.exit.describe(),
             "signal": outcome.exit.signal,
-            "phase": beat.get("phase", "start-up"),
-            "step": beat.get("step"),
+            "phase": beat.phase,
+            "step": beat.step,
             "seconds": round(outcome.seconds, 2),
             "peak_rss_kb": outcome.peak_rss_kb,
             "report": str(report) if report else None,
