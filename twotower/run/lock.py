@@ -117,7 +117,8 @@ class RunLock:
         )
 
     def release(self) -> None:
-        """Remove lock.json and let go of the lock (idempotent)."""
+        """Remove lock.json and let go of the lock; nothing when this process does not hold
+        it (idempotent)."""
         if self._fd is None:
             return
         (self.root / HOLDER_NAME).unlink(missing_ok=True)
@@ -126,16 +127,20 @@ class RunLock:
         self._fd = None
 
 
-def own_run(run: str | Path, covered_by: int | None) -> tuple[RunLock | None, str | None]:
-    """Make this process the run's writer: (the lock it now holds, a take-over line or None).
-
-    covered_by: the pid of this trainer's supervisor; when that process holds the lock on this
-    host it holds it for us, and the result is (None, None). Raises RunInUse otherwise."""
+def own_run(
+    run: str | Path, covered_by: int | None, writes: bool = True
+) -> tuple[RunLock, str | None]:
+    """Make this process the run's writer: (its lock, a take-over line or None). The lock is
+    left untaken (its `release` does nothing) where this process writes no run files
+    (`writes` False: a torchrun rank other than 0), or where `covered_by`, the pid of this
+    trainer's supervisor, holds it on this host for us. Raises RunInUse otherwise."""
     lock = RunLock(run)
+    if not writes:
+        return lock, None
     try:
         return lock, lock.acquire()
     except RunInUse as refusal:
         holder = refusal.holder
         if holder is not None and (holder.pid, holder.host) == (covered_by, socket.gethostname()):
-            return None, None
+            return lock, None
         raise

@@ -100,12 +100,13 @@ class OpenedRun:
     total: int
     eval_every: int
     metrics_at_start: dict[str, float]
-    lock: RunLock | None = None  # the writer's lock this process holds (None: its supervisor's)
+    lock: RunLock | None = None  # the writer's lock (untaken where its supervisor holds it)
 
     def close(self) -> None:
         """End the run's hold on its directory: the phase points, then the writer's lock."""
         self.points.close()
-        _let_go(self.lock)
+        if self.lock is not None:
+            self.lock.release()
 
 
 class MinerEvents:
@@ -302,12 +303,12 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
     RunInUse when another trainer writes the run.
     """
     a = accept(config, on_worker_death)
-    lock, took_over = own_run(a.run.root, supervisor_pid()) if a.group.writes_run_files else NO_LOCK
+    lock, took_over = own_run(a.run.root, supervisor_pid(), a.group.writes_run_files)
     try:
         write_config = a.stored is None
         heartbeat, metrics, scalars = _open_run_files(a.config, a.run, a.group, write_config)
     except BaseException:
-        _let_go(lock)
+        lock.release()
         raise
     if took_over:
         log.warning("%s", took_over)
@@ -325,18 +326,10 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
         opened = _load(a, points, metrics, scalars)
     except BaseException:
         points.close()
-        _let_go(lock)
+        lock.release()
         raise
     opened.lock = lock
     return opened
-
-
-NO_LOCK: tuple[None, None] = (None, None)  # no lock taken: a rank other than 0 writes no run files
-
-
-def _let_go(lock: RunLock | None) -> None:
-    if lock is not None:
-        lock.release()
 
 
 def _load(
