@@ -10,6 +10,7 @@ none of those keys. The code before issue 27 evaluated it as a residual tower on
   twotower train --data data --out run --backend numpy --steps 24 --batch-size 16 --hidden 12
     --hard-negatives 0 --queue-size 32 --lr 2e-2 --eval-every 24 --checkpoint-every 24
     --keep-checkpoints 1 --eval-fraction 0.2 --max-eval 120 --no-supervise
+tests/fixtures/old_runs/export-51f7819/ is that run exported by the code of 51f7819^.
 """
 
 from __future__ import annotations
@@ -61,18 +62,31 @@ def independent_mrr(queries: np.ndarray, bank: np.ndarray, positives: np.ndarray
     return float(np.where(ranks <= 100, 1.0 / ranks, 0.0).mean())
 
 
+def mrr_of_tower(old_run: Path, tower_dir: Path) -> tuple[float, int]:
+    """(MRR@100 of an exported tower on the old run's held-out rows, how many rows)."""
+    tower = twotower.load_tower(tower_dir, engine="numpy")
+    config = read_run_config(old_run / "run")
+    dataset = load_dataset(old_run / str(config.data))
+    rows = held_out(config, dataset).eval_rows
+    contexts, lengths, positives = dataset.gather(rows)
+    queries = tower.encode(contexts, lengths)
+    return independent_mrr(queries, np.asarray(dataset.bank), positives), len(rows)
+
+
 def test_an_export_of_the_old_run_encodes_what_it_logged(
     old_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(old_run)
     out = export_tower("run", old_run / "tower", checkpoint="latest")
-    tower = twotower.load_tower(out, engine="numpy")
-    config = read_run_config("run")
-    dataset = load_dataset(config.data)  # type: ignore[arg-type]  # the run's own data
-    rows = held_out(config, dataset).eval_rows
-    contexts, lengths, positives = dataset.gather(rows)
-    found = independent_mrr(tower.encode(contexts, lengths), np.asarray(dataset.bank), positives)
-    assert found == pytest.approx(logged_mrr(old_run / "run"), abs=1 / len(rows))
+    found, rows = mrr_of_tower(old_run, out)
+    assert found == pytest.approx(logged_mrr(old_run / "run"), abs=1 / rows)
+
+
+def test_an_export_made_by_an_older_version_encodes_what_the_run_logged(old_run: Path) -> None:
+    """tests/fixtures/old_runs/export-51f7819: the golden run exported by the code of 51f7819^,
+    before exports computed the residual tower."""
+    found, rows = mrr_of_tower(old_run, GOLDEN.parent / "export-51f7819")
+    assert found == pytest.approx(logged_mrr(old_run / "run"), abs=1 / rows)
 
 
 def test_the_old_run_resumes(old_run: Path) -> None:
