@@ -271,10 +271,9 @@ class Supervisor:
         self.crash_points.append(point)
         # restarts keep the engines the child resolved ("auto" -> torch-cpu), except a miner
         # "auto" chose: its settings (the index) are the child's, which chooses again the same
-        resolved = {"backend": beat.backend, "miner": beat.miner}
-        if config.miner == "auto":
-            resolved.pop("miner", None)
-        following = dataclasses.replace(config, resume=True, **resolved)
+        backend = beat.backend or config.backend
+        miner = config.miner if config.miner == "auto" else beat.miner or config.miner
+        following = dataclasses.replace(config, resume=True, backend=backend, miner=miner)
         if not repeated:
             return following, None
         to = self._next_engine(role, engine)
