@@ -47,12 +47,14 @@ def undisturbed(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @contextlib.contextmanager
-def supervised_run(dataset: Path, out: Path, steps: int) -> Iterator[subprocess.Popen[str]]:
-    """`twotower train` (supervised) in a child without PYTHONUNBUFFERED, yielded once it has
-    logged `steps` steps; killed on the way out if it still runs."""
+def supervised_run(
+    dataset: Path, out: Path, steps: int, **env: str
+) -> Iterator[subprocess.Popen[str]]:
+    """`twotower train` (supervised) in a child without PYTHONUNBUFFERED, `env` added, yielded
+    once it has logged `steps` steps; killed on the way out if it still runs."""
     process = subprocess.Popen(
         [sys.executable, "-m", "twotower", *train_args(dataset, out, *SUPERVISED_ARGS)],
-        env=child_env(),
+        env=child_env(**env),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -111,8 +113,8 @@ def test_a_run_killed_whole_resumes_over_its_stale_lock(
     dataset: Path, undisturbed: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    with supervised_run(dataset, out, 12) as first:
-        killed = signal_tree(first.pid, signal.SIGKILL)
+    with supervised_run(dataset, out, 12, TWOTOWER_INJECT_FAULT="hang@step:12") as first:
+        killed = signal_tree(first.pid, signal.SIGKILL)  # it waits at step 12 for this
         first.communicate(timeout=60)
     holder = read_holder(out)
     assert holder is not None and holder.pid == first.pid and first.pid in killed
