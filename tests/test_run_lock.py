@@ -1,7 +1,8 @@
 """One writer owns a run directory (twotower/run/lock.py), checked with real processes: a second
-trainer on a run in use is refused at once naming the holder, and the first ends bit for bit
-equal to a run nobody disturbed; a run killed whole (SIGKILL to supervisor and trainer) leaves
-a lock whose holder is gone, which the resume takes over, ending bit for bit equal too."""
+trainer on a run in use is refused at once naming the holder while a reader (eval) runs beside
+it, and the first ends bit for bit equal to a run nobody disturbed; a run killed whole (SIGKILL
+to supervisor and trainer) leaves a lock whose holder is gone, which the resume takes over,
+ending bit for bit equal too."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def test_a_second_trainer_is_refused_and_the_first_ends_undisturbed(
             started = time.monotonic()
             second = run_twotower("train", "--out", str(out), "--resume", timeout=60)
             took = time.monotonic() - started
+            reader = run_twotower("eval", "--run", str(out), "--checkpoint", "latest")
         finally:
             signal_tree(first.pid, signal.SIGCONT)
         _, err_text = first.communicate(timeout=120)
@@ -104,6 +106,7 @@ def test_a_second_trainer_is_refused_and_the_first_ends_undisturbed(
     assert len(lines) == 1, second.stderr
     assert f"pid {first.pid} on {socket.gethostname()} since " in lines[0]
     assert took < 30  # refused at once: no data loaded, no engine built
+    assert reader.returncode == 0 and "tower: step " in reader.stdout, reader.stderr  # no lock
     assert first.returncode == 0, err_text
     assert_same_state(out, undisturbed)
     assert read_holder(out) is None  # released at the end
