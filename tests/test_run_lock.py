@@ -91,7 +91,7 @@ def test_a_second_trainer_is_refused_and_the_first_ends_undisturbed(
     dataset: Path, undisturbed: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    with supervised_run(dataset, out, 5) as first:
+    with supervised_run(dataset, out, 8) as first:  # the checkpoint at 7 is committed
         signal_tree(first.pid, signal.SIGSTOP)  # still holding its lock, mid-run
         try:
             started = time.monotonic()
