@@ -35,7 +35,7 @@ from bench.report import RatioReport
 from twotower import backends
 from twotower.data import synthesize
 from twotower.process import wait_policy
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_TITLE = "busy machine: trainer wall (first to last step) by OpenMP wait policy"

@@ -26,7 +26,7 @@ from bench.report import RatioReport
 from tests.processes import REPO, child_env
 from twotower import backends
 from twotower.data import Dataset, synthesize
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 pytestmark = pytest.mark.skipif(
     "torch-cpu" not in backends.available(), reason="torch.distributed needs torch"

@@ -33,7 +33,7 @@ from twotower import supervise
 from twotower.cli import build_parser, config_from_args
 from twotower.data import Dataset, synthesize
 from twotower.process.memory import process_memory
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 STEPS = 400
 WARMUP = 20

@@ -23,9 +23,9 @@ from bench.test_backends import B, D, H, K, Q, plain_torch_step
 from twotower import Batch
 from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.batching import StepPlan
 from twotower.training.heldout import held_out_split
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 STEPS = 40

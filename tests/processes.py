@@ -45,7 +45,7 @@ def signal_after_steps(
 ) -> subprocess.CompletedProcess[str]:
     """Start `python -m twotower ARGS` in `cwd`, send it `signum` (a real signal, as Ctrl-C
     or a scheduler sends) once RUN/metrics.jsonl holds `steps` step records, and wait."""
-    from twotower.training.rundir import read_metrics
+    from twotower.run.rundir import read_metrics
 
     def logged() -> int:
         if not (run / "metrics.jsonl").exists():

@@ -1,13 +1,17 @@
 """Small training runs the tests share: the resume run's settings (STEPS, BATCH, TRAIN_ARGS,
-also the supervisor tests' run), a config just big enough for a miner's build, and readings of
-a run's metrics log (each step's batch digests, where --patience should have stopped)."""
+also the supervisor tests' run), a config just big enough for a miner's build, readings of
+a run's metrics log (each step's batch digests, where --patience should have stopped), and the
+bitwise comparison of two runs' final checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import twotower
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
+from twotower.training.checkpoint import load_checkpoint
 
 STEPS = 30
 BATCH = 16
@@ -30,6 +34,17 @@ def tiny_config(data: Path, out: Path, **settings) -> twotower.TrainConfig:
         max_eval=20,
         **settings,
     )
+
+
+def assert_same_state(run: Path, straight: Path) -> None:
+    """Bitwise: parameters, optimizer moments and queue of the two runs' final checkpoints,
+    both at step STEPS."""
+    meta, state = load_checkpoint(run)
+    expected_meta, expected = load_checkpoint(straight)
+    assert meta["step"] == expected_meta["step"] == STEPS
+    assert set(state) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
 
 
 def step_digests(run: Path) -> dict[int, list[str]]:

@@ -1,14 +1,23 @@
 """Temp-then-rename writes (`twotower/atomic.py`): the one temporary name, the rename on
-success, nothing left behind on failure, and a name per thread."""
+success, nothing left behind on failure, a name per thread, and a directory replaced without
+ever being missing."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from twotower.atomic import TEMPORARY_GLOB, replace_file, replacing, temporary_beside
+from twotower import atomic
+from twotower.atomic import (
+    TEMPORARY_GLOB,
+    replace_dir,
+    replace_file,
+    replacing,
+    temporary_beside,
+)
 
 
 def test_replacing_renames_on_success_and_removes_the_temporary_on_failure(
@@ -39,3 +48,48 @@ def test_two_threads_get_two_temporary_names(tmp_path: Path) -> None:
     thread.join()
     assert names[0] != temporary_beside(path)
     assert all(name.match(TEMPORARY_GLOB) for name in (names[0], temporary_beside(path)))
+
+
+def built_dir(path: Path, content: str) -> Path:
+    path.mkdir()
+    (path / "tower.json").write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["swapped", "renamed-aside"])
+def test_replace_dir_puts_the_new_directory_over_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    if not exchange:  # as on macOS, or a filesystem without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    out = tmp_path / "export"
+    replace_dir(built_dir(temporary_beside(out), "first"), out)  # nothing there yet
+    replace_dir(built_dir(temporary_beside(out), "second"), out)
+    assert (out / "tower.json").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the old one is gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RENAME_EXCHANGE is Linux's")
+def test_a_reader_never_finds_the_directory_missing_while_it_is_replaced(tmp_path: Path) -> None:
+    """The earlier directory is swapped out, never deleted first: a reader polling it while it
+    is replaced 200 times always finds a whole one."""
+    out = built_dir(tmp_path / "export", "0")
+    missing: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                (out / "tower.json").read_text()
+            except FileNotFoundError:
+                missing.append(1)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for number in range(1, 201):
+            replace_dir(built_dir(temporary_beside(out), str(number)), out)
+    finally:
+        done.set()
+        reader.join()
+    assert (out / "tower.json").read_text() == "200" and missing == []

@@ -17,7 +17,7 @@ from twotower import miners
 from twotower.data import synthesize
 from twotower.miners import auto
 from twotower.miners.auto import choose_miner
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 
 def test_small_refreshes_stay_exact() -> None:

@@ -14,9 +14,9 @@ from twotower.cli import build_parser, config_from_args
 from twotower.config import DEFAULT_SAMPLED, TrainConfig
 from twotower.data import synthesize
 from twotower.errors import UsageError
+from twotower.run.rundir import read_metrics
 from twotower.training import bank_choice
 from twotower.training.bank_negatives import BankNegatives, log_frequencies
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 

@@ -16,7 +16,7 @@ from tests.processes import run_twotower
 from twotower import backends, miners
 from twotower.cli import main
 from twotower.config import TrainConfig
-from twotower.config_files import read_stored_config
+from twotower.run.settings import resumed_settings
 
 FAST = (
     "--no-supervise",
@@ -270,7 +270,7 @@ def test_resume_reads_an_old_config_as_the_run_it_was(tmp_path: Path) -> None:
     del old["lr_schedule"], old["mine_lead"]
     old["an_option_since_removed"] = 1
     (tmp_path / "config.json").write_text(json.dumps(old))
-    stored = read_stored_config(tmp_path / "config.json")
+    stored = resumed_settings(tmp_path)
     assert (stored["lr_schedule"], stored["mine_lead"]) == ("constant", 0)
     assert not {"out", "resume", "supervise", "an_option_since_removed"} & set(stored)
     assert TrainConfig.from_dict(stored).numeric_differences(old) == []

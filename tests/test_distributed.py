@@ -25,8 +25,8 @@ from tests.runs import expected_stop
 from twotower import backends
 from twotower.batch import Batch
 from twotower.data import synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import LATEST, list_checkpoints, load_checkpoint
-from twotower.training.rundir import read_metrics
 
 pytestmark = pytest.mark.skipif(
     "torch-cpu" not in backends.available(), reason="torch.distributed needs torch"

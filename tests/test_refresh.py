@@ -12,6 +12,7 @@ import pytest
 from twotower import backends, miners
 from twotower.config import TrainConfig
 from twotower.data import synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.batching import StepPlan, mine_table
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.evaluation import encode_rows
@@ -22,7 +23,6 @@ from twotower.training.refresh import (
     recall_warning,
     run_refresh,
 )
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 

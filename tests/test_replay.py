@@ -18,8 +18,8 @@ from twotower.cli import main
 from twotower.config import TrainConfig
 from twotower.data import synthesize
 from twotower.diagnose.replay import replay
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 STEP = 22  # between checkpoints 16 and 24, after the mining at step 20

@@ -16,7 +16,7 @@ from twotower import backends, miners
 from twotower.data import synthesize
 from twotower.diagnose import report
 from twotower.diagnose.run_picture import Marker, run_picture, smooth
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 SMALL = (
     "--batch-size 16 --hidden 16 --hard-negatives 4 --mine-every 5 --mine-lead 0 --mine-pool 8 "

@@ -19,9 +19,9 @@ from tests.processes import signal_after_steps, train_in_child
 from tests.runs import BATCH, STEPS, TRAIN_ARGS, step_digests
 from twotower import backends
 from twotower.data import synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
 from twotower.training.heldout import held_out_split
-from twotower.training.rundir import read_metrics
 
 SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an epoch
 

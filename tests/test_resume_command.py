@@ -19,8 +19,8 @@ import pytest
 from tests.processes import run_twotower, signal_after_steps
 from twotower import backends
 from twotower.data import synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.rundir import read_metrics
 
 STEPS = 200  # long enough (seconds) that a SIGINT sent after the third step lands mid-run
 FLAGS = (

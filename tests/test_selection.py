@@ -17,10 +17,10 @@ from tests.processes import train_in_child
 from tests.runs import expected_stop
 from twotower.config import TrainConfig
 from twotower.data import load_dataset, synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.cadence import EVAL_BUDGET, auto_eval_every, eval_flops, step_flops
 from twotower.training.checkpoint import BEST_DIR, list_checkpoints, load_checkpoint
 from twotower.training.heldout import held_out
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 PARAMS = ("gru.", "proj.")

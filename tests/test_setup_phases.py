@@ -18,7 +18,7 @@ from tests.runs import tiny_config
 from twotower import miners
 from twotower.data import synthesize
 from twotower.errors import UsageError
-from twotower.training.rundir import read_metrics
+from twotower.run.rundir import read_metrics
 
 pytestmark = pytest.mark.skipif("faiss" not in miners.available(), reason="needs faiss")
 

@@ -127,7 +127,7 @@ def test_a_run_beside_a_competitor_records_the_contention(outside: int, tmp_path
     import json
 
     from tests.processes import run_twotower
-    from twotower.training.rundir import read_metrics
+    from twotower.run.rundir import read_metrics
 
     out = tmp_path / "run"
     done = run_twotower(

@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import twotower
 from tests.processes import REPO, child_env, run_twotower
-from tests.runs import STEPS, TRAIN_ARGS, step_digests
+from tests.runs import STEPS, TRAIN_ARGS, assert_same_state, step_digests
 from twotower import backends, miners
 from twotower.cli import build_parser, config_from_args
 from twotower.data import synthesize
@@ -27,9 +26,9 @@ from twotower.guard.evidence import MemoryTrend
 from twotower.guard.forensics import ChildOutcome, crashing_thread_first, likely_causes
 from twotower.guard.monitor import STACK_WAIT
 from twotower.process.exit_status import ExitStatus
+from twotower.run.heartbeat import read_heartbeat
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.heartbeat import read_heartbeat
-from twotower.training.rundir import read_metrics
 
 SUPERVISED_ARGS = tuple(arg for arg in TRAIN_ARGS if arg != "--no-supervise")
 IN_PROCESS = ("--miner-isolation", "none")  # the miner in the trainer: its crash is the trainer's
@@ -77,16 +76,6 @@ def events(run: Path, name: str) -> list[dict]:
 
 def report(run: Path, attempt: int) -> dict:
     return json.loads((run / "crashes" / f"attempt-{attempt}.json").read_text())
-
-
-def assert_same_state(run: Path, straight: Path) -> None:
-    """Bitwise: parameters, optimizer moments and queue of the final checkpoints."""
-    meta, state = load_checkpoint(run)
-    expected_meta, expected = load_checkpoint(straight)
-    assert meta["step"] == expected_meta["step"] == STEPS
-    assert set(state) == set(expected)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(state[name], value, err_msg=name)
 
 
 def assert_reports_fault(run: Path, attempt: int, kind: str, phase: str, step: int) -> dict:

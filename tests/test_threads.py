@@ -21,8 +21,8 @@ from tests.processes import REPO, child_env, train_in_child
 from twotower import backends, miners
 from twotower.data import synthesize
 from twotower.process.threads import SPLIT_MIN_FLOPS, thread_budget, usable_cores
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.rundir import read_metrics
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # A step of B = 32 at this width is over SPLIT_MIN_FLOPS (about 1.7 GFLOP), so the budget

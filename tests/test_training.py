@@ -16,8 +16,8 @@ from tests.processes import REPO, child_env, train_in_child
 from twotower import miners
 from twotower.config import TrainConfig
 from twotower.data import synthesize
+from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.rundir import read_metrics
 from twotower.training.trainer import train
 
 SMALL = (
@@ -413,7 +413,7 @@ def test_a_stop_between_evaluations_evaluates_for_the_summary_only(
     try:
         stopped = stopping.train()
     finally:
-        opened.points.close()
+        opened.close()
     assert (stopped.exit_code, stopped.steps) == (130, 7)
     evals = events(tmp_path / "run", "eval")
     assert [(r["step"], r.get("selected", True)) for r in evals] == [

@@ -147,8 +147,8 @@ def test_a_probe_below_target_raises_the_search_and_a_resume_keeps_it(
     to the run never killed. The control: a run that keeps the tuned efSearch ends elsewhere."""
     from tests.processes import train_in_child
     from twotower.data import synthesize
+    from twotower.run.rundir import read_metrics
     from twotower.training.checkpoint import load_checkpoint
-    from twotower.training.rundir import read_metrics
 
     monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"

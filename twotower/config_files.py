@@ -1,5 +1,5 @@
-"""Settings from files: a `--config FILE.toml|.json`, and the config.json of a run that
-`--resume` continues. Both give a dict of `TrainConfig` fields for the CLI to merge."""
+"""Settings from a `--config FILE.toml|.json`: a dict of `TrainConfig` fields for the CLI to
+merge. A run's own config.json is read by `twotower.run.settings`, never here."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twotower.config import ABSENT_MEANS, TrainConfig
+from twotower.config import TrainConfig
 from twotower.errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-# What --resume takes from its own command line, never from the run's config.json: where the
-# run is, that it continues, and whether this invocation is supervised (a supervised run's
-# config.json is written by its child, which runs unsupervised).
-PER_INVOCATION = ("out", "resume", "supervise")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -39,16 +34,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     return values
-
-
-def read_stored_config(path: str | Path) -> dict[str, Any]:
-    """The settings of a run's config.json that --resume continues with: a key the file
-    lacks (a run made before that option existed) reads as what such a run did
-    (ABSENT_MEANS); PER_INVOCATION keys are left to the command that resumes, and a key
-    no field has any more is left out (as `numeric_differences` leaves it out)."""
-    try:
-        stored = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: unreadable ({error}); cannot resume") from None
-    kept = set(TrainConfig.field_names()) - set(PER_INVOCATION)
-    return {**ABSENT_MEANS, **{key: value for key, value in stored.items() if key in kept}}

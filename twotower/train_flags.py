@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
+from pathlib import Path
 from typing import Any
 
 from twotower.config import TrainConfig, default_out
-from twotower.config_files import read_config_file, read_stored_config
+from twotower.config_files import read_config_file
 from twotower.errors import UsageError
+from twotower.run.settings import SETTINGS_NAME, resumed_settings
 
 LIST_FIELDS = {"fallback", "miner_fallback"}
 
@@ -217,12 +219,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _resumed_settings(asked: dict[str, Any]) -> dict[str, Any]:
     """What --resume continues with: the settings of RUN/config.json and RUN itself ({} when
     RUN holds no config.json and the command names the data: a run that starts afresh)."""
-    from twotower.training.rundir import RunDir
-
     out = asked.get("out") or default_out()
-    path = RunDir(out).config
-    if path.is_file():
-        return {**read_stored_config(path), "out": out}
+    if (Path(out) / SETTINGS_NAME).is_file():
+        return {**resumed_settings(out), "out": out}
     if asked.get("data") is None and not asked.get("demo"):
         if not asked.get("out"):
             raise UsageError("--resume needs --out RUN: the run directory to continue")

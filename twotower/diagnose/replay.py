@@ -38,17 +38,19 @@ from twotower import backends, miners
 from twotower.agreement import REPLAY_TOLERANCES, disagreement
 from twotower.backends import Backend, make_backend
 from twotower.batch import Batch
-from twotower.config import ABSENT_MEANS, TrainConfig
-from twotower.config_files import read_config_file
+from twotower.config import TrainConfig
 from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
 from twotower.paths import user_cache_dir
+from twotower.run.records import CheckpointMeta
+from twotower.run.rundir import RunDir, not_a_run, read_metrics
+from twotower.run.settings import read_run_config
 from twotower.training.bank_negatives import BankNegatives, logq_table
 from twotower.training.batching import StepPlan, gather_step, mine_table
 from twotower.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
-    load_checkpoint,
+    load_record,
     step_dir_name,
 )
 from twotower.training.evaluation import encode_rows
@@ -56,7 +58,6 @@ from twotower.training.heldout import held_out
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MINING_CHUNK, MiningSchedule, load_refresh
-from twotower.training.rundir import RunDir, not_a_run, read_metrics
 from twotower.training.schedule import LRSchedule, planned_steps
 from twotower.training.solo import Solo
 from twotower.training.step import StepState, prepare, update
@@ -168,9 +169,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     run_dir = RunDir(run)
     if not run_dir.config.is_file():
         raise UsageError(not_a_run(run_dir.root))
-    settings = {**ABSENT_MEANS, **read_config_file(run_dir.config)}  # as that run did
-    settings.update({"resume": False, **({"data": data} if data else {})})
-    config = TrainConfig.from_dict(settings, source=str(run_dir.config))
+    config = read_run_config(run_dir.root, resume=False, **({"data": data} if data else {}))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
     config = config.for_data(dataset.context_ids is not None)
     train_rows = held_out(config, dataset).train_rows
@@ -205,11 +204,12 @@ def last_step(view: RunView) -> int:
 # --- rebuilding step N ------------------------------------------------------------------
 
 
-def _engine_name(view: RunView, step: int, meta: dict[str, Any]) -> tuple[str, str]:
+def _engine_name(view: RunView, step: int, meta: CheckpointMeta | None) -> tuple[str, str]:
     """(backend to re-run the steps before `step` on, why): the one the run's last attempt
     that began at or before `step` used (else the checkpoint's), if this machine has it."""
     starts = [r for r in view.records if r.get("event") == "start" and r.get("step", 0) <= step]
-    run_engine = starts[-1]["backend"] if starts else meta.get("backend") or view.config.backend
+    saved_on = meta.backend if meta is not None else None
+    run_engine = starts[-1]["backend"] if starts else saved_on or view.config.backend
     run_engine = backends.resolve(run_engine)
     if run_engine in backends.available():
         return run_engine, f"on {run_engine}, as the run did"
@@ -222,12 +222,12 @@ def _saved_table(view: RunView, use: int) -> Path:
     return view.run.mined / f"table-{step_dir_name(use)}.npy"
 
 
-def _unusable(view: RunView, meta: dict[str, Any]) -> str | None:
+def _unusable(view: RunView, meta: CheckpointMeta) -> str | None:
     """Why a checkpoint cannot start a rebuild (a file it needs is gone), None if it can."""
-    table_name = meta.get("mined_table")
+    table_name = meta.mined_table
     if table_name and not (view.run.mined / table_name).is_file():
         return f"its mined table {table_name} is gone"
-    mining = meta.get("mining")
+    mining = meta.mining
     if (
         mining
         and not (view.run.mined / mining["queries"]).is_file()
@@ -310,7 +310,7 @@ def _start(view: RunView, step: int, notes: list[str]) -> tuple[int, SavedRefres
         if checkpoint_step(ckpt) > step:
             continue
         try:
-            meta, saved = load_checkpoint(ckpt)
+            meta, saved = load_record(ckpt)
         except CheckpointError as error:
             notes.append(f"skipped {ckpt.name}: {error}")
             continue
@@ -322,19 +322,16 @@ def _start(view: RunView, step: int, notes: list[str]) -> tuple[int, SavedRefres
         state = _step_state(view, make_backend(config, view.dataset.dim, name))
         state.backend.load_state(saved)
         state.queue.load_state(saved)
-        table_name = meta.get("mined_table")
-        if table_name:
-            state.table = HardNegativeTable.load(view.run.mined / table_name)
-        notes.append(
-            f"from checkpoint {ckpt.name} (written on {meta.get('backend')}); re-ran {why}"
-        )
+        if meta.mined_table:
+            state.table = HardNegativeTable.load(view.run.mined / meta.mined_table)
+        notes.append(f"from checkpoint {ckpt.name} (written on {meta.backend}); re-ran {why}")
         refreshes = SavedRefreshes(view, state, notes)
-        mining = meta.get("mining")
+        mining = meta.mining
         if mining and (view.run.mined / mining["queries"]).is_file():
             refresh = load_refresh(mining, view.run.mined, state.mining)
             refreshes.taken[refresh.use] = (refresh.rows, refresh.queries)
-        return int(meta["step"]), refreshes
-    name, why = _engine_name(view, step, {})
+        return meta.step, refreshes
+    name, why = _engine_name(view, step, None)
     notes.append(f"from the initial parameters (no usable checkpoint <= {step}); re-ran {why}")
     state = _step_state(view, make_backend(config, view.dataset.dim, name))
     return 0, SavedRefreshes(view, state, notes)

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twotower.atomic import replace_file
 from twotower.config import METRICS
 from twotower.diagnose.run_picture import RunPicture, run_picture
 from twotower.errors import UsageError
-from twotower.training.rundir import not_a_run
+from twotower.run.rundir import not_a_run
 
 MARKER_COLOURS = {
     "crash": "tab:red",
@@ -203,17 +204,18 @@ def draw(picture: RunPicture, out: Path) -> Path:
     plt.close(figure)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        out.write_bytes(buffer.getvalue())
+        replace_file(out, buffer.getvalue())
         return out
     rows = "".join(
         f"<tr><td>{m.step}</td><td>{html.escape(m.kind)}</td><td>{html.escape(m.label)}</td></tr>"
         for m in picture.markers
     )
     image = base64.b64encode(buffer.getvalue()).decode()
-    out.write_text(
+    replace_file(
+        out,
         f"<!doctype html><title>twotower run {html.escape(picture.run.name)}</title>"
         f'<img src="data:image/png;base64,{image}">'
-        f"<table><tr><th>step</th><th>event</th><th>what</th></tr>{rows}</table>\n"
+        f"<table><tr><th>step</th><th>event</th><th>what</th></tr>{rows}</table>\n",
     )
     return out
 

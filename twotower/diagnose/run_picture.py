@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from twotower.config import METRICS
-from twotower.training.rundir import RunDir, read_metrics
-from twotower.training.validation import BASELINES_EVENT
+from twotower.run.rundir import BASELINES_EVENT, RunDir, read_metrics
 
 SMOOTHING = 0.9  # weight of the past in the exponential moving average of noisy series
 STEP_SERIES = {

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_USAGE
@@ -41,9 +40,11 @@ from twotower.guard.monitor import SignalForwarder, WatchedChild
 from twotower.guard.supervisor import trainer_env
 from twotower.process import faults
 from twotower.process.collective_ledger import LedgerEntry, laggards, ledger_path, read_ledger
+from twotower.run.heartbeat import read_beat
+from twotower.run.records import Beat
+from twotower.run.rundir import RunDir
+from twotower.run.settings import write_settings
 from twotower.training.distributed import World, check_config
-from twotower.training.heartbeat import read_heartbeat
-from twotower.training.rundir import RunDir
 
 NEXT_STEP = "torchrun restarts the group from the newest checkpoint, within its --max-restarts"
 
@@ -59,8 +60,7 @@ def guard_rank(config: TrainConfig, world: World) -> int:
     stack_file = run_dir.crashes / f"{stem}.stacks.txt"
     trainer = dataclasses.replace(config, supervise=False)
     with tempfile.TemporaryDirectory(prefix="twotower-rank-") as folder:
-        config_file = Path(folder) / "config.json"
-        config_file.write_text(trainer.to_json())
+        config_file = write_settings(folder, trainer)
         command = [sys.executable, "-m", "twotower", "train", "--config", str(config_file)]
         with SignalForwarder() as signals:
             outcome = WatchedChild(
@@ -107,7 +107,7 @@ def peer_cause(
     names = ", ".join(f"rank {rank}" for rank in behind)
     evidence = [f"rank {world.rank}: {mine.describe()}"]
     for rank in behind:
-        beat = read_heartbeat(dataclasses.replace(world, rank=rank).heartbeat_path(run_dir))
+        beat = read_beat(dataclasses.replace(world, rank=rank).heartbeat_path(run_dir))
         evidence.append(f"rank {rank}: {ledgers[rank].describe()}; {heartbeat_text(beat)}")
     return forensics.Cause(
         "likely",
@@ -121,9 +121,9 @@ def peer_cause(
     )
 
 
-def heartbeat_text(beat: dict[str, Any] | None) -> str:
+def heartbeat_text(beat: Beat | None) -> str:
     """'its heartbeat: phase step at step 6, 35.2 s old' (or that it has none)."""
-    if not beat:
+    if beat is None:
         return "no heartbeat"
-    age = max(0.0, time.time() - beat.get("time", time.time()))
-    return f"its heartbeat: phase {beat.get('phase')} at step {beat.get('step')}, {age:.1f} s old"
+    age = max(0.0, time.time() - beat.time)
+    return f"its heartbeat: phase {beat.phase} at step {beat.step}, {age:.1f} s old"

@@ -8,6 +8,8 @@ faulthandler writing to `crashes/attempt-N.stacks.txt`, its heartbeat followed
     0          done
     2          bad input: final, passed through at once (a run directory this session
                made, refused before the trainer wrote to it, is removed again)
+    4          a full disk (`run.disk`): final, passed through at once; so is a crash whose
+               last words are ENOSPC or EDQUOT (no restart or engine switch frees a disk)
     130        interrupted (SIGINT/SIGTERM here are forwarded; the child checkpoints)
     otherwise  a crash: `crashes/attempt-N.json` and a summary on stderr
                (`forensics.examine`), then a restart from the newest checkpoint
@@ -24,6 +26,7 @@ log.txt. Attempt numbers continue across supervised sessions of one run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -35,14 +38,25 @@ from pathlib import Path
 from typing import Any
 
 from twotower import backends, miners
+from twotower.atomic import replace_file
 from twotower.config import METRICS, TrainConfig
-from twotower.errors import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from twotower.errors import (
+    EXIT_DISK_FULL,
+    EXIT_GAVE_UP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+)
 from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
 from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
+from twotower.run.disk import DISK_FULL_ERRNOS, disk_full_line, stops_on_full_disk
+from twotower.run.lock import RunLock
+from twotower.run.records import Beat
+from twotower.run.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.checkpoint import list_checkpoints
-from twotower.training.rundir import MetricsLog, RunDir, read_metrics
 from twotower.training.trainer import PROGRESS_ENV, RunResult
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -62,6 +76,27 @@ def trainer_env(stack_file: Path | None = None, **extra: str) -> dict[str, str]:
         env[CRASH_FILE_ENV] = str(stack_file)
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
+
+
+FINAL = (EXIT_OK, EXIT_USAGE, EXIT_DISK_FULL)  # no restart: done, bad input, a full disk
+
+
+def disk_full(outcome: forensics.ChildOutcome) -> bool:
+    """Whether a child's last words are an OSError of a full disk (ENOSPC, EDQUOT)."""
+    return any(f"[Errno {number}]" in outcome.stderr_tail for number in DISK_FULL_ERRNOS)
+
+
+def last_beat(outcome: forensics.ChildOutcome, config: TrainConfig) -> Beat:
+    """The child's last heartbeat as a record, its engines filled in from `config` where it
+    named none; before its first beat (or for an unreadable one) phase 'start-up', no step."""
+    beat = None
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        beat = Beat.from_dict(outcome.heartbeat) if outcome.heartbeat else None
+    if beat is None:
+        return Beat(outcome.pid, None, "start-up", config.backend, config.miner)
+    return dataclasses.replace(
+        beat, backend=beat.backend or config.backend, miner=beat.miner or config.miner
+    )
 
 
 def next_number(*folders: Path) -> int:
@@ -94,6 +129,18 @@ class Supervisor:
         restarts are used up."""
         self._check_engine_names()
         fresh = not self.run_dir.root.exists()
+        lock = RunLock(self.run_dir.root)
+        with stops_on_full_disk(self.run_dir.root):  # the supervisor's own writes
+            took_over = lock.acquire()  # for this session and its children; RunInUse: exit 2
+            if took_over:
+                say(took_over)
+            try:
+                return self._attempts(fresh)
+            finally:
+                lock.release()
+
+    def _attempts(self, fresh: bool) -> RunResult:
+        """`run`'s loop, the lock held; fresh: the run directory did not exist before."""
         metrics_before = self._metrics_count()
         number = next_number(self.folder, self.run_dir.crashes)
         attempt = dataclasses.replace(self.config, supervise=False)
@@ -103,7 +150,10 @@ class Supervisor:
                     return self._result(EXIT_INTERRUPTED, metrics_before, attempt)
                 outcome = self._attempt(number, attempt, signals)
                 code = outcome.exit.returncode
-                if code in (EXIT_OK, EXIT_USAGE) and outcome.interrupted is None:
+                if code not in FINAL and disk_full(outcome):  # not caught by the trainer
+                    say(disk_full_line(self.run_dir.root))
+                    code = EXIT_DISK_FULL
+                if code in FINAL and outcome.interrupted is None:
                     if code == EXIT_USAGE and fresh and not self.run_dir.metrics.exists():
                         shutil.rmtree(self.run_dir.root)  # refused up front: leave nothing
                     self.attempts.append(self._summary(number, attempt, outcome, None, None))
@@ -127,7 +177,7 @@ class Supervisor:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.run_dir.crashes.mkdir(parents=True, exist_ok=True)
         config_file = self.folder / f"attempt-{number}.json"
-        config_file.write_text(config.to_json())
+        replace_file(config_file, config.to_json())
         stack_file = self.run_dir.crashes / f"attempt-{number}.stacks.txt"
         extra = {PROGRESS_ENV: "1"} if sys.stderr.isatty() else {}
         command = [sys.executable, "-m", "twotower", "train", "--config", str(config_file)]
@@ -150,7 +200,7 @@ class Supervisor:
 
         Returns the next attempt's config: resumed, perhaps on another engine.
         """
-        beat = outcome.heartbeat or {}
+        beat = last_beat(outcome, config)
         following, switch = (
             self._next_config(config, outcome) if then == "restart" else (config, None)
         )
@@ -176,10 +226,10 @@ class Supervisor:
             pid=outcome.pid,
             returncode=outcome.exit.returncode,
             signal=outcome.exit.signal,
-            phase=beat.get("phase", "start-up"),
-            step=beat.get("step"),
-            backend=beat.get("backend", config.backend),
-            miner=beat.get("miner", config.miner),
+            phase=beat.phase,
+            step=beat.step,
+            backend=beat.backend,
+            miner=beat.miner,
             cause=cause["cause"],
             report=str(report_path.relative_to(self.run_dir.root)),
         )
@@ -213,19 +263,18 @@ class Supervisor:
         before the first heartbeat). At its second occurrence the role's engine moves
         down its fallback chain.
         """
-        beat = outcome.heartbeat or {}
-        phase = beat.get("phase", "start-up")
+        beat = last_beat(outcome, config)
+        phase = beat.phase
         role = "miner" if phase in forensics.MINER_PHASES else "backend"
-        engine = beat.get(role) or getattr(config, role)
-        point = (role, engine, phase, beat.get("step"))
+        engine = getattr(beat, role)
+        point = (role, engine, phase, beat.step)
         repeated = point in self.crash_points
         self.crash_points.append(point)
         # restarts keep the engines the child resolved ("auto" -> torch-cpu), except a miner
         # "auto" chose: its settings (the index) are the child's, which chooses again the same
-        resolved = {key: beat[key] for key in ("backend", "miner") if beat.get(key)}
-        if config.miner == "auto":
-            resolved.pop("miner", None)
-        following = dataclasses.replace(config, resume=True, **resolved)
+        backend = beat.backend or config.backend
+        miner = config.miner if config.miner == "auto" else beat.miner or config.miner
+        following = dataclasses.replace(config, resume=True, backend=backend, miner=miner)
         if not repeated:
             return following, None
         to = self._next_engine(role, engine)
@@ -237,8 +286,7 @@ class Supervisor:
             "role": role,
             "previous": engine,
             "to": to,
-            "reason": f"{role} {engine} crashed twice in phase {phase} at step "
-            f"{beat.get('step')} ({how})",
+            "reason": f"{role} {engine} crashed twice in phase {phase} at step {beat.step} ({how})",
         }
         if role == "backend":
             return dataclasses.replace(following, backend=to), switch
@@ -252,17 +300,17 @@ class Supervisor:
         report: Path | None,
         cause: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        beat = outcome.heartbeat or {}
+        beat = last_beat(outcome, config)
         return {
             "attempt": number,
             "pid": outcome.pid,
-            "backend": beat.get("backend", config.backend),
-            "miner": beat.get("miner", config.miner),
+            "backend": beat.backend,
+            "miner": beat.miner,
             "returncode": outcome.exit.returncode,
             "exit": outcome.exit.describe(),
             "signal": outcome.exit.signal,
-            "phase": beat.get("phase", "start-up"),
-            "step": beat.get("step"),
+            "phase": beat.phase,
+            "step": beat.step,
             "seconds": round(outcome.seconds, 2),
             "peak_rss_kb": outcome.peak_rss_kb,
             "report": str(report) if report else None,

@@ -5,17 +5,15 @@ The directory (see `tower_dir`) loads without the run, the dataset or the traine
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
-from twotower.atomic import temporary_beside
+from twotower.atomic import replace_dir, temporary_beside
 from twotower.errors import UsageError
+from twotower.run.settings import read_settings
 from twotower.serve.tower_dir import (
-    RESIDUAL_NONE,
     TOWER_JSON,
     TowerFiles,
     write_tower_files,
@@ -27,7 +25,6 @@ from twotower.training.checkpoint import (
     describe_choice,
     load_checkpoint,
 )
-from twotower.training.rundir import not_a_run
 
 FORMATS = ("safetensors", "torch", "onnx")
 
@@ -44,23 +41,12 @@ def say_checkpoint(files: TowerFiles) -> None:
         print(f"twotower: {line}", file=sys.stderr, flush=True)
 
 
-def _run_settings(run: Path) -> dict[str, Any]:
-    config = run / "config.json"
-    try:
-        settings = json.loads(config.read_text())
-    except FileNotFoundError:
-        raise UsageError(not_a_run(run)) from None
-    except ValueError as error:
-        raise UsageError(f"{config}: unreadable ({error})") from None
-    return dict(settings)
-
-
 def tower_from_run(run: str | os.PathLike[str], checkpoint: str | None = None) -> TowerFiles:
     """A run's tower at --checkpoint best|latest|step-N (None: best/ where the run kept one,
     else latest; see `choose_checkpoint`): spec from config.json, dim and parameters from the
     checkpoint, and the run's held-out split settings."""
     run = Path(run)
-    settings = _run_settings(run)
+    settings = read_settings(run)  # as the version that wrote it meant
     try:
         checkpoint, source = choose_checkpoint(run, checkpoint)
         meta, state = load_checkpoint(source)
@@ -77,7 +63,7 @@ def tower_from_run(run: str | os.PathLike[str], checkpoint: str | None = None) -
         hidden=int(settings.get("hidden", dim)) if kind == "gru" else dim,
         layers=int(settings.get("layers", 1)),
         proj=bool(settings.get("proj", True)),
-        residual=str(settings.get("residual", RESIDUAL_NONE)),
+        residual=str(settings["residual"]),
     )
     params = {name: state[name] for name in spec.shapes() if name in state}
     spec.check_state(params)
@@ -119,9 +105,7 @@ def export_tower(
             from twotower.serve.torch_tower import save_extra
 
             save_extra(tmp, tower.spec, tower.params, format)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        replace_dir(tmp, out)  # an earlier export is swapped out, never deleted first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -31,12 +31,17 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 from twotower import progress
-from twotower.atomic import TEMPORARY_GLOB, fsync_dir, replace_file
+from twotower.atomic import TEMPORARY_GLOB, fsync_dir, naming, replace_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
 from twotower.paths import shown_path
+from twotower.run.records import (
+    CHECKPOINT_FORMAT,
+    READABLE_CHECKPOINT_FORMATS,
+    CheckpointMeta,
+)
 
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = CHECKPOINT_FORMAT  # meta.json's, kept in twotower.run.records
+READABLE_VERSIONS = READABLE_CHECKPOINT_FORMATS
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 STORES = {"latest": CHECKPOINTS_DIR, "best": BEST_DIR}  # --checkpoint's words for a store
@@ -78,7 +83,7 @@ class _HashingWriter:
 
 def _write_durably(path: Path, write: Callable[[BinaryIO], _T]) -> _T:
     """Create `path`, let `write` fill it, flush and fsync it; return what `write` returned."""
-    with open(path, "xb") as file:
+    with naming(path), open(path, "xb") as file:
         result = write(file)
         file.flush()
         os.fsync(file.fileno())
@@ -156,8 +161,8 @@ def save_checkpoint(
     temporary directory is removed. After the commit LATEST names the new
     checkpoint, and only the `keep` newest steps up to this one survive; any
     with a higher step (left by a run resumed from an earlier checkpoint) go
-    too. Saving a step that exists replaces it: the old one is renamed away
-    only once the new one is complete, and the two renames are back to back.
+    too. Saving a step that exists replaces it (`atomic.replace_dir`): the old one is
+    swapped out only once the new one is complete.
     Writing the arrays is the "checkpoint" progress task (`twotower.progress`).
     """
     if keep < 1:
@@ -198,13 +203,8 @@ def save_checkpoint(
         _remove(tmp)
         raise
     final = ckpt_dir / name
-    replaced = _retire(ckpt_dir, final) if final.exists() else None
-    os.rename(tmp, final)
-    fsync_dir(ckpt_dir)
+    replace_dir(tmp, final)  # a checkpoint of the same step is swapped out, then removed
     _set_latest(ckpt_dir, name)
-
-    if replaced is not None:
-        _remove(replaced)
     others = [path for path in _committed(ckpt_dir) if path.name != name]
     older = [path for path in others if _step_of(path) < step]
     newer = [path for path in others if _step_of(path) > step]
@@ -426,3 +426,12 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path} is not valid: {why}") from None
     _, meta, state = _first_valid(path, read=True)
     return meta, state
+
+
+def load_record(
+    path: str | os.PathLike[str], which: str = "latest"
+) -> tuple[CheckpointMeta, dict[str, np.ndarray]]:
+    """`load_checkpoint` with meta.json as its typed record (`run.records.CheckpointMeta`):
+    what every command of twotower reads a checkpoint with. Raises as `load_checkpoint`."""
+    meta, state = load_checkpoint(path, which)
+    return CheckpointMeta.from_dict(meta), state

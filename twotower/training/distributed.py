@@ -40,10 +40,10 @@ from twotower.errors import UsageError
 from twotower.miners.base import Miner
 from twotower.process import faults
 from twotower.process.collective_ledger import CollectiveLedger, counted
+from twotower.run.rundir import RunDir
 from twotower.training.batching import StepData, StepPlan, mine_table
 from twotower.training.mining import HardNegativeTable, MiningReport
 from twotower.training.refresh import Mined, Refresh
-from twotower.training.rundir import RunDir
 
 WORLD_SIZE_ENV = "WORLD_SIZE"
 RANK_ENV = "RANK"

@@ -15,10 +15,10 @@ import numpy as np
 from twotower import miners
 from twotower.backends import make_backend
 from twotower.config import TrainConfig
-from twotower.config_files import read_config_file
 from twotower.data import load_dataset
 from twotower.errors import UsageError
 from twotower.paths import shown_path, user_cache_dir
+from twotower.run.settings import SETTINGS_NAME, find_run, read_settings
 from twotower.training.checkpoint import (
     CheckpointError,
     choose_checkpoint,
@@ -27,7 +27,6 @@ from twotower.training.checkpoint import (
 )
 from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
 from twotower.training.heldout import held_out
-from twotower.training.rundir import not_a_run
 
 ROWS = ("held-out", "all")
 
@@ -61,20 +60,11 @@ class EvalReport:
         return [header, *self.comparison.table()]
 
 
-def _run_settings(run: str) -> dict[str, Any]:
-    """The config.json of the run that `run` (a run, store or checkpoint directory) belongs to."""
-    path = Path(run)
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "config.json").is_file():
-            return read_config_file(candidate / "config.json")
-    raise UsageError(not_a_run(run))
-
-
 def _checkpoint_of(run: Path, checkpoint: str | None) -> tuple[int, dict[str, np.ndarray]]:
     """The step and state of `run`'s checkpoint `checkpoint` (a run directory: named on the log
     by `describe_choice`), or of `run` itself (a store or a checkpoint directory)."""
     try:
-        if not (run / "config.json").is_file():
+        if not (run / SETTINGS_NAME).is_file():
             meta, state = load_checkpoint(run)
             return int(meta["step"]), state
         which, source = choose_checkpoint(run, checkpoint)
@@ -112,7 +102,7 @@ def evaluate_run(
     state = None
     step = None
     if run is not None:
-        settings = _run_settings(run)
+        settings = read_settings(find_run(run))  # as the version that wrote it meant
         step, state = _checkpoint_of(Path(run), checkpoint)
     config = TrainConfig.from_dict(
         {

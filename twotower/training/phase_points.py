@@ -15,7 +15,7 @@ from twotower.miners.base import Miner
 from twotower.process import faults
 from twotower.process.crash_dump import SUPERVISOR_PID_ENV
 from twotower.progress import install as install_progress_sink
-from twotower.training.heartbeat import Heartbeat
+from twotower.run.heartbeat import Heartbeat
 from twotower.training.phases import PhaseReporter
 
 log = logging.getLogger("twotower")
@@ -83,7 +83,7 @@ class PhasePoints:
             openmp=self.openmp,
             **fields,
         )
-        self.rss_kb = beat["rss_kb"]
+        self.rss_kb = beat.rss_kb
 
     @contextmanager
     def stop_signals(self) -> Iterator[None]:

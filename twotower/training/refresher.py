@@ -8,7 +8,6 @@ refresh in flight and the table in use.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.process.threads import ThreadSwitch
+from twotower.run.records import CheckpointMeta
+from twotower.run.rundir import MetricsLog, RunDir
 from twotower.training.checkpoint import list_checkpoints, step_dir_name
 from twotower.training.evaluation import encode_rows
 from twotower.training.miner_setup import MinerSetup
@@ -33,7 +34,6 @@ from twotower.training.refresh import (
     is_approximate,
     recall_warning,
 )
-from twotower.training.rundir import MetricsLog, RunDir
 from twotower.training.solo import RunGroup
 
 log = logging.getLogger("twotower")
@@ -203,14 +203,14 @@ class Refresher:
         """The file name of the mined table in use (a checkpoint's `mined_table`)."""
         return self.table_path.name if self.table_path else None
 
-    def in_flight(self, step: int) -> dict[str, Any]:
-        """What a checkpoint at `step` adds to its meta: the refresh taken and not yet in use
-        ({"mining": ...}, its queries saved once), or nothing."""
+    def in_flight(self, step: int) -> dict[str, Any] | None:
+        """What a checkpoint at `step` records as its `mining`: the refresh taken and not yet
+        in use (its queries saved once), or None."""
         if not self.config.hard_negatives or self.mining.in_flight_at(step) is None:
-            return {}
+            return None
         assert self.pending is not None, f"no refresh in flight at step {step}"
         self.pending.save_queries(self.run.mined)
-        return {"mining": self.pending.meta()}
+        return self.pending.meta()
 
     def prune(self) -> None:
         """Drop mined tables and saved queries that neither a kept checkpoint nor the run
@@ -220,11 +220,11 @@ class Refresher:
             keep.add(self.pending.queries_name)
         for ckpt in list_checkpoints(self.run.root):
             try:
-                meta = json.loads((ckpt / "meta.json").read_text())
-            except (OSError, ValueError):
+                meta = CheckpointMeta.read(ckpt)
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
-            keep.add(meta.get("mined_table"))
-            keep.add((meta.get("mining") or {}).get("queries"))
+            keep.add(meta.mined_table)
+            keep.add((meta.mining or {}).get("queries"))
         mined = self.run.mined
         for path in [*mined.glob("table-*.npy"), *mined.glob("queries-*.npy")]:
             if path.name not in keep:

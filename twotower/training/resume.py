@@ -4,7 +4,6 @@ in flight, the model selection)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,16 +12,17 @@ from typing import Any
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.errors import UsageError
+from twotower.run.rundir import RunDir
+from twotower.run.settings import read_settings
 from twotower.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
-    load_checkpoint,
+    load_record,
     step_dir_name,
 )
 from twotower.training.mining import HardNegativeTable
 from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MiningSchedule, Refresh, load_refresh
-from twotower.training.rundir import RunDir
 from twotower.training.selection import Selection
 
 log = logging.getLogger("twotower")
@@ -43,10 +43,7 @@ def check_run_dir(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
         return None
     if not run.config.exists():
         return None
-    try:
-        stored = json.loads(run.config.read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{run.config}: unreadable ({error}); cannot resume") from None
+    stored = read_settings(run.root)
     differences = config.numeric_differences(stored)
     if differences and has_checkpoints:
         raise UsageError(
@@ -87,21 +84,18 @@ def restore(
     if not (config.resume and list_checkpoints(run.root)):
         return Restored(0, fresh, table)
     try:
-        meta, state = load_checkpoint(run.root)
+        meta, state = load_record(run.root)
     except CheckpointError as error:
         raise UsageError(f"--resume: {error}") from None
     backend.load_state(state)
     queue.load_state(state)
     table_path = None
-    if meta.get("mined_table"):
-        table_path = run.mined / meta["mined_table"]
+    if meta.mined_table:
+        table_path = run.mined / meta.mined_table
         table = HardNegativeTable.load(table_path)
-    pending = load_refresh(meta["mining"], run.mined, mining) if meta.get("mining") else None
-    step = int(meta["step"])
-    log.info(
-        "resumed from %s (step %d, made on %s)", step_dir_name(step), step, meta.get("backend")
-    )
-    selection = Selection.restore(config.select_metric, meta.get("selection"))
-    metrics = dict(meta.get("metrics") or {})
-    params = dict(meta.get("search_params") or {})
+    pending = load_refresh(meta.mining, run.mined, mining) if meta.mining else None
+    step = meta.step
+    log.info("resumed from %s (step %d, made on %s)", step_dir_name(step), step, meta.backend)
+    selection = Selection.restore(config.select_metric, meta.selection)
+    metrics, params = dict(meta.metrics), dict(meta.search_params)
     return Restored(step, selection, table, metrics, table_path, pending, params)

@@ -7,7 +7,6 @@ directory (`resume.check_run_dir`), the backend and the miners' options.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -35,6 +34,11 @@ from twotower.process.threads import (
     thread_budget,
     usable_cores,
 )
+from twotower.run.disk import room_warning
+from twotower.run.heartbeat import Heartbeat
+from twotower.run.lock import RunLock, own_run
+from twotower.run.rundir import MetricsLog, RunDir, open_log
+from twotower.run.settings import read_settings, write_settings
 from twotower.training.bank_choice import BankChoice
 from twotower.training.bank_choice import resolve as resolve_bank_negatives
 from twotower.training.bank_negatives import BankNegatives, logq_table
@@ -49,7 +53,6 @@ from twotower.training.cadence import (
 )
 from twotower.training.demo import demo_dataset
 from twotower.training.distributed import Group, check_config, launched_world
-from twotower.training.heartbeat import Heartbeat
 from twotower.training.heldout import HeldOut, held_out
 from twotower.training.miner_setup import MinerSetup
 from twotower.training.mining import HardNegativeTable
@@ -58,7 +61,6 @@ from twotower.training.queue import MemoryQueue
 from twotower.training.refresh import MiningSchedule
 from twotower.training.refresher import Refresher, make_probe_miner, mines_beside_training
 from twotower.training.resume import check_run_dir, restore
-from twotower.training.rundir import MetricsLog, RunDir, open_log
 from twotower.training.schedule import LRSchedule, planned_steps
 from twotower.training.solo import RunGroup, Solo
 from twotower.training.step import StepState
@@ -98,6 +100,13 @@ class OpenedRun:
     total: int
     eval_every: int
     metrics_at_start: dict[str, float]
+    lock: RunLock | None = None  # the writer's lock (untaken where its supervisor holds it)
+
+    def close(self) -> None:
+        """End the run's hold on its directory: the phase points, then the writer's lock."""
+        self.points.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 class MinerEvents:
@@ -172,7 +181,7 @@ def _open_run_files(
     if group.writes_run_files:
         run.prepare()
         if write_config:
-            run.config.write_text(config.to_json())
+            write_settings(run.root, config)
         open_log(run.log)
         scalars = TensorboardScalars(config.tensorboard) if config.tensorboard else None
         metrics = MetricsLog(run.metrics, also=scalars)
@@ -237,14 +246,11 @@ class Accepted:
 
 
 def _stored_config(config: TrainConfig, run: RunDir) -> dict[str, Any] | None:
-    """RUN/config.json of the run being resumed; None for a fresh run or an unreadable file
-    (`check_run_dir` then refuses it)."""
+    """RUN/config.json of the run being resumed (`read_settings`); None for a fresh run.
+    Raises UsageError when it is unreadable."""
     if not (config.resume and run.config.is_file()):
         return None
-    try:
-        return dict(json.loads(run.config.read_text()))
-    except (OSError, ValueError):
-        return None
+    return read_settings(run.root)
 
 
 def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> Accepted:
@@ -293,11 +299,19 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
     checkpoint, the indexes, the validator and the refresher; logs the `start` event.
 
     on_worker_death(RUN/crashes, event) writes a dead miner worker's crash report and
-    returns its path (None: the death is only logged). The caller closes `points`.
+    returns its path (None: the death is only logged). The caller calls `close()`. Raises
+    RunInUse when another trainer writes the run.
     """
     a = accept(config, on_worker_death)
-    write_config = a.stored is None
-    heartbeat, metrics, scalars = _open_run_files(a.config, a.run, a.group, write_config)
+    lock, took_over = own_run(a.run.root, supervisor_pid(), a.group.writes_run_files)
+    try:
+        write_config = a.stored is None
+        heartbeat, metrics, scalars = _open_run_files(a.config, a.run, a.group, write_config)
+    except BaseException:
+        lock.release()
+        raise
+    if took_over:
+        log.warning("%s", took_over)
     a.events.metrics = metrics
     points = PhasePoints(heartbeat, a.backend.name, a.config.miner)
     try:
@@ -309,10 +323,13 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
         if a.bank_choice is not None:
             c = a.config
             log.info("--bank-negatives auto: %s (%s)", c.bank_negatives, a.bank_choice.reason)
-        return _load(a, points, metrics, scalars)
+        opened = _load(a, points, metrics, scalars)
     except BaseException:
         points.close()
+        lock.release()
         raise
+    opened.lock = lock
+    return opened
 
 
 def _load(
@@ -330,6 +347,10 @@ def _load(
     for gap in plan_gaps(c, total, eval_every) if group.writes_run_files else []:
         log.warning("%s", gap)
     restored = restore(c, a.run, backend, queue, table, mining)
+    if group.writes_run_files:
+        size = sum(array.nbytes for array in {**backend.state(), **queue.state()}.values())
+        if short := room_warning(a.run.root, size, c.keep_checkpoints):
+            log.warning("%s", short)
     a.miners.search_params = restored.search_params  # set again after the build
     step = restored.step
     mirror = getattr(backend, "queue_mirror", None)  # the ring on the backend's device

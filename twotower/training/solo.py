@@ -11,10 +11,10 @@ from typing import TypeVar
 import numpy as np
 
 from twotower.backends import Backend
+from twotower.run.rundir import RunDir
 from twotower.training.batching import StepData, StepPlan
 from twotower.training.distributed import Group
 from twotower.training.refresh import run_refresh
-from twotower.training.rundir import RunDir
 
 _T = TypeVar("_T")
 

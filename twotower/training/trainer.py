@@ -24,10 +24,12 @@ from tqdm import tqdm
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK
+from twotower.run.disk import stops_on_full_disk
+from twotower.run.records import CheckpointMeta
+from twotower.run.rundir import read_metrics
 from twotower.training import step as one_step
 from twotower.training.batching import Prefetcher, StepData
-from twotower.training.checkpoint import BEST_DIR, CheckpointError, load_checkpoint, save_checkpoint
-from twotower.training.rundir import read_metrics
+from twotower.training.checkpoint import BEST_DIR, CheckpointError, load_record, save_checkpoint
 from twotower.training.setup import OpenedRun, WorkerDeathReporter, open_run
 
 log = logging.getLogger("twotower")
@@ -127,24 +129,30 @@ class Trainer:
             group.barrier()  # rank 0 commits once every rank got here
             return
         arrays = {**state.backend.state(), **state.queue.state()}
-        meta = {
-            "epoch": state.plan.epoch_of(step),
-            "backend": state.backend.name,
-            "miner": run.points.miner_name,
-            "config_hash": self.config.numeric_hash(),
-            "mined_table": run.refresher.table_name,
-            "search_params": run.refresher.search_params,
-            "metrics": metrics,
-            "selection": run.validator.selection.state() if run.validator else None,
-            **run.refresher.in_flight(step),
-        }
+        meta = CheckpointMeta(
+            step,
+            epoch=state.plan.epoch_of(step),
+            backend=state.backend.name,
+            miner=run.points.miner_name,
+            config_hash=self.config.numeric_hash(),
+            mined_table=run.refresher.table_name,
+            search_params=run.refresher.search_params,
+            metrics=metrics,
+            selection=run.validator.selection.state() if run.validator else None,
+            mining=run.refresher.in_flight(step),
+        )
 
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
             run.points.enter("checkpoint", step)
             group.barrier()  # every rank has finished the step
 
         path = save_checkpoint(
-            run.run.root, step, arrays, meta, self.config.keep_checkpoints, before_commit
+            run.run.root,
+            step,
+            arrays,
+            meta.caller_fields(),
+            self.config.keep_checkpoints,
+            before_commit,
         )
         run.metrics.write("checkpoint", step=step, path=str(path.relative_to(run.run.root)))
         run.refresher.prune()
@@ -375,27 +383,29 @@ class Trainer:
             return None, {}
         root = self.run.run.root
         try:
-            meta, _ = load_checkpoint(root, which="best")
+            meta, _ = load_record(root, which="best")
         except CheckpointError:
             return None, {}
         log.info(
             "best: %s %.4f at step %d, in %s",
             self.config.select_metric,
-            meta["metrics"][self.config.select_metric],
-            meta["step"],
+            meta.metrics[self.config.select_metric],
+            meta.step,
             root / BEST_DIR,
         )
-        return int(meta["step"]), dict(meta["metrics"])
+        return meta.step, dict(meta.metrics)
 
 
 def train(config: TrainConfig, on_worker_death: WorkerDeathReporter | None = None) -> RunResult:
-    """Train in this process. Raises UsageError for bad input before anything is written.
+    """Train in this process. Raises UsageError for bad input before anything is written,
+    DiskFull (exit code 4) when a write of the run fails for want of space.
 
     on_worker_death(RUN/crashes, event) writes a dead miner worker's crash report and
     returns its path (`twotower.train` passes guard's; None: the death is only logged).
     """
-    opened = open_run(config, on_worker_death)
-    try:
-        return Trainer(opened).train()
-    finally:
-        opened.points.close()
+    with stops_on_full_disk(config.out):
+        opened = open_run(config, on_worker_death)
+        try:
+            return Trainer(opened).train()
+        finally:
+            opened.close()

@@ -9,15 +9,12 @@ import time
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.miners import Miner
+from twotower.run.rundir import BASELINES_EVENT, MetricsLog
 from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
 from twotower.training.heldout import HeldOut
-from twotower.training.rundir import MetricsLog
 from twotower.training.selection import Selection
 
 log = logging.getLogger("twotower")
-
-
-BASELINES_EVENT = "baselines"  # metrics.jsonl's record of the baselines (run_picture reads it)
 
 
 class Validator:

@@ -20,7 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from twotower.atomic import naming
+
 LOGGER_NAME = "twotower"
+BASELINES_EVENT = "baselines"  # metrics.jsonl's record of the baselines (run_picture reads it)
 
 
 class RunDir:
@@ -79,7 +82,11 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path, also: Callable[[dict[str, Any]], None] | None = None):
+        self.path = path
+        torn = path.is_file() and path.stat().st_size > 0 and not _ends_a_line(path)
         self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
+        if torn:  # a full disk or a kill cut the last line: the next one starts afresh
+            self._file.write("\n")
         self._also = also  # gets each record too (TensorBoard)
         self._lock = threading.Lock()  # a background mining reports miner events too
 
@@ -87,7 +94,7 @@ class MetricsLog:
         """Log {"event": event, "time": unix seconds, **fields}; returns the record."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
         line = json.dumps(record, default=_plain) + "\n"
-        with self._lock:
+        with self._lock, naming(self.path):
             self._file.write(line)
             self._file.flush()
         if self._also is not None:
@@ -96,6 +103,12 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+    with path.open("rb") as file:
+        file.seek(-1, 2)
+        return file.read(1) == b"\n"
 
 
 def _plain(value: Any) -> Any:
