@@ -17,10 +17,10 @@ import torch
 from twotower import backends
 from twotower.data import load_dataset
 from twotower.process.memory import linux_reading
-from twotower.training.bank_negatives import BankNegatives
 from twotower.training.batching import StepPlan, assemble_batch, gather_step
-from twotower.training.mining import HardNegativeTable
-from twotower.training.queue import MemoryQueue
+from twotower.training.negatives.bank_negatives import BankNegatives
+from twotower.training.negatives.mining import HardNegativeTable
+from twotower.training.negatives.queue import MemoryQueue
 
 B, H, Q, S = 32, 768, 4096, 8192
 

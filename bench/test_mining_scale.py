@@ -54,10 +54,10 @@ from twotower.paths import user_cache_dir
 from twotower.process.threads import usable_cores
 from twotower.run.rundir import read_metrics
 from twotower.training.batching import StepPlan, assemble_batch, gather_step
-from twotower.training.evaluation import encode_rows
-from twotower.training.heldout import held_out_split
-from twotower.training.mining import HardNegativeTable
-from twotower.training.queue import MemoryQueue
+from twotower.training.evaluation.heldout import held_out_split
+from twotower.training.evaluation.metrics import encode_rows
+from twotower.training.negatives.mining import HardNegativeTable
+from twotower.training.negatives.queue import MemoryQueue
 
 SEED_SCALE = os.environ.get("TWOTOWER_BENCH_SEED_SCALE", "") not in ("", "0")
 CACHE = Path(os.environ.get("TWOTOWER_BENCH_CACHE", ".benchmarks/cache"))

@@ -46,8 +46,8 @@ from bench.quality.build_dataset import build, default_out
 from twotower import miners
 from twotower.config import METRICS, TrainConfig
 from twotower.data import Dataset, load_dataset
-from twotower.training.eval_command import evaluate_run
-from twotower.training.evaluation import BASELINES, baseline_queries, rank_rows
+from twotower.training.evaluation.command import evaluate_run
+from twotower.training.evaluation.metrics import BASELINES, baseline_queries, rank_rows
 from twotower.training.trainer import train
 
 pytestmark = pytest.mark.skipif(

@@ -25,7 +25,7 @@ from twotower.config import TrainConfig
 from twotower.data import Dataset, synthesize
 from twotower.run.rundir import read_metrics
 from twotower.training.batching import StepPlan
-from twotower.training.heldout import held_out_split
+from twotower.training.evaluation.heldout import held_out_split
 from twotower.training.trainer import train
 
 STEPS = 40

@@ -15,8 +15,8 @@ from twotower.config import DEFAULT_SAMPLED, TrainConfig
 from twotower.data import synthesize
 from twotower.errors import UsageError
 from twotower.run.rundir import read_metrics
-from twotower.training import bank_choice
-from twotower.training.bank_negatives import BankNegatives, log_frequencies
+from twotower.training.negatives import bank_choice
+from twotower.training.negatives.bank_negatives import BankNegatives, log_frequencies
 from twotower.training.trainer import train
 
 

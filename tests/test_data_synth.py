@@ -32,7 +32,7 @@ from twotower.data import (
     synthesize,
 )
 from twotower.errors import UsageError
-from twotower.training.heldout import held_out_split
+from twotower.training.evaluation.heldout import held_out_split
 
 
 @pytest.mark.parametrize("layout", ["ids", "contexts"])

@@ -11,7 +11,7 @@ import pytest
 
 from tests.batches import make_batch
 from twotower import backends
-from twotower.training.queue import MemoryQueue
+from twotower.training.negatives.queue import MemoryQueue
 
 pytestmark = pytest.mark.skipif("torch-cpu" not in backends.available(), reason="needs torch")
 

@@ -13,7 +13,7 @@ from twotower.config import TrainConfig
 from twotower.data import load_dataset, synthesize
 from twotower.errors import UsageError
 from twotower.run.rundir import read_metrics
-from twotower.training.heldout import group_held_out_split, held_out, held_out_split
+from twotower.training.evaluation.heldout import group_held_out_split, held_out, held_out_split
 from twotower.training.trainer import train
 
 

@@ -26,6 +26,12 @@ RANKS = {
     "backends": 2,
     "miners": 2,
 }
+# Inside training/, the loop (set-up, the step, the trainer, resume) uses its parts; the parts
+# (negatives, evaluation, ranks) never reach back into it, so serve/ and replay can use them alone.
+LOOP = {f"twotower.training.{name}" for name in ("trainer", "setup", "step", "resume")}
+TRAINING_PARTS = tuple(
+    f"twotower.training.{part}." for part in ("negatives", "evaluation", "ranks")
+)
 SHARED = 1  # the modules directly under twotower/ that are not the face
 REFERENCE = 0
 
@@ -98,6 +104,8 @@ def violations(root: Path = ROOT) -> list[str]:
                     bad.append(f"{where}: only the face imports the package root or the CLI")
             elif target in known and rank(target) > rank(here):
                 bad.append(f"{where}: rank {rank(here)} must not import rank {rank(target)}")
+            elif here.startswith(TRAINING_PARTS) and target in LOOP:
+                bad.append(f"{where}: training's parts must not import the loop")
     return bad
 
 
@@ -108,11 +116,19 @@ def test_no_part_imports_a_higher_one() -> None:
 @pytest.mark.parametrize(
     ("here", "source", "complaint"),
     [
-        ("twotower/miners/x.py", "from twotower.training.queue import MemoryQueue", "rank 2"),
+        (
+            "twotower/miners/x.py",
+            "from twotower.training.negatives.queue import MemoryQueue",
+            "rank 2",
+        ),
         ("twotower/data/x.py", "import twotower.guard.supervisor", "rank 2"),
         ("twotower/training/x.py", "from twotower.guard import forensics", "rank 4"),
         ("twotower/training/x.py", "from twotower.serve.load import load_tower", "rank 4"),
-        ("twotower/run/x.py", "from twotower.training.queue import MemoryQueue", "rank 3"),
+        (
+            "twotower/run/x.py",
+            "from twotower.training.negatives.queue import MemoryQueue",
+            "rank 3",
+        ),
         ("twotower/miners/x.py", "from twotower.run.rundir import RunDir", "rank 2"),
         ("twotower/backends/x.py", "from twotower import cli", "only the face"),
         ("twotower/config.py", "from twotower.diagnose.doctor import diagnose", "rank 1"),

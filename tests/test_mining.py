@@ -15,7 +15,7 @@ import pytest
 from twotower.atomic import TEMPORARY_GLOB
 from twotower.errors import DataError
 from twotower.miners.exact import ExactMiner
-from twotower.training.mining import HardNegativeTable, mine_hard_negatives
+from twotower.training.negatives.mining import HardNegativeTable, mine_hard_negatives
 
 SKIP, POOL = 2, 5
 Data = tuple[np.ndarray, np.ndarray, np.ndarray]  # (bank, queries, positives)

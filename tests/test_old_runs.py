@@ -28,7 +28,7 @@ from twotower.data import load_dataset
 from twotower.run.rundir import read_metrics
 from twotower.run.settings import read_run_config
 from twotower.serve.export import export_tower
-from twotower.training.heldout import held_out
+from twotower.training.evaluation.heldout import held_out
 
 GOLDEN = Path(__file__).parent / "fixtures" / "old_runs" / "run-a60e82e"
 LOGGED_STEP = 24

@@ -13,7 +13,7 @@ import reference
 from twotower.batch import Batch
 from twotower.errors import UsageError
 from twotower.towers import TowerSpec, init_params
-from twotower.training.queue import MemoryQueue
+from twotower.training.negatives.queue import MemoryQueue
 
 DIM = 4
 

@@ -16,7 +16,7 @@ from tests.batches import make_batch
 from twotower import Batch
 from twotower.config import TrainConfig
 from twotower.data import load_dataset, synthesize
-from twotower.training.heldout import held_out_split
+from twotower.training.evaluation.heldout import held_out_split
 from twotower.training.schedule import LRSchedule
 from twotower.training.trainer import train
 

@@ -13,11 +13,12 @@ from twotower import backends, miners
 from twotower.config import TrainConfig
 from twotower.data import synthesize
 from twotower.run.rundir import read_metrics
-from twotower.training.batching import StepPlan, mine_table
+from twotower.training.batching import StepPlan
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.evaluation import encode_rows
-from twotower.training.heldout import held_out_split
-from twotower.training.refresh import (
+from twotower.training.evaluation.heldout import held_out_split
+from twotower.training.evaluation.metrics import encode_rows
+from twotower.training.negatives.mining import mine_table
+from twotower.training.negatives.refresh import (
     MiningSchedule,
     Refresh,
     recall_warning,

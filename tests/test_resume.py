@@ -21,7 +21,7 @@ from twotower import backends
 from twotower.data import synthesize
 from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.heldout import held_out_split
+from twotower.training.evaluation.heldout import held_out_split
 
 SAMPLES = 300  # 285 training rows: 17 batches per epoch, so the run crosses an epoch
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from twotower.run.heartbeat import Heartbeat, read_beat
 from twotower.run.records import CHECKPOINT_FORMAT, CheckpointMeta
-from twotower.training.selection import Selection
+from twotower.training.evaluation.selection import Selection
 
 FIXTURES = Path(__file__).parent / "fixtures" / "old_runs"
 

@@ -18,9 +18,10 @@ from tests.runs import expected_stop
 from twotower.config import TrainConfig
 from twotower.data import load_dataset, synthesize
 from twotower.run.rundir import read_metrics
-from twotower.training.cadence import EVAL_BUDGET, auto_eval_every, eval_flops, step_flops
 from twotower.training.checkpoint import BEST_DIR, list_checkpoints, load_checkpoint
-from twotower.training.heldout import held_out
+from twotower.training.cost import eval_flops, step_flops
+from twotower.training.evaluation.cadence import EVAL_BUDGET, auto_eval_every
+from twotower.training.evaluation.heldout import held_out
 from twotower.training.trainer import train
 
 PARAMS = ("gru.", "proj.")

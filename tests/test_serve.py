@@ -28,7 +28,7 @@ from twotower.serve.export import export_tower
 from twotower.serve.search import drop_context, search_to_file
 from twotower.serve.tower_dir import read_tower_files
 from twotower.training.checkpoint import load_checkpoint
-from twotower.training.heldout import held_out
+from twotower.training.evaluation.heldout import held_out
 from twotower.training.trainer import train
 
 DIM, HIDDEN, T = 16, 12, 6

@@ -245,7 +245,7 @@ def test_eval_reports_what_an_independent_search_finds(
     import reference
     from twotower.cli import main
     from twotower.data import load_dataset
-    from twotower.training.heldout import held_out_split
+    from twotower.training.evaluation.heldout import held_out_split
 
     dataset = load_dataset(small_data)
     _, rows = held_out_split(dataset.num_samples, 0.05, 2000, 0)
@@ -370,7 +370,7 @@ def test_the_demo_with_fewer_steps_than_its_mining_cadence_warns() -> None:
     be called; the warning names the demo's setting, and the evaluation line does not claim
     the user asked for --eval-every."""
     from twotower.cli import build_parser, config_from_args
-    from twotower.training.cadence import plan_gaps, said_by
+    from twotower.training.evaluation.cadence import plan_gaps, said_by
 
     args = build_parser().parse_args("train --demo --miner faiss --steps 300".split())
     config = config_from_args(args)

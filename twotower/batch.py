@@ -69,7 +69,7 @@ class Batch:
         `context_ids`, one of the query's context ids (an item it has seen). The
         b = len(contexts) queries are rows [first_row, first_row + b) of the B positives:
         all of them (b = B, first_row 0) in one process, one rank's shard of the global
-        batch under torchrun (`twotower.training.distributed`).
+        batch under torchrun (`twotower.training.ranks.distributed`).
         """
         in_batch, hard = self.batch_masks(first_row)
         positives = self.own_positive_ids(first_row)[:, None]

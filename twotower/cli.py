@@ -51,7 +51,7 @@ class DefaultsShown(argparse.HelpFormatter):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from twotower.training.distributed import launched_world
+    from twotower.training.ranks.distributed import launched_world
 
     config = config_from_args(args)
     world = launched_world()  # started by torchrun: each rank guards its own trainer
@@ -91,7 +91,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from twotower import progress
-    from twotower.training.eval_command import evaluate_run, log_to_stderr
+    from twotower.training.evaluation.command import evaluate_run, log_to_stderr
 
     log_to_stderr()
     with progress.lines_on_stderr():

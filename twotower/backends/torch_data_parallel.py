@@ -5,7 +5,7 @@ the global batch's B positives as sum_i loss_i / B (its share of the global
 mean), so the sum over ranks of every rank's gradient is the gradient of the
 1-process loss. `GradientSum` adds them up with one all-reduce over a flat
 buffer of every gradient (the default process group, set up by
-`twotower.training.distributed`), the loss riding in the same buffer. Every
+`twotower.training.ranks.distributed`), the loss riding in the same buffer. Every
 rank then clips and steps on identical numbers, so parameters and optimizer
 moments stay identical without ever being broadcast.
 """

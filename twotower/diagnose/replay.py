@@ -45,21 +45,21 @@ from twotower.paths import user_cache_dir
 from twotower.run.records import CheckpointMeta
 from twotower.run.rundir import RunDir, not_a_run, read_metrics
 from twotower.run.settings import read_run_config
-from twotower.training.bank_negatives import BankNegatives, logq_table
-from twotower.training.batching import StepPlan, gather_step, mine_table
+from twotower.training.batching import StepPlan, gather_step
 from twotower.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_record,
     step_dir_name,
 )
-from twotower.training.evaluation import encode_rows
-from twotower.training.heldout import held_out
-from twotower.training.mining import HardNegativeTable
-from twotower.training.queue import MemoryQueue
-from twotower.training.refresh import MINING_CHUNK, MiningSchedule, load_refresh
+from twotower.training.evaluation.heldout import held_out
+from twotower.training.evaluation.metrics import encode_rows
+from twotower.training.negatives.bank_negatives import BankNegatives, logq_table
+from twotower.training.negatives.mining import HardNegativeTable, mine_table
+from twotower.training.negatives.queue import MemoryQueue
+from twotower.training.negatives.refresh import MINING_CHUNK, MiningSchedule, load_refresh
+from twotower.training.ranks.solo import Solo
 from twotower.training.schedule import LRSchedule, planned_steps
-from twotower.training.solo import Solo
 from twotower.training.step import StepState, prepare, update
 
 EXIT_DISAGREE = 1

@@ -44,7 +44,7 @@ from twotower.run.heartbeat import read_beat
 from twotower.run.records import Beat
 from twotower.run.rundir import RunDir
 from twotower.run.settings import write_settings
-from twotower.training.distributed import World, check_config
+from twotower.training.ranks.distributed import World, check_config
 
 NEXT_STEP = "torchrun restarts the group from the newest checkpoint, within its --max-restarts"
 

@@ -16,7 +16,7 @@ the machine: threads preempt each other and both slow down. The rule
   steps are the critical path). Between refreshes the worker is idle and the
   trainer takes all C again, so the split holds only while both can be busy.
 
-A step too small to split (under SPLIT_MIN_FLOPS, `training.cadence.step_flops`)
+A step too small to split (under SPLIT_MIN_FLOPS, `training.cost.step_flops`)
 runs on 1 thread: its GEMMs are so short that waking a second thread costs more
 than it saves (docs/BENCHMARKS.md, "A busy machine": the demo's 0.16 GFLOP step
 takes 9-10 ms on 1 thread and 13-15 ms on 2 on a quiet 2-core machine; at 2.8

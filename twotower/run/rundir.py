@@ -4,7 +4,7 @@ config.json      the resolved TrainConfig
 metrics.jsonl    one JSON object per step or event, flushed line by line
 log.txt          human-readable log, flushed line by line
 checkpoints/     step-NNNNNNN/ + LATEST (twotower.training.checkpoint)
-mined/           hard-negative tables (twotower.training.mining)
+mined/           hard-negative tables (twotower.training.negatives.mining)
 crashes/         one JSON report per abnormal exit (twotower.guard.supervisor)
 faults/          fire-once markers of injected faults (twotower.process.faults)
 """

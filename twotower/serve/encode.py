@@ -25,7 +25,7 @@ from twotower.errors import UsageError
 from twotower.process import faults
 from twotower.serve.export import tower_from_run
 from twotower.serve.tower_dir import TowerFiles, read_tower_files
-from twotower.training.heldout import held_out
+from twotower.training.evaluation.heldout import held_out
 
 ROW_SETS = ("all", "train", "held-out")
 

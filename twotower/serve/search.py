@@ -25,7 +25,7 @@ from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners import Miner
 from twotower.serve.encode import chunk_rows, chunks
-from twotower.training.evaluation import unseen_first
+from twotower.training.evaluation.metrics import unseen_first
 
 RESULT_KEYS = ("ids", "scores", "rows")
 

@@ -17,19 +17,14 @@ from typing import Protocol
 import numpy as np
 
 from twotower.batch import Batch
-from twotower.config import TrainConfig
 from twotower.data import Dataset
 from twotower.errors import UsageError
-from twotower.miners.base import Miner
 from twotower.seeds import HARD_NEGATIVES, epoch_order, step_rng
-from twotower.training.bank_negatives import BankNegatives
-from twotower.training.mining import (
-    DEFAULT_CHUNK,
+from twotower.training.negatives.bank_negatives import BankNegatives
+from twotower.training.negatives.mining import (
     HardNegativeTable,
-    MiningReport,
-    mine_hard_negatives,
 )
-from twotower.training.queue import MemoryQueue
+from twotower.training.negatives.queue import MemoryQueue
 
 
 @dataclass
@@ -139,35 +134,6 @@ class Prefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def mine_table(
-    miner: Miner,
-    queries: np.ndarray,
-    dataset: Dataset,
-    rows: np.ndarray,
-    config: TrainConfig,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> tuple[HardNegativeTable, MiningReport]:
-    """Hard negatives of dataset `rows` (n,) from their query vectors (n, D), with the run's
-    window and filters; the table has a row per sample (rows not mined stay -1).
-    chunk_size: queries per miner call."""
-    mined, report = mine_hard_negatives(
-        miner,
-        queries,
-        dataset.positives[rows],
-        dataset.bank,
-        skip=config.mine_skip,
-        pool=config.mine_pool,
-        absolute_margin=config.absolute_margin,
-        relative_margin=config.relative_margin,
-        max_score=config.max_score,
-        chunk_size=chunk_size,
-        seen=dataset.seen_ids(rows) if config.exclude_context else None,
-    )
-    table = HardNegativeTable.empty(dataset.num_samples, config.mine_pool)
-    table.ids[rows] = mined.ids
-    return table, report
 
 
 def assemble_batch(

@@ -20,10 +20,10 @@ from twotower.training.checkpoint import (
     load_record,
     step_dir_name,
 )
-from twotower.training.mining import HardNegativeTable
-from twotower.training.queue import MemoryQueue
-from twotower.training.refresh import MiningSchedule, Refresh, load_refresh
-from twotower.training.selection import Selection
+from twotower.training.evaluation.selection import Selection
+from twotower.training.negatives.mining import HardNegativeTable
+from twotower.training.negatives.queue import MemoryQueue
+from twotower.training.negatives.refresh import MiningSchedule, Refresh, load_refresh
 
 log = logging.getLogger("twotower")
 

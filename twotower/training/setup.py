@@ -39,33 +39,33 @@ from twotower.run.heartbeat import Heartbeat
 from twotower.run.lock import RunLock, own_run
 from twotower.run.rundir import MetricsLog, RunDir, open_log
 from twotower.run.settings import read_settings, write_settings
-from twotower.training.bank_choice import BankChoice
-from twotower.training.bank_choice import resolve as resolve_bank_negatives
-from twotower.training.bank_negatives import BankNegatives, logq_table
 from twotower.training.batching import StepPlan
-from twotower.training.cadence import (
+from twotower.training.cost import step_flops
+from twotower.training.demo import demo_dataset
+from twotower.training.evaluation.cadence import (
     EVAL_BUDGET,
     EVALS_PER_EPOCH,
     auto_eval_every,
     plan_gaps,
     said_by,
-    step_flops,
 )
-from twotower.training.demo import demo_dataset
-from twotower.training.distributed import Group, check_config, launched_world
-from twotower.training.heldout import HeldOut, held_out
-from twotower.training.miner_setup import MinerSetup
-from twotower.training.mining import HardNegativeTable
+from twotower.training.evaluation.heldout import HeldOut, held_out
+from twotower.training.evaluation.validation import Validator
+from twotower.training.negatives.bank_choice import BankChoice
+from twotower.training.negatives.bank_choice import resolve as resolve_bank_negatives
+from twotower.training.negatives.bank_negatives import BankNegatives, logq_table
+from twotower.training.negatives.miner_setup import MinerSetup
+from twotower.training.negatives.mining import HardNegativeTable
+from twotower.training.negatives.queue import MemoryQueue
+from twotower.training.negatives.refresh import MiningSchedule
+from twotower.training.negatives.refresher import Refresher, make_probe_miner, mines_beside_training
 from twotower.training.phase_points import PhasePoints, supervisor_pid
-from twotower.training.queue import MemoryQueue
-from twotower.training.refresh import MiningSchedule
-from twotower.training.refresher import Refresher, make_probe_miner, mines_beside_training
+from twotower.training.ranks.distributed import Group, check_config, launched_world
+from twotower.training.ranks.solo import RunGroup, Solo
 from twotower.training.resume import check_run_dir, restore
 from twotower.training.schedule import LRSchedule, planned_steps
-from twotower.training.solo import RunGroup, Solo
 from twotower.training.step import StepState
 from twotower.training.tensorboard import TensorboardScalars, summary_writer_class
-from twotower.training.validation import Validator
 
 log = logging.getLogger("twotower")
 
@@ -194,7 +194,7 @@ def _open_run_files(
 
 
 def _eval_cadence(config: TrainConfig, dataset: Dataset, split: HeldOut, plan: StepPlan) -> int:
-    """--eval-every, or the automatic cadence (cadence.py), logged either way."""
+    """--eval-every, or the automatic cadence (evaluation/cadence.py), logged either way."""
     if config.eval_every is not None:
         every = config.eval_every
         how = said_by(config, "eval_every")

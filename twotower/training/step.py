@@ -17,13 +17,13 @@ import numpy as np
 from twotower.backends import Backend
 from twotower.batch import Batch, StepStats
 from twotower.config import TrainConfig
-from twotower.training.bank_negatives import BankNegatives
 from twotower.training.batching import StepData, StepPlan, assemble_batch
-from twotower.training.mining import HardNegativeTable
-from twotower.training.queue import MemoryQueue
-from twotower.training.refresh import MiningSchedule
+from twotower.training.negatives.bank_negatives import BankNegatives
+from twotower.training.negatives.mining import HardNegativeTable
+from twotower.training.negatives.queue import MemoryQueue
+from twotower.training.negatives.refresh import MiningSchedule
+from twotower.training.ranks.solo import RunGroup
 from twotower.training.schedule import LRSchedule
-from twotower.training.solo import RunGroup
 
 
 class Refreshes(Protocol):

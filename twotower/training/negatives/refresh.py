@@ -35,9 +35,9 @@ from twotower.data import Dataset
 from twotower.errors import DataError
 from twotower.miners.base import Miner
 from twotower.process import faults
-from twotower.training.batching import StepPlan, mine_table
+from twotower.training.batching import StepPlan
 from twotower.training.checkpoint import step_dir_name
-from twotower.training.mining import HardNegativeTable, MiningReport
+from twotower.training.negatives.mining import HardNegativeTable, MiningReport, mine_table
 
 log = logging.getLogger("twotower")
 

@@ -1,7 +1,7 @@
 """`--bank-negatives auto`: the full softmax where it costs a small share of the step, sampled
 bank rows otherwise, and why (DESIGN.md, "Negatives from the whole bank").
 
-The cost is counted in multiply-adds, as the evaluation cadence counts it (`cadence.py`): a
+The cost is counted in multiply-adds, as the evaluation cadence counts it (`training/cost.py`): a
 step is forward + backward (about 3 forward passes) of B queries over their candidates, and
 the full softmax makes every one of the M bank rows a candidate. Its share is the extra
 FLOPs over those of the step without it. On MPS and CUDA the bank's (B, D) x (D, M) products
@@ -17,7 +17,7 @@ from typing import Any
 
 from twotower.config import DEFAULT_SAMPLED, TrainConfig
 from twotower.errors import UsageError
-from twotower.training.cadence import step_flops
+from twotower.training.cost import step_flops
 
 FULL_MAX_SHARE = 0.5  # full while its FLOPs are at most this share of the step's
 ACCELERATOR_SPEEDUP = 10.0

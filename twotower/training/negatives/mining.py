@@ -17,6 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from twotower.atomic import replace_file
+from twotower.config import TrainConfig
+from twotower.data import Dataset
 from twotower.errors import DataError
 from twotower.miners.base import Miner
 
@@ -243,3 +245,32 @@ def _check_arguments(
         )
     if relative_margin is not None and not 0.0 <= relative_margin <= 1.0:
         raise ValueError(f"relative_margin must lie in [0, 1], got {relative_margin}")
+
+
+def mine_table(
+    miner: Miner,
+    queries: np.ndarray,
+    dataset: Dataset,
+    rows: np.ndarray,
+    config: TrainConfig,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[HardNegativeTable, MiningReport]:
+    """Hard negatives of dataset `rows` (n,) from their query vectors (n, D), with the run's
+    window and filters; the table has a row per sample (rows not mined stay -1).
+    chunk_size: queries per miner call."""
+    mined, report = mine_hard_negatives(
+        miner,
+        queries,
+        dataset.positives[rows],
+        dataset.bank,
+        skip=config.mine_skip,
+        pool=config.mine_pool,
+        absolute_margin=config.absolute_margin,
+        relative_margin=config.relative_margin,
+        max_score=config.max_score,
+        chunk_size=chunk_size,
+        seen=dataset.seen_ids(rows) if config.exclude_context else None,
+    )
+    table = HardNegativeTable.empty(dataset.num_samples, config.mine_pool)
+    table.ids[rows] = mined.ids
+    return table, report

@@ -13,8 +13,8 @@ import numpy as np
 from twotower.backends import Backend
 from twotower.run.rundir import RunDir
 from twotower.training.batching import StepData, StepPlan
-from twotower.training.distributed import Group
-from twotower.training.refresh import run_refresh
+from twotower.training.negatives.refresh import run_refresh
+from twotower.training.ranks.distributed import Group
 
 _T = TypeVar("_T")
 

@@ -41,9 +41,9 @@ from twotower.miners.base import Miner
 from twotower.process import faults
 from twotower.process.collective_ledger import CollectiveLedger, counted
 from twotower.run.rundir import RunDir
-from twotower.training.batching import StepData, StepPlan, mine_table
-from twotower.training.mining import HardNegativeTable, MiningReport
-from twotower.training.refresh import Mined, Refresh
+from twotower.training.batching import StepData, StepPlan
+from twotower.training.negatives.mining import HardNegativeTable, MiningReport, mine_table
+from twotower.training.negatives.refresh import Mined, Refresh
 
 WORLD_SIZE_ENV = "WORLD_SIZE"
 RANK_ENV = "RANK"

@@ -21,11 +21,10 @@ from twotower.process.threads import ThreadSwitch
 from twotower.run.records import CheckpointMeta
 from twotower.run.rundir import MetricsLog, RunDir
 from twotower.training.checkpoint import list_checkpoints, step_dir_name
-from twotower.training.evaluation import encode_rows
-from twotower.training.miner_setup import MinerSetup
-from twotower.training.mining import HardNegativeTable
-from twotower.training.phase_points import PhasePoints
-from twotower.training.refresh import (
+from twotower.training.evaluation.metrics import encode_rows
+from twotower.training.negatives.miner_setup import MinerSetup
+from twotower.training.negatives.mining import HardNegativeTable
+from twotower.training.negatives.refresh import (
     Mined,
     MiningJob,
     MiningSchedule,
@@ -34,7 +33,8 @@ from twotower.training.refresh import (
     is_approximate,
     recall_warning,
 )
-from twotower.training.solo import RunGroup
+from twotower.training.phase_points import PhasePoints
+from twotower.training.ranks.solo import RunGroup
 
 log = logging.getLogger("twotower")
 

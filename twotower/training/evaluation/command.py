@@ -25,8 +25,8 @@ from twotower.training.checkpoint import (
     describe_choice,
     load_checkpoint,
 )
-from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
-from twotower.training.heldout import held_out
+from twotower.training.evaluation.heldout import held_out
+from twotower.training.evaluation.metrics import Comparison, evaluate, evaluate_baselines
 
 ROWS = ("held-out", "all")
 

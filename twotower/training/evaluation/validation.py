@@ -10,9 +10,9 @@ from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.miners import Miner
 from twotower.run.rundir import BASELINES_EVENT, MetricsLog
-from twotower.training.evaluation import Comparison, evaluate, evaluate_baselines
-from twotower.training.heldout import HeldOut
-from twotower.training.selection import Selection
+from twotower.training.evaluation.heldout import HeldOut
+from twotower.training.evaluation.metrics import Comparison, evaluate, evaluate_baselines
+from twotower.training.evaluation.selection import Selection
 
 log = logging.getLogger("twotower")
 
