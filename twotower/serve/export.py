@@ -29,7 +29,7 @@ from twotower.training.checkpoint import (
 FORMATS = ("safetensors", "torch", "onnx")
 
 
-# what decides a run's held-out rows (training.heldout.held_out), kept so `encode --rows` agrees
+# what decides a run's held-out rows (evaluation.heldout.held_out), kept so `encode --rows` agrees
 SPLIT_SETTINGS = ("eval_fraction", "max_eval", "seed", "eval_split", "eval_data")
 
 

@@ -150,7 +150,7 @@ class Group:
     local rank), anything else gloo on the CPU; timeout_s: how long a collective
     may wait for the other ranks before it fails; ledger: where this rank counts
     the collectives it enters (`twotower.process.collective_ledger`).
-    `training.solo.Solo` has the same interface for a run of one process.
+    `training.ranks.solo.Solo` has the same interface for a run of one process.
     """
 
     # a refresh is mined at once at its take step: a search in a thread would interleave its
