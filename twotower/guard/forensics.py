@@ -34,13 +34,16 @@ from twotower.guard.evidence import (
 )
 from twotower.process.exit_status import ExitStatus
 from twotower.process.faults import Fault
+from twotower.process.phase import MINER_PHASES, Phase
 
 NEAR_LIMIT = 0.8  # peak RSS at or above this share of the memory limit counts as "near"
 NATIVE_CRASHES = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
 INJECTED_EXITS = {"segv": "SIGSEGV", "abort": "SIGABRT", "kill": "SIGKILL"}
 OOM_LINE = re.compile(r"oom|[Kk]illed process")
-MINER_PHASES = ("mine", "build-index", "load-index", "search")  # a crash there is the miner's
-MINER_DOING = {"build-index": "building its index", "load-index": "loading its index"}
+MINER_DOING: dict[str, str] = {
+    Phase.BUILD_INDEX: "building its index",
+    Phase.LOAD_INDEX: "loading its index",
+}
 
 # --- what happened and why --------------------------------------------------------------
 
@@ -264,7 +267,7 @@ def _native_causes(
                 "`twotower doctor` checks known-bad faiss/hnswlib versions",
             )
         )
-    if backend == "torch-mps" and phase in ("step", "encode"):
+    if backend == "torch-mps" and phase in (Phase.STEP, Phase.ENCODE):
         causes.append(
             Cause(
                 "likely",

@@ -52,6 +52,7 @@ from twotower.guard import evidence, forensics
 from twotower.guard.monitor import SignalForwarder, WatchedChild, child_env, say
 from twotower.process import faults, wait_policy
 from twotower.process.crash_dump import CRASH_FILE_ENV, SUPERVISOR_PID_ENV
+from twotower.process.phase import MINER_PHASES
 from twotower.run.disk import DISK_FULL_ERRNOS, disk_full_line, stops_on_full_disk
 from twotower.run.lock import RunLock
 from twotower.run.records import Beat
@@ -265,7 +266,7 @@ class Supervisor:
         """
         beat = last_beat(outcome, config)
         phase = beat.phase
-        role = "miner" if phase in forensics.MINER_PHASES else "backend"
+        role = "miner" if phase in MINER_PHASES else "backend"
         engine = getattr(beat, role)
         point = (role, engine, phase, beat.step)
         repeated = point in self.crash_points

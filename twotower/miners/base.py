@@ -14,8 +14,9 @@ import numpy as np
 
 from twotower.errors import TwotowerError
 from twotower.process import faults
+from twotower.process.phase import Phase
 
-BUILD_FAULT_PHASE = "build-index"  # the fault point a miner's build reaches (where it builds)
+BUILD_FAULT_PHASE = Phase.BUILD_INDEX  # the fault point a miner's build reaches (where it builds)
 
 
 @runtime_checkable
@@ -84,7 +85,7 @@ class InProcessMiner:
     Isolated miners reach those points in their worker instead.
     """
 
-    def __init__(self, engine: Miner, fault_phase: str | None = "mine"):
+    def __init__(self, engine: Miner, fault_phase: str | None = Phase.MINE):
         self.engine = engine
         self.name = engine.name
         self.fault_phase = fault_phase

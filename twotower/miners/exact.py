@@ -27,6 +27,7 @@ import numpy as np
 
 from twotower import progress
 from twotower.process.memory import available_bytes
+from twotower.process.phase import Phase
 
 TILE = 32  # columns per tile; bank blocks are whole tiles
 MAX_QUERY_CHUNK = 4096
@@ -218,7 +219,7 @@ class ExactMiner:
         chunk, block = self.plan(n, k)
         steps = -(-n // chunk) * -(-m // block)
         what = f"exact top-{k} of {n:,} queries over {m:,} x {bank.shape[1]} bank rows"
-        with progress.task("search", what, steps, "blocks") as task:
+        with progress.task(Phase.SEARCH, what, steps, "blocks") as task:
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
                 top = self._search_chunk(

@@ -29,6 +29,7 @@ import numpy as np
 
 from twotower import progress
 from twotower.atomic import replacing
+from twotower.process.phase import Phase
 
 CACHE_FORMAT = 1
 ADD_CHUNK_ROWS = 16384
@@ -97,7 +98,7 @@ class IndexCache:
         start = time.perf_counter()
         if path is not None and path.exists():
             try:
-                with progress.task("load-index", f"{what} from {path}", announce=True):
+                with progress.task(Phase.LOAD_INDEX, f"{what} from {path}", announce=True):
                     index = load(str(path))
             except (RuntimeError, OSError) as error:
                 log.warning("cached index %s is unreadable (%s); rebuilding", path, error)
@@ -105,7 +106,7 @@ class IndexCache:
                 info = BuildInfo("loaded", time.perf_counter() - start, str(path))
                 log.info("loaded index %s in %.1f s", path, info.seconds)
                 return index, info
-        with progress.task("build-index", what, announce=True):
+        with progress.task(Phase.BUILD_INDEX, what, announce=True):
             index = build()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

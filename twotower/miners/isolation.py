@@ -45,6 +45,7 @@ from twotower.process import faults, wait_policy
 from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import portable_reading
 from twotower.process.openmp import THREAD_VARIABLES
+from twotower.process.phase import Phase
 
 EXIT_WAIT = 10.0  # seconds to let a worker that closed its pipe finish dying
 MIN_BUFFER_BYTES = 1 << 20
@@ -329,7 +330,7 @@ class IsolatedMiner:
         request = {"op": "search", "buffer": segment.name, "n": n, "dim": dim, "k": k}
         request.update(self._fault_fields(self.fault_phase))
         what = f"{self.name} top-{k} of {n:,} queries in worker pid {self.pid}"
-        with progress.task("search", what, phase=False):  # a detail of the caller's phase
+        with progress.task(Phase.SEARCH, what, phase=False):  # a detail of the caller's phase
             self.worker_seconds = self._worker.ask(request, self.timeout)["seconds"]
         return scores.copy(), ids.copy()
 

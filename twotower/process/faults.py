@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twotower.errors import UsageError
+from twotower.process.phase import INJECTABLE
 
 ENV_VAR = "TWOTOWER_INJECT_FAULT"
 KINDS = ("segv", "abort", "kill", "hang", "raise", "nan")
-PHASES = ("load", "build-index", "encode", "mine", "step", "checkpoint")
+PHASES = tuple(phase.value for phase in INJECTABLE)
 
 
 class InjectedFault(RuntimeError):

@@ -23,6 +23,7 @@ from twotower.data import Dataset
 from twotower.data.chunks import CHUNK_BYTES
 from twotower.errors import UsageError
 from twotower.process import faults
+from twotower.process.phase import Phase
 from twotower.serve.export import tower_from_run
 from twotower.serve.tower_dir import TowerFiles, read_tower_files
 from twotower.training.evaluation.heldout import held_out
@@ -115,14 +116,14 @@ def encode_to_file(
     what = f"{len(rows):,} rows with {encoder.name}"
     with (
         replacing(out, durable=True) as tmp,
-        progress.task("encode", what, len(rows), "rows", announce=True) as task,
+        progress.task(Phase.ENCODE, what, len(rows), "rows", announce=True) as task,
     ):
         result = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.float32, shape=(len(rows), dataset.dim)
         )
         for done, (start, part) in enumerate(chunks(rows, size)):
             faults.set_step(done)  # TWOTOWER_INJECT_FAULT=kill@encode:N dies after N chunks
-            faults.point("encode", [encoder.name])
+            faults.point(Phase.ENCODE, [encoder.name])
             contexts, lengths, _ = dataset.gather(part)
             result[start : start + len(part)] = encoder.encode(contexts, lengths)
             task.advance(len(part))

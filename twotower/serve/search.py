@@ -24,6 +24,7 @@ from twotower.backends import Backend
 from twotower.data import Dataset
 from twotower.errors import UsageError
 from twotower.miners import Miner
+from twotower.process.phase import Phase
 from twotower.serve.encode import chunk_rows, chunks
 from twotower.training.evaluation.metrics import unseen_first
 
@@ -76,7 +77,7 @@ def search_to_file(
     )
     what = f"top {k} of {len(dataset.bank):,} bank rows for {len(rows):,} rows with {miner.name}"
     try:
-        with progress.task("search", what, len(rows), "rows", announce=True) as task:
+        with progress.task(Phase.SEARCH, what, len(rows), "rows", announce=True) as task:
             ids = np.lib.format.open_memmap(
                 tmp_ids, mode="w+", dtype=np.int64, shape=(len(rows), k)
             )

@@ -34,6 +34,7 @@ from twotower import progress
 from twotower.atomic import TEMPORARY_GLOB, fsync_dir, naming, replace_dir, replace_file
 from twotower.errors import TwotowerError, UsageError
 from twotower.paths import shown_path
+from twotower.process.phase import Phase
 from twotower.run.records import (
     CHECKPOINT_FORMAT,
     READABLE_CHECKPOINT_FORMATS,
@@ -183,7 +184,7 @@ def save_checkpoint(
     try:
         entries = {}
         what = f"step {step}: {len(arrays)} arrays, {size / 2**20:,.1f} MiB"
-        with progress.task("checkpoint", what, size, "bytes") as task:
+        with progress.task(Phase.CHECKPOINT, what, size, "bytes") as task:
             for array_name, value in arrays.items():
                 array = np.asarray(value)
                 sha256 = _write_array(tmp / f"{array_name}.npy", array)

@@ -14,6 +14,7 @@ from typing import Any
 from twotower.miners.base import Miner
 from twotower.process import faults
 from twotower.process.crash_dump import SUPERVISOR_PID_ENV
+from twotower.process.phase import Phase
 from twotower.progress import install as install_progress_sink
 from twotower.run.heartbeat import Heartbeat
 from twotower.training.phases import PhaseReporter
@@ -69,7 +70,7 @@ class PhasePoints:
                 "the supervisor (pid %s) is gone: stopping after this step", self._supervisor_pid
             )
             self.stop_signal = signal.SIGHUP
-        if phase == "mine":
+        if phase == Phase.MINE:
             return False
         return faults.point(phase, [self.backend, self.miner_name])
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twotower.process.phase import Phase
 from twotower.progress import FIRST_LINE_AFTER, LINE_EVERY, Task, TaskLines
 
 BEAT_EVERY = 0.25  # at most this many seconds between heartbeats of advancing progress
@@ -47,7 +48,7 @@ class PhaseReporter:
         first_line_after: float = FIRST_LINE_AFTER,
     ):
         self.beat = beat
-        self.base_phase = "load"
+        self.base_phase: str = Phase.LOAD
         self.lines = TaskLines(lambda line: log.info("%s", line), line_every, first_line_after)
         self._last_beat = 0.0
 

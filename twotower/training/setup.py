@@ -26,6 +26,7 @@ from twotower.process import faults, wait_policy
 from twotower.process.collective_ledger import CollectiveLedger, ledger_path
 from twotower.process.crash_dump import die_with_parent, enable_crash_dumps
 from twotower.process.openmp import openmp_runtimes
+from twotower.process.phase import Phase
 from twotower.process.stalls import StallWatch, what_to_do
 from twotower.process.threads import (
     ThreadBudget,
@@ -318,7 +319,7 @@ def open_run(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -
         if not a.group.arms_faults():
             os.environ.pop(faults.ENV_VAR, None)  # nor do this rank's miner workers
         faults.arm(a.run.faults)
-        points.name_phase("load")
+        points.name_phase(Phase.LOAD)
         a.miners.log_choice()
         if a.bank_choice is not None:
             c = a.config
@@ -356,7 +357,7 @@ def _load(
     mirror = getattr(backend, "queue_mirror", None)  # the ring on the backend's device
     queue.attach(mirror(queue.ids, queue.vecs) if mirror else None)
     faults.set_step(step)
-    points.name_phase("build-index")  # a worker's load-index or build-index refines it
+    points.name_phase(Phase.BUILD_INDEX)  # a worker's load-index or build-index refines it
     group.rank_zero_first(a.miners.build)  # rank 0 fills the index cache first
     miner = points.miner = a.miners.miner
     validator = None
@@ -396,7 +397,7 @@ def _load(
     log.info("threads: %s", a.threads.describe())
     stepping = a.threads.count(stepping=True, searching=False)
     stalls = StallWatch(a.threads.cores, stepping, advice=what_to_do(stepping))
-    points.enter("load", step)
+    points.enter(Phase.LOAD, step)
     if c.lr_schedule != "constant" or schedule.warmup:
         log.info(
             "lr %g, %d warm-up steps, then %s over %d steps",

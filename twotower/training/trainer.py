@@ -24,6 +24,7 @@ from tqdm import tqdm
 from twotower.batch import StepStats
 from twotower.config import TrainConfig
 from twotower.errors import EXIT_INTERRUPTED, EXIT_OK
+from twotower.process.phase import Phase
 from twotower.run.disk import stops_on_full_disk
 from twotower.run.records import CheckpointMeta
 from twotower.run.rundir import read_metrics
@@ -91,7 +92,7 @@ class Trainer:
         validator = self.run.validator
         if validator is None:
             return self.last_metrics
-        self.run.points.enter("encode", step)
+        self.run.points.enter(Phase.ENCODE, step)
         self.run.threads.to(stepping=False)  # every core: a step's small GEMMs are not here
         metrics, improved = validator.evaluate(step, self.run.state.backend, select)
         if improved:
@@ -115,7 +116,7 @@ class Trainer:
         }
 
         def before_commit() -> None:  # the checkpoint fault point covers this writer too
-            self.run.points.enter("checkpoint", step)
+            self.run.points.enter(Phase.CHECKPOINT, step)
 
         save_checkpoint(self.run.run.root, step, params, meta, 1, before_commit, store=BEST_DIR)
         self.run.metrics.write("best", step=step, metric=self.config.select_metric, **metrics)
@@ -125,7 +126,7 @@ class Trainer:
         then prune the mined tables no checkpoint needs."""
         run, group, state = self.run, self.run.group, self.run.state
         if not group.writes_run_files:
-            run.points.enter("checkpoint", step)
+            run.points.enter(Phase.CHECKPOINT, step)
             group.barrier()  # rank 0 commits once every rank got here
             return
         arrays = {**state.backend.state(), **state.queue.state()}
@@ -143,7 +144,7 @@ class Trainer:
         )
 
         def before_commit() -> None:  # the checkpoint phase point sits inside the writer
-            run.points.enter("checkpoint", step)
+            run.points.enter(Phase.CHECKPOINT, step)
             group.barrier()  # every rank has finished the step
 
         path = save_checkpoint(
@@ -209,7 +210,7 @@ class Trainer:
         run = self.run
         run.threads.to(stepping=True)  # a refresh taken in prepare encodes on these too
         prepared = one_step.prepare(step, data, run.state, run.refresher, run.group)
-        poison = run.points.enter("step", step)  # injected 'nan' fault: the loss is poisoned
+        poison = run.points.enter(Phase.STEP, step)  # injected 'nan' fault: the loss is poisoned
         updated = one_step.update(step, prepared, run.state, poison)
         self._watch_stalls(step + 1, updated.seconds)
         stats = updated.stats

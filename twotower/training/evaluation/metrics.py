@@ -20,6 +20,7 @@ from twotower.batch import seen_by_query
 from twotower.config import CUTOFFS, METRICS
 from twotower.data import Dataset
 from twotower.miners import Miner
+from twotower.process.phase import Phase
 
 __all__ = [
     "BASELINES",
@@ -51,7 +52,7 @@ def encode_rows(
     out: np.ndarray | None = None
     purpose = label.removesuffix("encode").removesuffix(": ")  # the task is named "encode"
     what = f"{len(rows):,} queries on {backend.name}" + (f" ({purpose})" if purpose else "")
-    with progress.task("encode", what, len(rows), "queries") as task:
+    with progress.task(Phase.ENCODE, what, len(rows), "queries") as task:
         for start in range(0, len(rows), chunk):
             contexts, lengths, _ = gather(rows[start : start + chunk])
             q = backend.encode(contexts, lengths)
@@ -109,7 +110,7 @@ def rank_rows(
     k = max(CUTOFFS)
     totals = dict.fromkeys(METRICS, 0.0)
     what = f"{label}: {len(rows):,} queries with {miner.name}"
-    with progress.task("evaluate", what, len(rows), "queries") as task:
+    with progress.task(Phase.EVALUATE, what, len(rows), "queries") as task:
         for start in range(0, len(rows), BLOCK):
             block = rows[start : start + BLOCK]
             _rank_block(encode, dataset, block, miner, exclude_context, k, totals)

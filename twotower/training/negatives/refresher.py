@@ -17,6 +17,7 @@ from twotower import miners
 from twotower.backends import Backend
 from twotower.config import TrainConfig
 from twotower.data import Dataset
+from twotower.process.phase import Phase
 from twotower.process.threads import ThreadSwitch
 from twotower.run.records import CheckpointMeta
 from twotower.run.rundir import MetricsLog, RunDir
@@ -113,7 +114,7 @@ class Refresher:
         use = self.mining.use_taken_at(step)
         if use is None:
             return
-        self.points.enter("encode", step)
+        self.points.enter(Phase.ENCODE, step)
         rows = self.mining.rows(use)
         started = time.perf_counter()
         queries = encode_rows(self.backend, self.dataset.gather, rows, label="mine: encode")
@@ -125,7 +126,7 @@ class Refresher:
         self.pending = refresh
         background = mines_beside_training(self.config, self.miner.name, self.group)
         if not background:  # a crash of an in-process miner is blamed on the mine phase
-            self.points.enter("mine", refresh.take)
+            self.points.enter(Phase.MINE, refresh.take)
         else:
             self._share_cores(True)
         self.job = MiningJob(refresh, self._search, self.miner, background)
@@ -145,7 +146,7 @@ class Refresher:
         """The table of the refresh used at `step`, waiting for its search if it still runs;
         saved (by the process that writes run files) and recorded as a `mined` event."""
         assert self.job is not None and self.pending is not None and self.pending.use == step
-        self.points.enter("mine", step)
+        self.points.enter(Phase.MINE, step)
         # the trainer's threads for the steps the search ran beside (its share, or all)
         search_threads = self.threads.budget.count(stepping=True, searching=self.threads.searching)
         try:
