@@ -292,3 +292,22 @@ def test_a_run_that_is_not_there_names_the_runs_nearby(tmp_path: Path, command: 
         "twotower: error: runs/demo: does not exist, so it is no twotower run directory; "
         "runs nearby: runs/20261207-111500, runs/20261207-101500"
     ]
+
+
+@pytest.mark.parametrize("command", ["eval", "search"])
+def test_eval_and_search_flags_that_mirror_a_field_say_what_the_field_says(command: str) -> None:
+    """A flag of eval or search that sets a TrainConfig field is made from that field (its help
+    first), so the two cannot drift apart; --data alone means something of its own there (the
+    dataset to score, by default the run's)."""
+    from twotower.cli import build_parser
+
+    helps = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    mirrored = [
+        action
+        for action in sub.choices[command]._actions
+        if action.dest in helps and action.dest != "data" and action.option_strings[0][2:5] != "no-"
+    ]
+    assert {action.dest for action in mirrored} >= {"miner", "backend"}
+    for action in mirrored:
+        assert action.help.startswith(helps[action.dest]), (action.dest, action.help)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from twotower.data.synth import DEMO_SIZES
 from twotower.errors import EXIT_GAVE_UP, EXIT_OK, UsageError
@@ -18,7 +18,9 @@ from twotower.train_flags import (
     TRAIN_EXAMPLES,
     TRAIN_USAGE,
     add_config_flags,
+    add_field_flags,
     config_from_args,
+    field_default,
     parse_list,
 )
 from twotower.training.checkpoint import CHOICES
@@ -42,7 +44,7 @@ class DefaultsShown(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         unset = action.default in (None, False, argparse.SUPPRESS)
-        if unset or not action.option_strings or "default" in text:
+        if unset or not action.option_strings or "default" in text.lower():
             return text
         return f"{text} (default: {action.default})"
 
@@ -209,18 +211,11 @@ def add_tower_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help=f"with --run: {CHECKPOINT_HELP}")
     parser.add_argument("--data", help="dataset (default: the one the tower was trained on)")
     parser.add_argument("--rows", default="all", help="all, train or held-out (the run's split)")
-    parser.add_argument(
-        "--backend", default="auto", help="engine that encodes (default: torch-cpu, else numpy)"
-    )
+    add_field_flags(parser, "backend", " Here: the engine that encodes.", default="auto")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="twotower", description="Train two-tower retrieval models that survive native crashes."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(sub.add_parser, formatter_class=DefaultsShown)
-
+def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`twotower train`: one flag per TrainConfig field, by topic."""
     train = add(
         "train",
         help="train a query tower (supervised by default)",
@@ -232,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(run=cmd_train)
 
+
+def _add_data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`synth` and `convert`: datasets."""
     synth = add("synth", help="write a synthetic dataset")
     synth.add_argument("--out", required=True, help="dataset directory to write")
     for flag, (what, default) in SYNTH_SIZES.items():
@@ -250,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--key", help="map other key names: bank=emb,positives=pos,...")
     convert.set_defaults(run=cmd_convert)
 
+
+def _add_eval(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`twotower eval`: the flags that mirror a TrainConfig field are made from it."""
     ev = add("eval", help="recall@1/10/100 and MRR of a run beside the parameter-free baselines")
     ev.add_argument(
         "--run",
@@ -257,30 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory or checkpoint (default: none, an untrained tower)",
     )
     ev.add_argument("--data", help="dataset (default: the run's)")
-    ev.add_argument("--tower", choices=("gru", "meanpool"), help="without --run: which tower")
-    ev.add_argument(
-        "--no-proj", action="store_true", help="meanpool without projection: the baseline"
-    )
-    ev.add_argument("--backend", default="auto", help="engine that encodes the queries")
-    ev.add_argument(
-        "--miner", default="exact", help="search engine (exact gives the reference numbers)"
-    )
-    ev.add_argument("--seed", type=int, help="split seed (default: the run's)")
-    ev.add_argument("--max-eval", type=int, help="held-out queries (default: the run's)")
-    ev.add_argument(
-        "--exclude-context",
-        action="store_true",
-        default=None,
-        help="rank without each query's own context items (default: as the run trained; "
-        "without --run, on when the data has context ids)",
-    )
-    ev.add_argument(
-        "--no-exclude-context",
-        dest="exclude_context",
-        action="store_false",
-        default=None,
-        help="rank with them",
-    )
     ev.add_argument("--checkpoint", help=f"with --run: {CHECKPOINT_HELP}")
     ev.add_argument(
         "--rows",
@@ -288,8 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="held-out",
         help="the run's held-out rows of the data, or every row (a test set of your own)",
     )
+    add_field_flags(ev, "tower", " Without --run; with it, the run's.", default=None)
+    ev.add_argument(
+        "--no-proj", action="store_true", help="meanpool without projection: the baseline"
+    )
+    add_field_flags(ev, "backend", " Here: the engine that encodes the queries.", default="auto")
+    add_field_flags(ev, "miner", " Here: the search (exact gives the reference numbers).", "exact")
+    for name in ("seed", "max_eval"):
+        add_field_flags(
+            ev, name, f" Default: the run's ({field_default(name)} without --run).", None
+        )
+    add_field_flags(
+        ev, "exclude_context", " With --run, the default is as the run trained.", default=None
+    )
     ev.set_defaults(run=cmd_eval)
 
+
+def _add_crash_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`watch`, `explain`, `backends`, `doctor` and `replay`: crashes and machines."""
     watch = add(
         "watch",
         help="run any command (your own training script) with crash forensics",
@@ -345,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", help="the run's dataset, if it has moved")
     rep.set_defaults(run=cmd_replay)
 
+
+def _add_tower_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`export`, `encode`, `search` and `report`: a trained tower and its run."""
     export = add("export", help="write a run's tower as a self-contained directory")
     export.add_argument("--run", dest="run_dir", required=True, help="run directory")
     export.add_argument("--checkpoint", help=CHECKPOINT_HELP)
@@ -364,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = add("search", help="top-k bank rows for a dataset's rows, into a .npz")
     add_tower_flags(search)
     search.add_argument("--k", type=int, default=100, help="results per query")
-    search.add_argument("--miner", default="exact", help="exact, faiss or hnswlib")
-    search.add_argument("--faiss-index", default="Flat", help="faiss index factory string")
+    add_field_flags(search, "miner", " search takes exact, faiss or hnswlib.", default="exact")
+    add_field_flags(search, "faiss_index", "", default=field_default("faiss_index"))
     search.add_argument(
         "--exclude-context",
         action="store_true",
@@ -378,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run", dest="run_dir", required=True, help="run directory")
     report.add_argument("--out", help="report.png or report.html (default RUN/report.png)")
     report.set_defaults(run=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `twotower` parser: one sub-command each, every --help showing its defaults."""
+    parser = argparse.ArgumentParser(
+        prog="twotower", description="Train two-tower retrieval models that survive native crashes."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=DefaultsShown)
+    for add_commands in (
+        _add_train,
+        _add_data_commands,
+        _add_eval,
+        _add_crash_commands,
+        _add_tower_commands,
+    ):
+        add_commands(add)
     return parser
 
 

@@ -138,39 +138,51 @@ def default_text(value: Any) -> str:
     return str(value)
 
 
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def field_default(name: str) -> Any:
+    """TrainConfig field `name`'s default value (what a flag not given means in training)."""
+    return _field_default(_FIELDS[name])
+
+
 def _field_default(f: Field[Any]) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def _add_field_flags(group: Any, f: Field[Any], note: str = "") -> None:
-    """The flag (and for a switch, its --no- flag) of one TrainConfig field, its help followed
-    by `note` and the default; default=SUPPRESS, so only the flags given are set."""
+def add_field_flags(
+    group: Any, name: str, note: str = "", default: Any = argparse.SUPPRESS
+) -> None:
+    """The flag (and for a switch, its --no- flag) of TrainConfig field `name`, on `group` (a
+    parser or an argument group): its help followed by `note` and a default. default=SUPPRESS
+    (train's): only the flags given are set, and the help shows the field's default; another
+    value is the namespace's default and the help shows it, None showing nothing (the note
+    says what an unset flag means)."""
+    f = _FIELDS[name]
     flag = "--" + f.name.replace("_", "-")
     no_flag = "--no-" + f.name.replace("_", "-")
-    default = _field_default(f)
+    shown = _field_default(f) if default is argparse.SUPPRESS else default
     help_text = f.metadata["help"] + note
-    if default is not None:
-        help_text += f" Default: {default_text(default)}."
+    if shown is not None:
+        help_text += f" Default: {default_text(shown)}."
     if f.type in ("bool", "bool | None"):
-        group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        group.add_argument(flag, action="store_true", default=default, help=help_text)
         if "no_help" in f.metadata:
             group.add_argument(
                 no_flag,
                 dest=f.name,
                 action="store_false",
-                default=argparse.SUPPRESS,
+                default=default,
                 help=f.metadata["no_help"],
             )
     elif f.name in LIST_FIELDS:
-        group.add_argument(
-            flag, type=parse_list, default=argparse.SUPPRESS, metavar="A,B", help=help_text
-        )
+        group.add_argument(flag, type=parse_list, default=default, metavar="A,B", help=help_text)
     else:
         kind, metavar = _field_type(str(f.type))
         group.add_argument(
             flag,
             type=kind,
-            default=argparse.SUPPRESS,
+            default=default,
             metavar=METAVARS.get(f.name, metavar),
             help=help_text,
         )
@@ -183,11 +195,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
     demo = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_SETTINGS.items())
     notes = {"demo": f" Its settings, each overridden by a flag given: {demo}."}
-    by_name = {f.name: f for f in fields(TrainConfig)}
     for title, names in FLAG_GROUPS.items():
         group = parser.add_argument_group(title)
         for name in names:
-            _add_field_flags(group, by_name[name], notes.get(name, ""))
+            add_field_flags(group, name, notes.get(name, ""))
         if title == "run and checkpoints":
             group.add_argument(
                 "--config",
