@@ -294,11 +294,15 @@ def test_a_run_that_is_not_there_names_the_runs_nearby(tmp_path: Path, command: 
     ]
 
 
+OWN_MEANING = {"eval": ("data",), "search": ("data", "exclude_context")}
+
+
 @pytest.mark.parametrize("command", ["eval", "search"])
 def test_eval_and_search_flags_that_mirror_a_field_say_what_the_field_says(command: str) -> None:
     """A flag of eval or search that sets a TrainConfig field is made from that field (its help
     first), so the two cannot drift apart; --data alone means something of its own there (the
-    dataset to score, by default the run's)."""
+    dataset to score, by default the run's), and so does search's --exclude-context (off unless
+    asked: a search returns what it is asked for, where training masks by default)."""
     from twotower.cli import build_parser
 
     helps = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
@@ -306,7 +310,9 @@ def test_eval_and_search_flags_that_mirror_a_field_say_what_the_field_says(comma
     mirrored = [
         action
         for action in sub.choices[command]._actions
-        if action.dest in helps and action.dest != "data" and action.option_strings[0][2:5] != "no-"
+        if action.dest in helps
+        and action.dest not in OWN_MEANING.get(command, ())
+        and action.option_strings[0][2:5] != "no-"
     ]
     assert {action.dest for action in mirrored} >= {"miner", "backend"}
     for action in mirrored:
