@@ -294,7 +294,7 @@ def test_a_run_that_is_not_there_names_the_runs_nearby(tmp_path: Path, command: 
     ]
 
 
-OWN_MEANING = {"eval": ("data",), "search": ("data", "exclude_context")}
+OWN_MEANING = {"eval": ("data",), "search": ("data", "exclude_context", "out")}
 
 
 @pytest.mark.parametrize("command", ["eval", "search"])
@@ -302,7 +302,8 @@ def test_eval_and_search_flags_that_mirror_a_field_say_what_the_field_says(comma
     """A flag of eval or search that sets a TrainConfig field is made from that field (its help
     first), so the two cannot drift apart; --data alone means something of its own there (the
     dataset to score, by default the run's), and so does search's --exclude-context (off unless
-    asked: a search returns what it is asked for, where training masks by default)."""
+    asked: a search returns what it is asked for, where training masks by default) and its --out
+    (the .npz it writes)."""
     from twotower.cli import build_parser
 
     helps = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
