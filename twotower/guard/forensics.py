@@ -217,6 +217,25 @@ def _memory_cause(outcome: ChildOutcome, evidence: dict[str, Any]) -> Cause:
     )
 
 
+def _openmp_clash(outcome: ChildOutcome, where: list[str]) -> Cause | None:
+    """Two OpenMP runtimes in the process (or OpenMP's own error #15 on stderr), else None."""
+    omp_error = "OMP: Error #15" in outcome.stderr_tail
+    runtimes = outcome.openmp or []
+    if len(runtimes) < 2 and not omp_error:
+        return None
+    return Cause(
+        "likely",
+        "two OpenMP runtimes in one process: the faiss/torch clash "
+        "(faiss issue 4273, pytorch issue 149201)",
+        [f"{len(runtimes)} OpenMP runtimes loaded: {', '.join(runtimes)}"]
+        + (["stderr: OMP: Error #15"] if omp_error else [])
+        + where,
+        "--miner-isolation process (the default for faiss and hnswlib) keeps the "
+        "miner's OpenMP out of the trainer; otherwise load one OpenMP only "
+        "(KMP_DUPLICATE_LIB_OK=TRUE silences the check, not the clash)",
+    )
+
+
 def _native_causes(
     outcome: ChildOutcome,
     phase: str | None,
@@ -229,22 +248,9 @@ def _native_causes(
     fault, `explained`) accounts for it."""
     causes = []
     where = [f"{outcome.exit.signal} in phase {phase}"] if phase else []
-    omp_error = "OMP: Error #15" in outcome.stderr_tail
-    runtimes = outcome.openmp or []
-    if len(runtimes) > 1 or omp_error:
-        causes.append(
-            Cause(
-                "likely",
-                "two OpenMP runtimes in one process: the faiss/torch clash "
-                "(faiss issue 4273, pytorch issue 149201)",
-                [f"{len(runtimes)} OpenMP runtimes loaded: {', '.join(runtimes)}"]
-                + (["stderr: OMP: Error #15"] if omp_error else [])
-                + where,
-                "--miner-isolation process (the default for faiss and hnswlib) keeps the "
-                "miner's OpenMP out of the trainer; otherwise load one OpenMP only "
-                "(KMP_DUPLICATE_LIB_OK=TRUE silences the check, not the clash)",
-            )
-        )
+    clash = _openmp_clash(outcome, where)
+    if clash is not None:
+        causes.append(clash)
     if phase in MINER_PHASES and outcome.role == "trainer":
         doing = MINER_DOING.get(phase, "searching")
         causes.append(
