@@ -207,3 +207,22 @@ def test_the_length_check_catches_a_long_module(tmp_path: Path) -> None:
     assert too_long(copy) == [
         f"twotower/training/step.py: {len(grown.read_text().splitlines())} lines"
     ]
+
+
+FOLDER_LIMIT = 15  # modules; past this a folder holds several parts
+
+
+def crowded_folders(root: Path = ROOT, limit: int = FOLDER_LIMIT) -> list[str]:
+    """'folder: N modules' for every folder of root's twotower/ with more than limit modules."""
+    folders = {path.parent for path in (root / "twotower").rglob("*.py")}
+    counts = {d: len([p for p in d.glob("*.py") if p.name != "__init__.py"]) for d in folders}
+    return [f"{d.relative_to(root)}: {n} modules" for d, n in sorted(counts.items()) if n > limit]
+
+
+def test_no_folder_holds_more_than_one_part(tmp_path: Path) -> None:
+    assert crowded_folders() == []
+    copy = tmp_path / "tree" / "twotower" / "run"  # negative control: one module too many
+    copy.mkdir(parents=True)
+    for i in range(FOLDER_LIMIT + 1):
+        (copy / f"m{i}.py").write_text("")
+    assert crowded_folders(tmp_path / "tree") == [f"twotower/run: {FOLDER_LIMIT + 1} modules"]
