@@ -27,6 +27,7 @@ from twotower.guard.forensics import ChildOutcome, crashing_thread_first, likely
 from twotower.guard.monitor import STACK_WAIT
 from twotower.process.exit_status import ExitStatus
 from twotower.run.heartbeat import read_heartbeat
+from twotower.run.records import Beat
 from twotower.run.rundir import read_metrics
 from twotower.training.checkpoint import load_checkpoint
 
@@ -333,8 +334,12 @@ def test_unknown_fallback_names_are_refused_up_front(dataset: Path, tmp_path: Pa
 LIMITS = {"limit_kb": 16 * 1024 * 1024, "limit_source": "cgroup memory.max", "kernel_log": []}
 
 
-def outcome(returncode: int, **fields) -> ChildOutcome:
-    return ChildOutcome(["python"], 1234, ExitStatus(returncode), 0.0, 10.0, **fields)
+def outcome(returncode: int, heartbeat: dict | None = None, **fields) -> ChildOutcome:
+    """A child's end as the monitor records it; `heartbeat` is its last heartbeat.json."""
+    beat = Beat.from_dict({"pid": 1234, **heartbeat}) if heartbeat is not None else None
+    return ChildOutcome(
+        ["python"], 1234, ExitStatus(returncode), 0.0, 10.0, heartbeat=beat, **fields
+    )
 
 
 def test_sigkill_near_the_memory_limit_is_likely_memory_pressure() -> None:

@@ -35,6 +35,7 @@ from twotower.guard.evidence import (
 from twotower.process.exit_status import ExitStatus
 from twotower.process.faults import Fault
 from twotower.process.phase import MINER_PHASES, Phase
+from twotower.run.records import Beat
 
 NEAR_LIMIT = 0.8  # peak RSS at or above this share of the memory limit counts as "near"
 NATIVE_CRASHES = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
@@ -72,7 +73,7 @@ class ChildOutcome:
     seconds: float
     peak_rss_kb: int | None = None
     memory: MemoryTrend = field(default_factory=MemoryTrend)
-    heartbeat: dict[str, Any] | None = None
+    heartbeat: Beat | None = None
     openmp: list[str] | None = None
     stacks: str | None = None
     stderr_tail: str = ""
@@ -103,9 +104,9 @@ def _injected(outcome: ChildOutcome, armed: Sequence[Fault]) -> Fault | None:
     beat = outcome.heartbeat
     if not beat:
         return None
-    engines = {beat.get("backend"), beat.get("miner")}
+    engines = {beat.backend, beat.miner}
     for fault in armed:
-        if (fault.phase, fault.step) != (beat.get("phase"), beat.get("step")):
+        if (fault.phase, fault.step) != (beat.phase, beat.step):
             continue
         if fault.engine is not None and fault.engine not in engines:
             continue
@@ -138,8 +139,8 @@ def likely_causes(
                 "none needed: this rehearses a crash (unset TWOTOWER_INJECT_FAULT to stop it)",
             )
         )
-    beat = outcome.heartbeat or {}
-    phase, backend, miner = beat.get("phase"), beat.get("backend"), beat.get("miner")
+    beat = outcome.heartbeat
+    phase, backend, miner = (beat.phase, beat.backend, beat.miner) if beat else (None,) * 3
     sig = outcome.exit.signal
     kernel = evidence.get("kernel_log") or []
     if outcome.watchdog is not None:
@@ -327,9 +328,14 @@ def examine(
     beat = outcome.heartbeat
     where = None
     if beat:
-        where = {key: beat.get(key) for key in ("phase", "step", "backend", "miner")}
         ended = outcome.started + outcome.seconds
-        where["heartbeat_age_s"] = round(max(0.0, ended - beat.get("time", ended)), 2)
+        where = {
+            "phase": beat.phase,
+            "step": beat.step,
+            "backend": beat.backend,
+            "miner": beat.miner,
+            "heartbeat_age_s": round(max(0.0, ended - (beat.time or ended)), 2),
+        }
     report = {
         "label": label,
         "pid": outcome.pid,
@@ -356,8 +362,8 @@ def examine(
             **outcome.memory.as_dict(),
         },
         "openmp": outcome.openmp,
-        "threadpools": beat.get("threadpools") if beat else None,
-        "threads": beat.get("threads") if beat else None,
+        "threadpools": beat.extra.get("threadpools") if beat else None,
+        "threads": beat.extra.get("threads") if beat else None,
         "stacks": outcome.stacks,
         "native": outcome.native,
         "python_traceback": python_traceback(outcome.stderr_tail),

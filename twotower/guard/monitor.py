@@ -34,6 +34,7 @@ from twotower.process.cores import dumping_core
 from twotower.process.exit_status import ExitStatus
 from twotower.process.memory import rss_kb
 from twotower.process.openmp import mapped_openmp_runtimes
+from twotower.run.records import Beat
 
 POLL_SECONDS = 0.1  # how often the child is checked (its exit, heartbeat, watchdog)
 RSS_EVERY = 2.0  # seconds between direct RSS samples (a heartbeat brings its own)
@@ -191,7 +192,7 @@ class WatchedChild:
         self.native: NativeWatch | None = None
         self.hang_stacks: dict[str, Any] | None = None
         self.memory = evidence.MemoryTrend()
-        self.beat: dict[str, Any] | None = None
+        self.beat: Beat | None = None
         self.openmp: set[str] | None = None  # None until a census could be taken
         self.watchdog: dict[str, Any] | None = None
         self._beat_bytes = b""
@@ -275,13 +276,13 @@ class WatchedChild:
         self._read_heartbeat(pid, seconds, now)
         if self.native is not None and self.native.executable is None:  # once: for gdb
             self.native.executable = _executable(pid)
-        step = self.beat.get("step") if self.beat else None
+        step = self.beat.step if self.beat else None
         if now >= self._next_rss:
             self._next_rss = now + RSS_EVERY
             rss = rss_kb(pid, tree=self.tree)
             if rss:
                 self.memory.add(seconds, rss, step)
-        recorded = self.beat is not None and self.beat.get("openmp") is not None
+        recorded = self.beat is not None and self.beat.extra.get("openmp") is not None
         if now >= self._next_maps and not recorded:  # a trainer's own record is exact and free
             self._next_maps = now + MAPS_EVERY
             self._add_openmp(mapped_openmp_runtimes(pid, tree=self.tree))
@@ -297,16 +298,16 @@ class WatchedChild:
             return
         self._beat_bytes = raw
         try:
-            beat = json.loads(raw)
-        except ValueError:
-            return  # replaced while read
-        if beat.get("pid") != pid:
+            beat = Beat.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # replaced while read, or not a heartbeat
+        if beat.pid != pid:
             return  # an earlier child's
         self.beat = beat
         self._last_change = now
-        self._add_openmp(beat.get("openmp"))
-        if beat.get("rss_kb"):
-            self.memory.add(seconds, beat["rss_kb"], beat.get("step"))
+        self._add_openmp(beat.extra.get("openmp"))
+        if beat.rss_kb:
+            self.memory.add(seconds, beat.rss_kb, beat.step)
 
     def _add_openmp(self, runtimes: list[str] | None) -> None:
         if runtimes is not None:
@@ -330,18 +331,14 @@ class WatchedChild:
         if now - self._last_change <= self.hang_timeout:
             return
         silent = now - self._last_change
-        beat = self.beat or {}
+        beat = self.beat
         self.watchdog = {
             "timeout": self.hang_timeout,
             "silent_s": round(silent, 1),
-            "phase": beat.get("phase"),
-            "step": beat.get("step"),
+            "phase": beat.phase if beat else None,
+            "step": beat.step if beat else None,
         }
-        where = (
-            f"phase {beat.get('phase')}, step {beat.get('step')}"
-            if beat
-            else "start-up: no heartbeat yet"
-        )
+        where = f"phase {beat.phase}, step {beat.step}" if beat else "start-up: no heartbeat yet"
         self.note(
             f"watchdog: no heartbeat from pid {pid} for {silent:.0f} s ({where}): "
             "dumping its stacks, then SIGKILL"

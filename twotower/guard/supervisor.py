@@ -26,7 +26,6 @@ log.txt. Attempt numbers continue across supervised sessions of one run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -90,9 +89,7 @@ def disk_full(outcome: forensics.ChildOutcome) -> bool:
 def last_beat(outcome: forensics.ChildOutcome, config: TrainConfig) -> Beat:
     """The child's last heartbeat as a record, its engines filled in from `config` where it
     named none; before its first beat (or for an unreadable one) phase 'start-up', no step."""
-    beat = None
-    with contextlib.suppress(KeyError, TypeError, ValueError):
-        beat = Beat.from_dict(outcome.heartbeat) if outcome.heartbeat else None
+    beat = outcome.heartbeat
     if beat is None:
         return Beat(outcome.pid, None, "start-up", config.backend, config.miner)
     return dataclasses.replace(

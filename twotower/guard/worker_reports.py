@@ -17,6 +17,7 @@ from twotower.config import TrainConfig
 from twotower.guard import forensics
 from twotower.process import faults, wait_policy
 from twotower.process.exit_status import ExitStatus
+from twotower.run.records import Beat
 from twotower.training.trainer import RunResult
 from twotower.training.trainer import train as train_without_reports
 
@@ -43,13 +44,13 @@ def report_worker_death(crashes: Path, event: dict[str, Any]) -> Path:
         started=started,
         seconds=seconds,
         peak_rss_kb=evidence.get("peak_rss_kb"),
-        heartbeat={
-            "phase": evidence.get("phase"),
-            "step": evidence.get("step"),
-            "miner": evidence["miner"],
-            "backend": None,
-            "time": started + seconds,
-        },
+        heartbeat=Beat(
+            pid=int(evidence["pid"]),
+            step=evidence.get("step"),
+            phase=evidence.get("phase") or "start-up",
+            miner=evidence["miner"],
+            time=started + seconds,
+        ),
         openmp=evidence.get("openmp"),
         stacks=evidence.get("stacks"),
         watchdog=evidence.get("watchdog"),
