@@ -219,8 +219,8 @@ class NumpyBackend:
         total = probs.sum(axis=1, keepdims=True)
         loss = float(np.mean(np.log(total[:, 0]) + top[:, 0] - np.diagonal(logits)))
         probs /= total
-        dq = np.zeros_like(q)
-        for vecs, start, stop in zip(vectors, bounds[:-1], bounds[1:], strict=True):
+        dq = _weighted(probs[:, : bounds[1]], vectors[0])
+        for vecs, start, stop in zip(vectors[1:], bounds[1:-1], bounds[2:], strict=True):
             dq += _weighted(probs[:, start:stop], vecs)
         dq -= vectors[0]  # the in-batch block: row i is query i's positive
         dq /= tau * len(q)
