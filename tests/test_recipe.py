@@ -14,6 +14,7 @@ import torch
 import reference
 from tests.batches import make_batch
 from twotower import Batch
+from twotower.batch import candidate_blocks
 from twotower.config import TrainConfig
 from twotower.data import load_dataset, synthesize
 from twotower.training.evaluation.heldout import held_out_split
@@ -117,7 +118,7 @@ def test_masked_loss_equals_torch_with_those_logits_at_minus_infinity() -> None:
 def test_candidate_masks_mask_seen_items_but_never_the_positive() -> None:
     """The masks every backend uses, against a loop over docs/DESIGN.md's rule written here."""
     batch = make_batch(np.random.default_rng(4), batch=6, steps=4, dim=8, context_ids=True)
-    in_batch, hard, queue = batch.candidate_masks()
+    in_batch, hard, queue = (block.masked for block in candidate_blocks(batch))
     for i in range(6):
         p_i, seen = batch.positive_ids[i], set(batch.context_ids[i][batch.context_ids[i] >= 0])
 
@@ -129,8 +130,8 @@ def test_candidate_masks_mask_seen_items_but_never_the_positive() -> None:
         assert hard[i].tolist() == [masked(c) for c in batch.hard_ids[i]], i
         assert queue[i].tolist() == [masked(c) for c in batch.queue_ids], i
     assert not in_batch[3, 3] and in_batch[0, 1]  # own positive kept; a seen positive dropped
-    clean = Batch(**{**batch.__dict__, "context_ids": None}).candidate_masks()
-    assert not clean[0][0, 1]  # negative control: without context ids it counts
+    clean = candidate_blocks(Batch(**{**batch.__dict__, "context_ids": None}))
+    assert not clean[0].masked[0, 1]  # negative control: without context ids it counts
 
 
 # --- the residual tower starts at the last-item baseline ------------------------------------

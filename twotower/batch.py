@@ -1,4 +1,6 @@
-"""What one training step sees (`Batch`) and what it reports (`StepStats`)."""
+"""What one training step sees (`Batch`), the candidates of its loss (`CandidateBlock`,
+`candidate_blocks`: the one description every engine builds its scores from) and what it
+reports (`StepStats`)."""
 
 from __future__ import annotations
 
@@ -61,73 +63,128 @@ class Batch:
             queue_vecs=np.zeros((0, dim), dtype=np.float32),
         )
 
-    def candidate_masks(self, first_row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which candidates the loss ignores: (in-batch (b, B), hard (b, K), queue (b, Q)).
 
-        True where a candidate other than the query's own positive has the
-        positive's id (a duplicate), the id -1 (an empty slot) or, with
-        `context_ids`, one of the query's context ids (an item it has seen). The
-        b = len(contexts) queries are rows [first_row, first_row + b) of the B positives:
-        all of them (b = B, first_row 0) in one process, one rank's shard of the global
-        batch under torchrun (`twotower.training.ranks.distributed`).
-        """
-        in_batch, hard = self.batch_masks(first_row)
-        positives = self.own_positive_ids(first_row)[:, None]
-        queue = (self.queue_ids[None, :] == positives) | (self.queue_ids[None, :] == -1)
-        seen = self.seen_in_queue()
-        return in_batch, hard, queue if seen is None else queue | seen
+@dataclass(frozen=True)
+class CandidateBlock:
+    """One kind of candidate of the loss, for the b queries of a batch (docs/DESIGN.md, "Loss").
 
-    def own_positive_ids(self, first_row: int = 0) -> np.ndarray:
-        """(b,) the positive ids of this batch's queries (see `candidate_masks`)."""
-        return self.positive_ids[first_row : first_row + len(self.contexts)]
+    An engine scores each block (q . vector / tau), adds its correction, sets its masked
+    entries to -inf and concatenates the blocks in order: the columns of the softmax.
 
-    def batch_masks(self, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """The in-batch (b, B) and hard (b, K) parts of `candidate_masks` (an engine that
-        holds the queue elsewhere masks that part itself, by the same rule)."""
-        queries = np.arange(len(self.contexts))
-        positives = self.own_positive_ids(first_row)[:, None]  # (b, 1)
-        in_batch = positives == self.positive_ids[None, :]
-        hard = (self.hard_ids == positives) | (self.hard_ids == -1)
-        if self.context_ids is not None:
-            in_batch |= seen_by_query(self.context_ids, self.positive_ids[None, :])
-            hard |= seen_by_query(self.context_ids, self.hard_ids)
-        in_batch[queries, first_row + queries] = False  # each query's own positive
-        return in_batch, hard
+    name: "in_batch", "hard", "queue" or "sampled".
+    ids: (n,) candidates every query shares, or (b, n) one row per query (hard negatives).
+    vectors: (n, D) shared, or (b, n, D) per query: the candidates' bank vectors.
+    masked: (b, n) bool, True where the candidate is left out of the loss (-inf).
+    correction: (n,) added to each candidate's logit (score / tau): + log(M / S) for sampled
+        rows, - log(freq / N) for logQ; None for none.
+    """
 
-    def sampled_mask(self, first_row: int = 0) -> np.ndarray:
-        """(b, S) bool: sampled candidates the loss ignores (the query's positive, or with
-        `context_ids` one of its context items); (b, 0) without sampled negatives."""
-        positives = self.own_positive_ids(first_row)[:, None]
-        if self.sampled_ids is None:
-            return np.zeros((len(positives), 0), dtype=bool)
-        masked = self.sampled_ids[None, :] == positives
-        if self.context_ids is not None:
-            masked |= seen_by_query(self.context_ids, self.sampled_ids[None, :])
-        return masked
+    name: str
+    ids: np.ndarray
+    vectors: np.ndarray
+    masked: np.ndarray
+    correction: np.ndarray | None = None
 
-    def sampled_offset(self) -> float:
-        """log(M / S), added to each sampled score (each sampled row stands for M / S rows)."""
-        if self.sampled_ids is None or len(self.sampled_ids) == 0:
-            return 0.0
-        assert self.bank is not None, "sampled negatives need the bank (its M)"
-        return float(np.log(len(self.bank) / len(self.sampled_ids)))
+    @property
+    def per_query(self) -> bool:
+        """Whether each query has its own candidates (vectors (b, n, D))."""
+        return self.vectors.ndim == 3
 
-    def seen_full_bank(self, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """The bank entries the full softmax masks: (query index (n,), bank id (n,)) for each
-        context id of each query other than its positive; empty without `context_ids`."""
-        if self.context_ids is None:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        ids = np.asarray(self.context_ids, dtype=np.int64)
-        positives = self.own_positive_ids(first_row)[:, None]
-        queries, slots = np.nonzero((ids >= 0) & (ids != positives))
-        pairs = np.unique(np.stack([queries, ids[queries, slots]]), axis=1)
-        return pairs[0], pairs[1]
+    @property
+    def size(self) -> int:
+        """n, the block's candidates per query (its columns of the softmax)."""
+        return self.masked.shape[1]
 
-    def seen_in_queue(self) -> np.ndarray | None:
-        """(b, Q) bool: queue entries among each query's context ids; None without them."""
-        if self.context_ids is None:
-            return None
-        return seen_by_query(self.context_ids, self.queue_ids[None, :])
+
+def candidate_blocks(batch: Batch, first_row: int = 0) -> list[CandidateBlock]:
+    """The candidates of the b = len(batch.contexts) queries, in docs/DESIGN.md's order:
+    in-batch (B,) (query i's positive is column first_row + i, the target), hard (b, K),
+    queue (Q,), then the sampled bank rows (S,) when the batch has them.
+
+    The queries are rows [first_row, first_row + b) of the B positives: all of them in one
+    process, one rank's shard of the global batch under torchrun. A candidate is masked when
+    it is not the query's own positive and its id is the positive's (a duplicate), -1 (an
+    empty slot) or, with `context_ids`, one of the query's context ids (an item it has seen).
+    Not used with `full_softmax` (see `full_bank_seen`).
+    """
+    positives = own_positive_ids(batch, first_row)[:, None]  # (b, 1)
+    in_batch = excluded(batch, batch.positive_ids[None, :], positives)
+    queries = np.arange(len(positives))
+    in_batch[queries, first_row + queries] = False  # each query's own positive
+    blocks = [
+        CandidateBlock(
+            "in_batch",
+            batch.positive_ids,
+            batch.positive_vecs,
+            in_batch,
+            _negated(batch.in_batch_logq),
+        ),
+        CandidateBlock(
+            "hard", batch.hard_ids, batch.hard_vecs, excluded(batch, batch.hard_ids, positives)
+        ),
+        CandidateBlock(
+            "queue",
+            batch.queue_ids,
+            batch.queue_vecs,
+            excluded(batch, batch.queue_ids[None, :], positives),
+            _negated(batch.queue_logq),
+        ),
+    ]
+    if batch.sampled_ids is not None:
+        assert batch.sampled_vecs is not None, "sampled ids come with their vectors"
+        ids = batch.sampled_ids
+        blocks.append(
+            CandidateBlock(
+                "sampled",
+                ids,
+                batch.sampled_vecs,
+                excluded(batch, ids[None, :], positives),
+                sampled_correction(batch),
+            )
+        )
+    return blocks
+
+
+def own_positive_ids(batch: Batch, first_row: int = 0) -> np.ndarray:
+    """(b,) the positive ids of the batch's queries (see `candidate_blocks`)."""
+    return batch.positive_ids[first_row : first_row + len(batch.contexts)]
+
+
+def excluded(batch: Batch, ids: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """(b, n) bool: candidates ids (b, n), or (1, n) shared, whose id is the query's positive
+    (positives (b, 1)), -1 or, with `context_ids`, one of the query's context ids. The
+    caller unmasks the query's own positive where it is among the candidates."""
+    masked = (ids == positives) | (ids == -1)
+    if batch.context_ids is not None:
+        masked |= seen_by_query(batch.context_ids, ids)
+    return masked
+
+
+def _negated(log_freq: np.ndarray | None) -> np.ndarray | None:
+    """The logQ correction - log(freq / N) (n,), or None without logQ."""
+    return None if log_freq is None else -log_freq
+
+
+def sampled_correction(batch: Batch) -> np.ndarray:
+    """(S,) float64 log(M / S) for each sampled row (each stands for M / S bank rows)."""
+    count = 0 if batch.sampled_ids is None else len(batch.sampled_ids)
+    if count == 0:
+        return np.zeros(0)
+    assert batch.bank is not None, "sampled negatives need the bank (its M)"
+    return np.full(count, np.log(len(batch.bank) / count))
+
+
+def full_bank_seen(batch: Batch, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The bank entries the full softmax masks: (query index (n,), bank id (n,)) for each
+    context id of each query other than its positive (the rule of `candidate_blocks` with
+    every bank row a candidate); empty without `context_ids`."""
+    if batch.context_ids is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids = np.asarray(batch.context_ids, dtype=np.int64)
+    positives = own_positive_ids(batch, first_row)[:, None]
+    queries, slots = np.nonzero((ids >= 0) & (ids != positives))
+    pairs = np.unique(np.stack([queries, ids[queries, slots]]), axis=1)
+    return pairs[0], pairs[1]
 
 
 def seen_by_query(context_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

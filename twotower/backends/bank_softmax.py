@@ -27,7 +27,7 @@ def full_softmax(
     divisor: int,
 ) -> tuple[float, np.ndarray]:
     """q (b, D) float32 unit queries, bank (M, D) float32, positive_ids (b,), seen (query
-    index (n,), bank id (n,)) masked to -inf (`Batch.seen_full_bank`), divisor the global
+    index (n,), bank id (n,)) masked to -inf (`twotower.batch.full_bank_seen`), divisor the global
     batch size B -> (sum_i loss_i / B, dL/dq (b, D) float32)."""
     tau = np.float32(temperature)
     positives = np.asarray(bank[positive_ids], dtype=np.float32)  # (b, D)

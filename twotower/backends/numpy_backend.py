@@ -15,7 +15,7 @@ import numpy as np
 
 from twotower.backends.bank_softmax import full_softmax
 from twotower.backends.base import StepSettings, join_state, split_state
-from twotower.batch import Batch, StepStats
+from twotower.batch import Batch, StepStats, candidate_blocks, full_bank_seen
 from twotower.towers import TowerSpec
 
 NORM_EPS = 1e-12
@@ -28,6 +28,20 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     np.multiply(x, 0.5, out=x)
     np.add(x, 0.5, out=x)
     return x
+
+
+def _scores(q: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """q (B, D) . candidates (n, D) shared or (B, n, D) per query -> scores (B, n)."""
+    if vectors.ndim == 3:
+        return np.matmul(vectors, q[:, :, None])[:, :, 0]
+    return q @ vectors.T
+
+
+def _weighted(probs: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """sum_c probs[i, c] * candidate c of query i: probs (B, n), vectors as in `_scores`."""
+    if vectors.ndim == 3:
+        return np.matmul(probs[:, None, :], vectors)[:, 0]
+    return probs @ vectors
 
 
 class _GRULayerCache:
@@ -183,43 +197,33 @@ class NumpyBackend:
     # --- loss --------------------------------------------------------------------------
 
     def _infonce(self, q: np.ndarray, batch: Batch) -> tuple[float, np.ndarray]:
-        """Masked InfoNCE (over the batch's candidates, or every bank row with
+        """Masked InfoNCE (over the batch's `candidate_blocks`, or every bank row with
         `batch.full_softmax`). q (B, D) -> (loss, dL/dq (B, D))."""
         if batch.full_softmax:
             assert batch.bank is not None, "the full softmax needs the bank"
             positives = np.asarray(batch.positive_ids, dtype=np.int64)
-            seen = batch.seen_full_bank()
+            seen = full_bank_seen(batch)
             return full_softmax(q, batch.bank, positives, seen, self.settings.temperature, len(q))
         tau = np.float32(self.settings.temperature)
-        batch_size = q.shape[0]
-        positives = np.asarray(batch.positive_vecs, dtype=np.float32)
-        hard = np.asarray(batch.hard_vecs, dtype=np.float32)
-        queue = np.asarray(batch.queue_vecs, dtype=np.float32)
-        sampled = np.zeros((0, q.shape[1]), np.float32)
-        if batch.sampled_vecs is not None:
-            sampled = np.asarray(batch.sampled_vecs, dtype=np.float32)
-        in_batch = q @ positives.T  # (B, B)
-        hard_scores = np.matmul(hard, q[:, :, None])[:, :, 0]  # (B, K)
-        logits = np.concatenate([in_batch, hard_scores, q @ queue.T, q @ sampled.T], axis=1)
+        blocks = candidate_blocks(batch)
+        vectors = [np.asarray(block.vectors, dtype=np.float32) for block in blocks]
+        logits = np.concatenate([_scores(q, v) for v in vectors], axis=1)  # (B, C)
         logits /= tau
-        k, n_in, n_q = hard.shape[1], batch_size, len(queue)
-        if batch.in_batch_logq is not None and batch.queue_logq is not None:
-            logits[:, :n_in] -= batch.in_batch_logq[None, :]
-            logits[:, n_in + k : n_in + k + n_q] -= batch.queue_logq[None, :]
-        logits[:, n_in + k + n_q :] += np.float32(batch.sampled_offset())
-        masks = (*batch.candidate_masks(), batch.sampled_mask())
-        logits[np.concatenate(masks, axis=1)] = -np.inf
+        bounds = np.cumsum([0] + [block.size for block in blocks])
+        for block, start, stop in zip(blocks, bounds[:-1], bounds[1:], strict=True):
+            if block.correction is not None:
+                logits[:, start:stop] += block.correction.astype(np.float32)
+        logits[np.concatenate([block.masked for block in blocks], axis=1)] = -np.inf
         top = logits.max(axis=1, keepdims=True)
         probs = np.exp(logits - top)
         total = probs.sum(axis=1, keepdims=True)
         loss = float(np.mean(np.log(total[:, 0]) + top[:, 0] - np.diagonal(logits)))
         probs /= total
-        dq = probs[:, :n_in] @ positives
-        dq += np.matmul(probs[:, None, n_in : n_in + k], hard)[:, 0]
-        dq += probs[:, n_in + k : n_in + k + n_q] @ queue
-        dq += probs[:, n_in + k + n_q :] @ sampled
-        dq -= positives
-        dq /= tau * batch_size
+        dq = _weighted(probs[:, : bounds[1]], vectors[0])
+        for vecs, start, stop in zip(vectors[1:], bounds[1:-1], bounds[2:], strict=True):
+            dq += _weighted(probs[:, start:stop], vecs)
+        dq -= vectors[0]  # the in-batch block: row i is query i's positive
+        dq /= tau * len(q)
         return loss, dq
 
     def loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:

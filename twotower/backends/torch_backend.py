@@ -28,7 +28,14 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from twotower.backends.base import StepSettings, join_state, split_state
 from twotower.backends.torch_bank import DeviceBank, FullSoftmax
 from twotower.backends.torch_data_parallel import GradientSum
-from twotower.batch import Batch, StepStats
+from twotower.batch import (
+    Batch,
+    CandidateBlock,
+    StepStats,
+    candidate_blocks,
+    full_bank_seen,
+    own_positive_ids,
+)
 from twotower.process.collective_ledger import CollectiveLedger
 from twotower.towers import TowerSpec
 
@@ -122,9 +129,10 @@ def infonce(
     first_row: int = 0,
     bank: DeviceBank | None = None,
 ) -> torch.Tensor:
-    """Masked InfoNCE of docs/DESIGN.md for queries q (b, D); the positive of query i is in-batch
-    column first_row + i. b = B: the batch's mean loss. b < B (one rank's shard of the
-    global batch): sum_i loss_i / B, its share of the global mean.
+    """Masked InfoNCE of docs/DESIGN.md for queries q (b, D) over the batch's
+    `candidate_blocks`; the positive of query i is in-batch column first_row + i. b = B: the
+    batch's mean loss. b < B (one rank's shard of the global batch): sum_i loss_i / B, its
+    share of the global mean.
 
     queue: the ring on the device, used when it mirrors batch.queue_vecs (else it is sent).
     bank: batch.bank on the device (the full softmax reads it; sampled rows come from it).
@@ -132,48 +140,43 @@ def infonce(
     device = q.device
     if batch.full_softmax:
         assert bank is not None, "the full softmax needs the bank"
-        positive_ids = torch.as_tensor(batch.own_positive_ids(first_row), device=device)
-        queries, ids = batch.seen_full_bank(first_row)
+        positive_ids = torch.as_tensor(own_positive_ids(batch, first_row), device=device)
+        queries, ids = full_bank_seen(batch, first_row)
         seen = (torch.as_tensor(queries, device=device), torch.as_tensor(ids, device=device))
         divisor = len(batch.positive_ids)
         return FullSoftmax.apply(q, bank, positive_ids, seen, temperature, divisor)
-    positives = torch.as_tensor(batch.positive_vecs, device=device)
-    hard = torch.as_tensor(batch.hard_vecs, device=device)
-    in_batch, hard_masked = batch.batch_masks(first_row)
-    if queue is not None and batch.queue_vecs is queue.host_vecs:
-        queue_vecs, queue_ids = queue.vecs, queue.ids
-    else:
-        queue_vecs = torch.as_tensor(batch.queue_vecs, device=device)
-        queue_ids = torch.as_tensor(batch.queue_ids, device=device)
-    positive_ids = torch.as_tensor(batch.own_positive_ids(first_row), device=device)[:, None]
-    queue_masked = (queue_ids[None, :] == positive_ids) | (queue_ids[None, :] == -1)
-    seen_queue = batch.seen_in_queue()  # (B, Q) from the host ring's ids, seen-item masking only
-    if seen_queue is not None:
-        queue_masked |= torch.as_tensor(seen_queue, device=device)
-    sampled = positives[:0]
-    if batch.sampled_ids is not None:
-        rows = torch.as_tensor(batch.sampled_ids, device=device)
-        sampled = bank.rows[rows] if bank is not None else torch.as_tensor(batch.sampled_vecs)
-    scores = [q @ positives.T, torch.bmm(hard, q[:, :, None])[:, :, 0], q @ queue_vecs.T]
-    if batch.in_batch_logq is not None and batch.queue_logq is not None:
-        in_batch_logq = torch.as_tensor(batch.in_batch_logq, device=device)
-        scores[0] = scores[0] - temperature * in_batch_logq[None, :]
-        scores[2] = scores[2] - temperature * torch.as_tensor(batch.queue_logq, device=device)
-    offset = temperature * batch.sampled_offset()  # log(M / S), before the division by tau
-    logits = torch.cat([*scores, q @ sampled.to(device).T + offset], dim=1) / temperature
-    masked = torch.cat(
-        [
-            torch.as_tensor(np.concatenate([in_batch, hard_masked], axis=1), device=device),
-            queue_masked,
-            torch.as_tensor(batch.sampled_mask(first_row), device=device),
-        ],
-        dim=1,
-    )
-    logits = logits.masked_fill(masked, float("-inf"))
+    blocks = candidate_blocks(batch, first_row)
+    scores = [_block_scores(q, block, temperature, queue, bank) for block in blocks]
+    logits = torch.cat(scores, dim=1) / temperature
+    masked = np.concatenate([block.masked for block in blocks], axis=1)
+    logits = logits.masked_fill(torch.as_tensor(masked, device=device), float("-inf"))
     targets = torch.arange(q.shape[0], device=device) + first_row
-    if q.shape[0] == len(positives):
+    if q.shape[0] == len(batch.positive_ids):
         return F.cross_entropy(logits, targets)
-    return F.cross_entropy(logits, targets, reduction="sum") / len(positives)
+    return F.cross_entropy(logits, targets, reduction="sum") / len(batch.positive_ids)
+
+
+def _block_scores(
+    q: torch.Tensor,
+    block: CandidateBlock,
+    temperature: float,
+    queue: DeviceQueue | None,
+    bank: DeviceBank | None,
+) -> torch.Tensor:
+    """q (b, D) . the block's candidates, plus temperature * its correction -> (b, n): the
+    block's logits before the division by the temperature."""
+    device = q.device
+    if queue is not None and block.vectors is queue.host_vecs:
+        vectors = queue.vecs  # the ring, already on the device
+    elif block.name == "sampled" and bank is not None:
+        vectors = bank.rows[torch.as_tensor(block.ids, device=bank.rows.device)].to(device)
+    else:
+        vectors = torch.as_tensor(block.vectors, device=device)
+    scores = torch.bmm(vectors, q[:, :, None])[:, :, 0] if block.per_query else q @ vectors.T
+    if block.correction is None:
+        return scores
+    correction = torch.as_tensor(temperature * block.correction, dtype=scores.dtype)
+    return scores + correction.to(device)
 
 
 class TorchBackend:
