@@ -183,17 +183,26 @@ def _eval_miner(config: TrainConfig, dataset: Dataset) -> miners.Miner:
     return miner
 
 
-def _setup_validator(a: Accepted, metrics: MetricsLog, restored: Restored) -> Validator | None:
-    """The run's evaluations, resuming the checkpoint's selection; None on a torchrun rank
-    other than 0 (they do not evaluate). Call after the indexes are built."""
+def _build_indexes(a: Accepted, points: PhasePoints, restored: Restored) -> miners.Miner:
+    """The run's indexes built (rank 0 first: it fills the index cache), the mining miner
+    searching as the checkpoint had raised it. Returns the built evaluation miner."""
+    points.name_phase("build-index")  # a worker's load-index or build-index refines it
+    a.group.rank_zero_first(lambda: a.miners.build(restored.search_params))
+    points.miner = a.miners.miner
+    return a.miners.eval_miner
+
+
+def _setup_validator(
+    a: Accepted, metrics: MetricsLog, restored: Restored, built: miners.Miner
+) -> Validator | None:
+    """The run's evaluations, resuming the checkpoint's selection, with `built` (the run's
+    evaluation miner) or a validation set's own; None on a torchrun rank other than 0 (they
+    do not evaluate)."""
     if not a.group.writes_run_files:
         return None
     split = a.split
-    eval_miner = (
-        a.miners.eval_miner
-        if split.eval_dataset is a.dataset
-        else _eval_miner(a.config, split.eval_dataset)
-    )
+    own = split.eval_dataset is a.dataset
+    eval_miner = built if own else _eval_miner(a.config, split.eval_dataset)
     validator = Validator(a.config, split, eval_miner, metrics, restored.selection)
     log.info("%s", split.describe())
     return validator
@@ -344,10 +353,8 @@ def _load(
     restored = _setup_restored(a, plans, queue)
     step = restored.step
     faults.set_step(step)
-    points.name_phase("build-index")  # a worker's load-index or build-index refines it
-    a.group.rank_zero_first(lambda: a.miners.build(restored.search_params))  # rank 0 first
-    points.miner = a.miners.miner
-    validator = _setup_validator(a, metrics, restored)
+    eval_miner = _build_indexes(a, points, restored)
+    validator = _setup_validator(a, metrics, restored, eval_miner)
     switch = _setup_threads(a, points)
     refresher = _setup_refresher(a, plans, metrics, points, switch, restored)
     stalls = _setup_stalls(a, points)

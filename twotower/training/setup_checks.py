@@ -140,10 +140,9 @@ def _resolve_exclude_context(config: TrainConfig, dataset: Dataset) -> Resolved:
     """config with --exclude-context concrete (default: whether the data has context ids);
     refuses masking a dataset without ids."""
     has_ids = dataset.context_ids is not None
-    resolved = Resolved(config)
-    if config.exclude_context is None:
-        why = f"the data {'has' if has_ids else 'has no'} context_ids.npy"
-        resolved = resolved_copy(config, "seen-item masking", why, exclude_context=has_ids)
+    masking = config.for_data(has_ids).exclude_context  # the one rule, shared with eval, replay
+    why = f"the data {'has' if has_ids else 'has no'} context_ids.npy"
+    resolved = resolved_copy(config, "seen-item masking", why, exclude_context=masking)
     if resolved.config.exclude_context:
         dataset.seen_ids(np.zeros(0, dtype=np.int64))  # refuses a dataset without ids
     return resolved
