@@ -59,14 +59,14 @@ log = logging.getLogger("twotower")
 class OpenedRun:
     """A run set up to train: what the loop reads and changes.
 
-    state: the step's state (engine, queue, table, plans); start: steps done (0, or the
-    checkpoint's); total: planned steps; metrics_at_start: the checkpoint's last evaluation;
+    state: the step's state (the resolved config, engine, queue, table, plans: the planned
+    total is `state.schedule.total`); start: steps done (0, or the checkpoint's);
+    metrics_at_start: the checkpoint's last evaluation;
     validator: evaluations (None on a torchrun rank other than 0); scalars: --tensorboard;
     stalls: the watch of the step times (`process.stalls`); threads: the trainer's thread
     count for a step or an evaluation (`process.threads`).
     """
 
-    config: TrainConfig
     run: RunDir
     group: RunGroup
     dataset: Dataset
@@ -79,7 +79,6 @@ class OpenedRun:
     stalls: StallWatch
     threads: ThreadSwitch
     start: int
-    total: int
     eval_every: int
     metrics_at_start: dict[str, float]
     lock: RunLock  # the writer's lock (untaken where its supervisor holds it)
@@ -373,7 +372,6 @@ def _load(
         from_bank,
     )
     return OpenedRun(
-        c,
         a.run,
         a.group,
         a.dataset,
@@ -386,7 +384,6 @@ def _load(
         stalls,
         switch,
         step,
-        plans.total,
         plans.eval_every,
         restored.metrics,
         lock,

@@ -207,9 +207,9 @@ def accept(config: TrainConfig, on_worker_death: WorkerDeathReporter | None) -> 
     config = take(opened)
     config = take(_resolve_exclude_context(config, dataset))
     rows, backend_name = dataset.bank_size, backends.resolve(config.backend)
-    stored = _stored_config(config, run)
+    started = _stored_config(config, run)  # a resumed run's choices, read before any check
     config = take(
-        resolve_bank_negatives(config, dataset.dim, dataset.seq_len, rows, backend_name, stored)
+        resolve_bank_negatives(config, dataset.dim, dataset.seq_len, rows, backend_name, started)
     )
     stored = check_run_dir(config, run)  # with every numeric setting resolved
     backend = _setup_backend(config, group, dataset)
