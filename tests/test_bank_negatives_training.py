@@ -76,22 +76,39 @@ def test_an_accelerator_takes_full_where_the_cpu_would_not() -> None:
     assert bank_choice.choose(config(), **shape, backend="torch-cuda").mode == "full"
 
 
-def test_resolve_writes_the_choice_and_keeps_a_resumed_runs() -> None:
+def test_resolve_returns_a_new_config_and_says_what_changed_and_why() -> None:
     c = config(bank_negatives="auto")
-    choice = bank_choice.resolve(c, dim=384, seq_len=5, rows=10_000, backend="numpy")
-    assert choice is not None and c.bank_negatives == "full"
-    assert (c.hard_negatives, c.queue_size) == (0, 0)  # those candidates are bank rows already
+    full = bank_choice.resolve(c, dim=384, seq_len=5, rows=10_000, backend="numpy")
+    assert full.config.bank_negatives == "full"
+    assert (full.config.hard_negatives, full.config.queue_size) == (0, 0)  # bank rows already
+    assert (c.bank_negatives, c.hard_negatives, c.queue_size) == ("auto", 8, 4096)  # untouched
+    assert full.line is not None and full.line.startswith("--bank-negatives auto: full (")
+    assert full.line.endswith(
+        ": --hard-negatives 8 -> 0 and --queue-size 4096 -> 0 and --bank-negatives auto -> full, "
+        "since every bank row is already a candidate"
+    )
+    given = bank_choice.resolve(
+        config(bank_negatives="full", hard_negatives=3), dim=4, seq_len=2, rows=10, backend="x"
+    )
+    assert given.line == (
+        "bank negatives: full: --hard-negatives 3 -> 0 and --queue-size 4096 -> 0, "
+        "since every bank row is already a candidate"
+    )
     resumed = config(bank_negatives="auto")
     stored = {"bank_negatives": "sampled", "sampled_negatives": 100}
-    bank_choice.resolve(resumed, dim=384, seq_len=5, rows=10_000, backend="numpy", stored=stored)
-    assert (resumed.bank_negatives, resumed.sampled_negatives) == ("sampled", 100)
+    kept = bank_choice.resolve(resumed, dim=384, seq_len=5, rows=10_000, backend="x", stored=stored)
+    assert (kept.config.bank_negatives, kept.config.sampled_negatives) == ("sampled", 100)
+    assert kept.line is not None and "as the run chose at its start" in kept.line
     for mode in ("auto", "none"):  # giving S asks for sampled rows
         given = config(bank_negatives=mode, sampled_negatives=64)
-        bank_choice.resolve(given, dim=384, seq_len=5, rows=10_000, backend="numpy")
-        assert (given.bank_negatives, given.hard_negatives) == ("sampled", 8)
-    plain = config()
-    assert bank_choice.resolve(plain, dim=384, seq_len=5, rows=10_000, backend="numpy") is None
-    assert (plain.bank_negatives, plain.hard_negatives, plain.queue_size) == ("none", 8, 4096)
+        sampled = bank_choice.resolve(given, dim=384, seq_len=5, rows=10_000, backend="numpy")
+        assert (sampled.config.bank_negatives, sampled.config.hard_negatives) == ("sampled", 8)
+    defaulted = bank_choice.resolve(config(bank_negatives="sampled"), 4, 2, rows=10, backend="x")
+    assert defaulted.config.sampled_negatives == 10  # min(8192, M)
+    assert defaulted.line is not None and "--sampled-negatives None -> 10" in defaulted.line
+    plain = bank_choice.resolve(config(), dim=384, seq_len=5, rows=10_000, backend="numpy")
+    assert plain.line is None
+    assert (plain.config.bank_negatives, plain.config.hard_negatives) == ("none", 8)
     with pytest.raises(UsageError, match="more than the bank's 10 rows"):
         bank_choice.resolve(config(sampled_negatives=11), dim=4, seq_len=2, rows=10, backend="x")
 
@@ -118,18 +135,25 @@ def test_auto_is_resolved_logged_and_kept_in_config_json(tmp_path: Path) -> None
     synthesize(data, samples=300, bank=500, dim=16, seq_len=5, seed=4)
     out = tmp_path / "run"
     c = TrainConfig(
-        data=str(data), out=str(out), backend="numpy", hidden=8, steps=3, bank_negatives="auto"
+        data=str(data),
+        out=str(out),
+        backend="numpy",
+        hidden=8,
+        steps=3,
+        bank_negatives="auto",
+        supervise=False,
     )
-    c.supervise = False
     assert train(c).exit_code == 0
+    assert (c.bank_negatives, c.hard_negatives) == ("auto", 8)  # the caller's config unchanged
     stored = json.loads((out / "config.json").read_text())
     assert (stored["bank_negatives"], stored["hard_negatives"], stored["queue_size"]) == (
         "full",
         0,
         0,
     )
-    assert "--bank-negatives auto: full (the full softmax over 500 x 16 rows" in (
-        (out / "log.txt").read_text()
-    )
+    log_text = (out / "log.txt").read_text()
+    assert "--bank-negatives auto: full (the full softmax over 500 x 16 rows" in log_text
+    said = "--hard-negatives 8 -> 0 and --queue-size 4096 -> 0 and --bank-negatives auto -> full"
+    assert f"{said}, since every bank row is already a candidate" in log_text
     (start,) = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "start"]
     assert start["bank_negatives"] == "full"

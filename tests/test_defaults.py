@@ -3,6 +3,7 @@ config.json written before an option existed is read as what that run did."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from tests.datasets import small_arrays, write_dir
 from twotower.config import TrainConfig
 from twotower.errors import UsageError
+from twotower.training.resolved import resolved_copy
 from twotower.training.trainer import train
 
 
@@ -25,10 +27,28 @@ def test_masking_is_on_by_default_exactly_when_the_data_has_context_ids(
     )
     assert config.exclude_context is None  # decided by the data
     train(config)
+    assert config.exclude_context is None  # in a new copy: the caller's config is frozen
     stored = json.loads((out / "config.json").read_text())
     assert stored["exclude_context"] is masking
+    has = "has" if masking else "has no"
+    said = f"seen-item masking: --exclude-context None -> {masking}, since the data {has} context"
+    assert said in (out / "log.txt").read_text()
     assert stored["lr_schedule"] == "cosine" and stored["warmup_share"] == 0.05
     assert TrainConfig(data="d", exclude_context=False).for_data(True).exclude_context is False
+
+
+def test_a_config_is_frozen_and_a_resolved_copy_is_validated_again() -> None:
+    config = TrainConfig(data="d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.hard_negatives = 0  # type: ignore[misc]
+    copy = resolved_copy(config, "bank negatives: full", "why", hard_negatives=0, queue_size=0)
+    assert (copy.config.hard_negatives, config.hard_negatives) == (0, 8)
+    assert copy.line == (
+        "bank negatives: full: --hard-negatives 8 -> 0 and --queue-size 4096 -> 0, since why"
+    )
+    assert resolved_copy(config, "nothing", "why", hard_negatives=8).line is None
+    with pytest.raises(UsageError, match="--queue-size must be >= 0, got -1"):
+        resolved_copy(config, "bad", "why", queue_size=-1)
 
 
 def test_a_config_from_before_the_options_reads_as_the_old_recipe() -> None:

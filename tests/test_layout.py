@@ -28,7 +28,9 @@ RANKS = {
 }
 # Inside training/, the loop (set-up, the step, the trainer, resume) uses its parts; the parts
 # (negatives, evaluation, ranks) never reach back into it, so serve/ and replay can use them alone.
-LOOP = {f"twotower.training.{name}" for name in ("trainer", "setup", "step", "resume")}
+LOOP = {
+    f"twotower.training.{name}" for name in ("trainer", "setup", "setup_checks", "step", "resume")
+}
 TRAINING_PARTS = tuple(
     f"twotower.training.{part}." for part in ("negatives", "evaluation", "ranks")
 )

@@ -11,12 +11,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from reference.optim import LR_SCHEDULES
 from twotower.errors import UsageError
+from twotower.knobs import knob
 from twotower.towers import RESIDUALS
 
 TORCHRUN_ID_ENV = "TORCHELASTIC_RUN_ID"
@@ -61,31 +62,14 @@ BANK_NEGATIVES = ("auto", "full", "sampled", "none")
 DEFAULT_SAMPLED = 8192  # --sampled-negatives when --bank-negatives sampled is chosen
 
 
-def knob(
-    default: Any,
-    help: str,
-    no_help: str | None = None,
-    *,
-    numeric: bool = False,
-    at_least: int | None = None,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    """A config field with its --help text, a sentence or two (`twotower train --help` adds
-    the default); no_help: the text of its `--no-` flag, for a switch that has one. A callable
-    default makes a fresh value each time. numeric: the field changes the numbers a run
-    computes (a resume with another value is refused); at_least, choices: the values
-    `TrainConfig.validate` accepts (None passes: it means "the default rule")."""
-    metadata = {"help": help, "numeric": numeric, "at_least": at_least, "choices": choices}
-    if no_help:
-        metadata["no_help"] = no_help
-    if callable(default):
-        return field(default_factory=default, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """A training run. Paths are strings so the config round-trips through JSON and TOML."""
+    """A training run. Paths are strings so the config round-trips through JSON and TOML.
+
+    Frozen: a setting resolved after the config is built (by the data, the bank, the miner, a
+    torchrun restart) is a new copy (`dataclasses.replace`, which validates it again), and the
+    set-up step that makes it logs what changed and why (`training/resolved.py`).
+    """
 
     # data and output
     data: str | None = knob(
@@ -393,10 +377,11 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        # the defaults that depend on the clock or another field, set while the copy is built
         if self.out is None:
-            self.out = default_out()
+            object.__setattr__(self, "out", default_out())
         if self.residual is None:
-            self.residual = "last" if self.tower == "gru" else "none"
+            object.__setattr__(self, "residual", "last" if self.tower == "gru" else "none")
         self.validate()
 
     def validate(self) -> None:

@@ -77,7 +77,7 @@ class Trainer:
 
     def __init__(self, run: OpenedRun):
         self.run = run
-        self.config = run.config
+        self.config = run.state.config
         self.steps_done = 0
         self.last_metrics: dict[str, float] = {}
         self.stopped_early = False
@@ -286,7 +286,7 @@ class Trainer:
     def train(self) -> RunResult:
         """Evaluate before a fresh run, train to the planned steps (or a stop), report."""
         run = self.run
-        step, total, metrics = run.start, run.total, run.metrics_at_start
+        step, total, metrics = run.start, run.state.schedule.total, run.metrics_at_start
         started = time.perf_counter()
         metrics_before = self._evaluate(0, report=True) if step == 0 else {}
         self.steps_done, self.last_metrics = step, metrics_before or metrics

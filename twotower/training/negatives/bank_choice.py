@@ -6,8 +6,8 @@ step is forward + backward (about 3 forward passes) of B queries over their cand
 the full softmax makes every one of the M bank rows a candidate. Its share is the extra
 FLOPs over those of the step without it. On MPS and CUDA the bank's (B, D) x (D, M) products
 run much nearer the device's peak than the GRU's T small sequential ones, so the share there
-is divided by ACCELERATOR_SPEEDUP (an assumption, logged with the choice). The choice is
-written into the config (config.json keeps it, so a resume, on any engine, keeps it).
+is divided by ACCELERATOR_SPEEDUP (an assumption, logged with the choice). The choice is a
+new copy of the config (config.json keeps it, so a resume, on any engine, keeps it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from twotower.config import DEFAULT_SAMPLED, TrainConfig
 from twotower.errors import UsageError
 from twotower.training.cost import step_flops
+from twotower.training.resolved import Resolved, resolved_copy
 
 FULL_MAX_SHARE = 0.5  # full while its FLOPs are at most this share of the step's
 ACCELERATOR_SPEEDUP = 10.0
@@ -56,28 +57,34 @@ def resolve(
     rows: int,
     backend: str,
     stored: dict[str, Any] | None = None,
-) -> BankChoice | None:
-    """Make config.bank_negatives concrete, in place: auto -> the run's stored choice when
-    resuming (`stored` config.json), else `choose`'s; none with --sampled-negatives given ->
-    sampled; sampled gets its S (at most M); full sets --hard-negatives and --queue-size to 0
-    (those candidates are bank rows already). Returns auto's choice (to log), else None."""
-    choice = None
-    if config.bank_negatives == "none" and config.sampled_negatives is not None:
-        config.bank_negatives = "sampled"
-    if config.bank_negatives == "auto":
+) -> Resolved:
+    """config with bank_negatives made concrete, as a new copy: auto -> the run's stored choice
+    when resuming (`stored` config.json), else `choose`'s; none with --sampled-negatives given
+    -> sampled; sampled gets its S (at most M); full sets --hard-negatives and --queue-size to
+    0 (those candidates are bank rows already). The line says what changed and why."""
+    mode, sampled = config.bank_negatives, config.sampled_negatives
+    head, why = f"bank negatives: {mode}", []
+    if mode == "none" and sampled is not None:
+        mode, head = "sampled", "bank negatives: sampled"
+        why.append("--sampled-negatives was given")
+    if mode == "auto":
         if stored is not None and stored.get("bank_negatives", "auto") != "auto":
             mode, sampled = stored["bank_negatives"], stored.get("sampled_negatives")
             choice = BankChoice(mode, sampled, "as the run chose at its start (config.json)")
         else:
             choice = choose(config, dim, seq_len, rows, backend)
-        config.bank_negatives, config.sampled_negatives = choice.mode, choice.sampled
-    if config.bank_negatives == "sampled":
-        config.sampled_negatives = config.sampled_negatives or min(DEFAULT_SAMPLED, rows)
-        if config.sampled_negatives > rows:
-            raise UsageError(
-                f"--sampled-negatives {config.sampled_negatives} is more than the bank's "
-                f"{rows} rows; use --bank-negatives full"
-            )
-    if config.bank_negatives == "full":
-        config.hard_negatives = config.queue_size = 0
-    return choice
+        mode, sampled = choice.mode, choice.sampled
+        head = f"--bank-negatives auto: {mode} ({choice.reason})"
+    changes: dict[str, Any] = {"bank_negatives": mode, "sampled_negatives": sampled}
+    if mode == "sampled" and sampled is None:
+        changes["sampled_negatives"] = sampled = min(DEFAULT_SAMPLED, rows)
+        why.append(f"S defaults to {DEFAULT_SAMPLED:,}, at most the bank's {rows:,} rows")
+    if mode == "sampled" and sampled is not None and sampled > rows:
+        raise UsageError(
+            f"--sampled-negatives {sampled} is more than the bank's {rows} rows; "
+            "use --bank-negatives full"
+        )
+    if mode == "full" and (config.hard_negatives or config.queue_size):
+        changes.update(hard_negatives=0, queue_size=0)
+        why.append("every bank row is already a candidate")
+    return resolved_copy(config, head, "; ".join(why), **changes)

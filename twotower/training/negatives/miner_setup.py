@@ -1,8 +1,9 @@
 """A run's miners, from its config to built indexes: `--miner auto` resolved, every option
 checked against the bank before anything is written, then built with the build shown.
 
-`MinerSetup(config, dataset, queries)` resolves `--miner auto` (writing the
-choice into the config, so config.json and restarts keep it); `make(threads)`
+`resolve_miner(config, dataset, queries)` resolves `--miner auto` into a new copy of
+the config (so config.json and restarts keep the choice) and the line that logs it;
+`MinerSetup(config, dataset, on_event)` takes that config; `make(threads)`
 makes the mining chain and the evaluation miner (their workers start) and asks
 each to check its options against the bank (`Miner.check`): a factory string faiss
 cannot parse, more IVF lists than bank rows, a parameter the index lacks is a
@@ -15,42 +16,51 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twotower import miners
 from twotower.config import TrainConfig
 from twotower.data import Dataset
-from twotower.miners.auto import MinerChoice, choose_miner
+from twotower.miners.auto import choose_miner
 from twotower.miners.base import check_miner
 from twotower.paths import user_cache_dir
+from twotower.training.resolved import Resolved
 
 log = logging.getLogger("twotower")
+
+
+def resolve_miner(config: TrainConfig, dataset: Dataset, queries: int) -> Resolved:
+    """config with `--miner auto` made concrete (`miners.auto.choose_miner`: the miner and its
+    settings, for the bank's size and `queries`, how many a refresh searches), as a new copy,
+    and the line "--miner auto chose faiss (--faiss-index IVF64,Flat): why"."""
+    if config.miner != "auto":
+        return Resolved(config)
+    rows, dim = dataset.bank.shape
+    choice = choose_miner(rows, dim, queries, miners.available())
+    chosen = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in choice.settings.items())
+    settings = f" ({chosen})" if chosen else ""
+    after = replace(config, miner=choice.miner, **choice.settings)
+    return Resolved(after, f"--miner auto chose {choice.miner}{settings}: {choice.reason}")
 
 
 class MinerSetup:
     """The mining chain (None without hard negatives) and the evaluation miner of a run.
 
-    queries: how many queries a refresh searches (what `--miner auto` weighs).
-    on_event: receives the mining chain's crash, restart and switch events.
+    config: with --miner resolved (`resolve_miner`). on_event: receives the mining chain's
+    crash, restart and switch events.
     """
 
     def __init__(
         self,
         config: TrainConfig,
         dataset: Dataset,
-        queries: int,
         on_event: Callable[[dict[str, Any]], None],
     ):
+        assert config.miner != "auto", "resolve_miner first"
         self.config = config
         self.dataset = dataset
         self.on_event = on_event
-        self.choice: MinerChoice | None = None
-        if config.miner == "auto":
-            rows, dim = dataset.bank.shape
-            self.choice = choose_miner(rows, dim, queries, miners.available())
-            config.miner = self.choice.miner
-            for name, value in self.choice.settings.items():
-                setattr(config, name, value)
         self.eval_miner: miners.Miner  # made by `make`
         self.miner: miners.Miner | None = None
         self.warnings: list[str] = []
@@ -78,17 +88,8 @@ class MinerSetup:
             warnings += check_miner(self.miner, rows, dim)
         return warnings
 
-    def log_choice(self) -> None:
-        """Log what `--miner auto` chose and why, and the checks' warnings (once logging is on)."""
-        if self.choice is not None:
-            chosen = self.choice.settings.items()
-            settings = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in chosen)
-            log.info(
-                "--miner auto chose %s%s: %s",
-                self.choice.miner,
-                f" ({settings})" if settings else "",
-                self.choice.reason,
-            )
+    def log_warnings(self) -> None:
+        """Log the checks' warnings (once logging is on)."""
         for warning in self.warnings:
             log.warning("%s", warning)
 
@@ -104,9 +105,10 @@ class MinerSetup:
         self.search_params.update(raised)
         return raised
 
-    def build(self) -> None:
+    def build(self, search_params: dict[str, int]) -> None:
         """Build (or load) the evaluation miner's and the mining chain's indexes; log how;
-        set the search parameters a resumed run had raised (`search_params`)."""
+        set the search parameters a resumed run had raised (its checkpoint's, {} when none)."""
+        self.search_params = dict(search_params)
         bank, fingerprint = self.dataset.bank, self.dataset.fingerprint
         for role, miner in (("evaluation", self.eval_miner), ("mining", self.miner)):
             if miner is None:
