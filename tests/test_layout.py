@@ -228,3 +228,31 @@ def test_no_folder_holds_more_than_one_part(tmp_path: Path) -> None:
     for i in range(FOLDER_LIMIT + 1):
         (copy / f"m{i}.py").write_text("")
     assert crowded_folders(tmp_path / "tree") == [f"twotower/run: {FOLDER_LIMIT + 1} modules"]
+
+
+FUNCTION_LIMIT = 80  # lines; past this a function usually does two things
+
+
+def long_functions(root: Path = ROOT, limit: int = FUNCTION_LIMIT) -> list[str]:
+    """'path:line name (N lines)' for every function of root's twotower/ and reference/ longer
+    than limit, nested ones included."""
+    found = []
+    for path in sorted([*(root / "twotower").rglob("*.py"), *(root / "reference").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > limit:
+                    where = f"{path.relative_to(root)}:{node.lineno}"
+                    found.append(f"{where} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_too_long_to_hold_in_ones_head(tmp_path: Path) -> None:
+    assert long_functions() == []
+    planted = tmp_path / "tree" / "twotower" / "long.py"  # negative control: 81 lines
+    planted.parent.mkdir(parents=True)
+    (tmp_path / "tree" / "reference").mkdir()
+    planted.write_text("def f():\n" + "    x = 1\n" * (FUNCTION_LIMIT - 1) + "    return x\n")
+    assert long_functions(tmp_path / "tree") == [
+        f"twotower/long.py:1 f ({FUNCTION_LIMIT + 1} lines)"
+    ]
