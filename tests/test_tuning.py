@@ -137,6 +137,12 @@ RAISE_ARGS = (
 ).split()
 
 
+def faiss_version() -> str:
+    import faiss
+
+    return str(faiss.__version__)
+
+
 @pytest.mark.skipif(not HAS_FAISS, reason="needs faiss")
 def test_a_probe_below_target_raises_the_search_and_a_resume_keeps_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -144,7 +150,9 @@ def test_a_probe_below_target_raises_the_search_and_a_resume_keeps_it(
     """HNSW4 tuned to 0.99 on bank rows falls short on the training queries: each refresh's
     probe raises efSearch for the next one (in metrics.jsonl and the log). A run killed at step
     25 and resumed from its checkpoint at 15 (efSearch raised once by then) ends bitwise equal
-    to the run never killed. The control: a run that keeps the tuned efSearch ends elsewhere."""
+    to the run never killed. The control: a run that keeps the tuned efSearch ends elsewhere.
+    Where this faiss build's tuned graph already meets the target on the training queries (the
+    premise fails), the test says so and skips."""
     from tests.processes import train_in_child
     from twotower.data import synthesize
     from twotower.run.rundir import read_metrics
@@ -157,6 +165,12 @@ def test_a_probe_below_target_raises_the_search_and_a_resume_keeps_it(
     done = train_in_child(data, straight, *RAISE_ARGS)
     assert done.returncode == 0, done.stderr
     mined = [r for r in read_metrics(straight / "metrics.jsonl") if r["event"] == "mined"]
+    if all(r["recall"] >= 0.99 for r in mined):  # the premise, asked of this faiss build
+        pytest.skip(
+            f"faiss {faiss_version()}: HNSW4 tuned on bank rows already meets 0.99 on the "
+            "training queries (faiss-cpu 1.11 tunes efSearch to 256 here, 1.15 to less), so "
+            "there is nothing to raise"
+        )
     raised = [r["raised"]["efSearch"] for r in mined if "raised" in r]
     assert len(raised) >= 2 and raised == sorted(raised) and all(r["recall"] < 0.99 for r in mined)
     assert "the next refreshes search with efSearch" in (straight / "log.txt").read_text()
