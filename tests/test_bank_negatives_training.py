@@ -105,7 +105,7 @@ def test_resolve_returns_a_new_config_and_says_what_changed_and_why() -> None:
         assert (sampled.config.bank_negatives, sampled.config.hard_negatives) == ("sampled", 8)
     defaulted = bank_choice.resolve(config(bank_negatives="sampled"), 4, 2, rows=10, backend="x")
     assert defaulted.config.sampled_negatives == 10  # min(8192, M)
-    assert defaulted.line is not None and "--sampled-negatives None -> 10" in defaulted.line
+    assert defaulted.line is not None and "--sampled-negatives unset -> 10" in defaulted.line
     plain = bank_choice.resolve(config(), dim=384, seq_len=5, rows=10_000, backend="numpy")
     assert plain.line is None
     assert (plain.config.bank_negatives, plain.config.hard_negatives) == ("none", 8)

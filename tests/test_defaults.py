@@ -31,7 +31,8 @@ def test_masking_is_on_by_default_exactly_when_the_data_has_context_ids(
     stored = json.loads((out / "config.json").read_text())
     assert stored["exclude_context"] is masking
     has = "has" if masking else "has no"
-    said = f"seen-item masking: --exclude-context None -> {masking}, since the data {has} context"
+    now = "on" if masking else "off"
+    said = f"seen-item masking: --exclude-context unset -> {now}, since the data {has} context"
     assert said in (out / "log.txt").read_text()
     assert stored["lr_schedule"] == "cosine" and stored["warmup_share"] == 0.05
     assert TrainConfig(data="d", exclude_context=False).for_data(True).exclude_context is False

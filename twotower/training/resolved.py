@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from twotower.config import TrainConfig
+from twotower.paths import shown_path
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,24 @@ class Resolved:
     line: str | None = None
 
 
+PATH_FIELDS = ("data", "out", "eval_data")  # shown as the user sees a path (relative, or ~)
+
+
+def shown(name: str, value: Any) -> str:
+    """A setting's value as the log shows it: unset, on / off, a path as the user sees it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return shown_path(value) if name in PATH_FIELDS else str(value)
+
+
 def changes(before: TrainConfig, after: TrainConfig) -> str:
     """The fields `after` sets differently, as flags in field order: "--hard-negatives 8 -> 0
     and --queue-size 4096 -> 0" ("" when none differs)."""
     changed = [
-        f"--{f.name.replace('_', '-')} {getattr(before, f.name)} -> {getattr(after, f.name)}"
+        f"--{f.name.replace('_', '-')} {shown(f.name, getattr(before, f.name))} -> "
+        f"{shown(f.name, getattr(after, f.name))}"
         for f in fields(before)
         if getattr(before, f.name) != getattr(after, f.name)
     ]
