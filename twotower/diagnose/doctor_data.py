@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from twotower.diagnose.findings import Finding
 from twotower.errors import DataError
 from twotower.paths import user_cache_dir
 from twotower.process.memory import available_bytes
+from twotower.run.disk import existing_parent, free_bytes
 from twotower.towers import TowerSpec
 
 GB = 1e9
@@ -69,19 +69,6 @@ def read_layout(path: Path) -> DataLayout:
 def gb(size: float) -> str:
     """Bytes as GB, three significant digits: 2371074048 -> '2.37 GB', 1234567 -> '0.00123 GB'."""
     return f"{size / GB:.3g} GB"
-
-
-def existing_parent(path: Path) -> Path:
-    """`path` or its nearest ancestor that exists (where free space is measured)."""
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the file system that holds (or would hold) `path`."""
-    return shutil.disk_usage(existing_parent(path)).free
 
 
 def available_memory() -> tuple[int, str]:

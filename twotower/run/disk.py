@@ -29,12 +29,17 @@ def bytes_text(count: float) -> str:
     return f"{count / 2**30:.2f} GiB"
 
 
-def free_bytes(path: str | Path) -> int:
-    """The bytes free to this user on the filesystem of `path` (its nearest existing folder)."""
+def existing_parent(path: str | Path) -> Path:
+    """`path` or its nearest ancestor that exists (where free space is measured)."""
     where = Path(path).absolute()
     while not where.exists() and where != where.parent:
         where = where.parent
-    return shutil.disk_usage(where).free
+    return where
+
+
+def free_bytes(path: str | Path) -> int:
+    """The bytes free to this user on the filesystem that holds (or would hold) `path`."""
+    return shutil.disk_usage(existing_parent(path)).free
 
 
 def disk_full_line(path: str | Path) -> str:
