@@ -27,3 +27,12 @@ def knob(
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def default_text(value: Any) -> str:
+    """A setting's value as --help and the log show it: on/off, a comma list, or the value."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)

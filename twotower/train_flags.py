@@ -16,6 +16,7 @@ from typing import Any
 from twotower.config import TrainConfig, default_out
 from twotower.config_files import read_config_file
 from twotower.errors import UsageError
+from twotower.knobs import default_text
 from twotower.run.settings import SETTINGS_NAME, resumed_settings
 
 LIST_FIELDS = {"fallback", "miner_fallback"}
@@ -127,15 +128,6 @@ def _field_type(annotation: str) -> tuple[Callable[[str], Any], str]:
     """A field's annotation -> (the parser of its flag's value, the value's default metavar)."""
     base = annotation.replace(" | None", "")
     return {"int": (int, "N"), "float": (float, "X"), "str": (str, "NAME")}[base]
-
-
-def default_text(value: Any) -> str:
-    """A field's default as --help shows it: on/off, a comma list, or the value."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(value)
-    return str(value)
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

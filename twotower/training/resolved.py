@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from twotower.config import TrainConfig
+from twotower.knobs import default_text
 from twotower.paths import shown_path
 
 
@@ -27,9 +28,7 @@ def shown(name: str, value: Any) -> str:
     """A setting's value as the log shows it: unset, on / off, a path as the user sees it."""
     if value is None:
         return "unset"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return shown_path(value) if name in PATH_FIELDS else str(value)
+    return shown_path(value) if name in PATH_FIELDS else default_text(value)
 
 
 def changes(before: TrainConfig, after: TrainConfig) -> str:
