@@ -43,7 +43,7 @@ from twotower.data import Dataset, load_dataset
 from twotower.errors import EXIT_OK, UsageError
 from twotower.paths import user_cache_dir
 from twotower.run.records import CheckpointMeta
-from twotower.run.rundir import RunDir, not_a_run, read_metrics
+from twotower.run.rundir import RunDir, read_metrics
 from twotower.run.settings import read_run_config
 from twotower.training.batching import StepPlan, gather_step
 from twotower.training.checkpoint import (
@@ -167,8 +167,7 @@ def open_run(run: str | Path, data: str | None = None) -> RunView:
     Raises UsageError (one line) when the run or its data cannot be read.
     """
     run_dir = RunDir(run)
-    if not run_dir.config.is_file():
-        raise UsageError(not_a_run(run_dir.root))
+    # a missing run is one line naming the runs nearby (read_run_config says it)
     config = read_run_config(run_dir.root, resume=False, **({"data": data} if data else {}))
     dataset = load_dataset(config.data)  # type: ignore[arg-type]  # validate() ensures a path
     config = config.for_data(dataset.context_ids is not None)

@@ -19,7 +19,7 @@ from twotower.atomic import replace_file
 from twotower.config import METRICS
 from twotower.diagnose.run_picture import RunPicture, run_picture
 from twotower.errors import UsageError
-from twotower.run.rundir import not_a_run
+from twotower.run.rundir import RunDir, not_a_run
 
 MARKER_COLOURS = {
     "crash": "tab:red",
@@ -223,8 +223,8 @@ def draw(picture: RunPicture, out: Path) -> Path:
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw run directory `run` into `out` (default RUN/report.png); returns the path."""
     run = Path(run)
-    if not (run / "config.json").is_file():
+    if not RunDir(run).config.is_file():
         raise UsageError(not_a_run(run))
-    if not (run / "metrics.jsonl").is_file():
+    if not RunDir(run).metrics.is_file():
         raise UsageError(f"{run}: no metrics.jsonl (the run has not logged a step yet)")
     return draw(run_picture(run), Path(out) if out else run / "report.png")
